@@ -1,0 +1,147 @@
+//! `autofocus bench`: time the model on random weights and inputs.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use autofocus::{AffConfig, AutoFocusFormer, Error, ModelKind, Result, Tensor, profile};
+
+/// Arguments of `autofocus bench`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Preset name, JSON, or JSON file.
+    #[arg(long)]
+    config: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Input side in pixels (default: the config's `img_size`).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Timed forward passes.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Untimed forward passes first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Device to run on.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Element type of the computation.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print only the JSON line.
+    #[arg(long)]
+    json: bool,
+    /// Also report the time spent in each op (adds a little overhead).
+    #[arg(long)]
+    profile: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    config: String,
+    batch: usize,
+    size: usize,
+    device: String,
+    dtype: String,
+    threads: usize,
+    iters: usize,
+    ms_per_batch: f64,
+    ms_per_batch_min: f64,
+    images_per_s: f64,
+    peak_rss_mib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ops: Option<Vec<profile::OpTime>>,
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.device.as_str() {
+        "cpu" => {}
+        "cuda" => {
+            return Err(Error::Unsupported(
+                "--device cuda: this build has no CUDA backend yet; use --device cpu".into(),
+            ));
+        }
+        other => return Err(Error::InvalidArgument(format!("unknown --device `{other}` (cpu, cuda)"))),
+    }
+    if args.dtype != "f32" {
+        return Err(Error::Unsupported(format!(
+            "--dtype {}: the CPU backend computes in f32 only",
+            args.dtype
+        )));
+    }
+    if args.batch == 0 || args.iters == 0 {
+        return Err(Error::InvalidArgument("--batch and --iters must be at least 1".into()));
+    }
+    super::set_threads(args.threads)?;
+    let config = AffConfig::resolve(&args.config)?;
+    let size = args.size.unwrap_or(config.img_size);
+    if size == 0 {
+        return Err(Error::InvalidArgument("--size must be at least 1".into()));
+    }
+    let model = AutoFocusFormer::random(config, ModelKind::Classifier, 0)?;
+    // A smooth, deterministic pseudo-image: varied enough to exercise selection.
+    let numel = args.batch * 3 * size * size;
+    let pixels = (0..numel)
+        .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0 + ((i / size) as f32 * 0.01).sin())
+        .collect();
+    let images = Tensor::new(vec![args.batch, 3, size, size], pixels)?;
+    for _ in 0..args.warmup {
+        model.forward(&images)?;
+    }
+    profile::set_enabled(args.profile);
+    let mut times = Vec::with_capacity(args.iters);
+    for i in 0..args.iters {
+        let start = Instant::now();
+        model.forward(&images)?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        if !args.json {
+            eprintln!("iter {i}: {ms:.2} ms");
+        }
+        times.push(ms);
+    }
+    let ops = args.profile.then(|| {
+        let mut ops = profile::take();
+        for op in &mut ops {
+            op.ms /= args.iters as f64;
+        }
+        ops
+    });
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let report = Report {
+        config: args.config,
+        batch: args.batch,
+        size,
+        device: args.device,
+        dtype: args.dtype,
+        threads: rayon::current_num_threads(),
+        iters: args.iters,
+        ms_per_batch: median,
+        ms_per_batch_min: times[0],
+        images_per_s: args.batch as f64 * 1e3 / median,
+        peak_rss_mib: peak_rss_mib(),
+        ops,
+    };
+    if let (Some(ops), false) = (&report.ops, args.json) {
+        let total: f64 = ops.iter().map(|o| o.ms).sum();
+        eprintln!("{:<26} {:>9} {:>7}", "op (per forward)", "ms", "share");
+        for op in ops {
+            eprintln!("{:<26} {:>9.3} {:>6.1}%", op.op, op.ms, 100.0 * op.ms / total);
+        }
+    }
+    println!("{}", serde_json::to_string(&report).expect("serialisable"));
+    Ok(())
+}

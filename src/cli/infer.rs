@@ -1,0 +1,63 @@
+//! `autofocus infer`: normalised images in, logits (and stage outputs) out.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use autofocus::io::{SafetensorsFile, write_safetensors};
+use autofocus::{Error, Result, Trace, TraceLevel};
+
+/// Arguments of `autofocus infer`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Weights: safetensors (or a .pth checkpoint).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Preset name, JSON, or JSON file; default: the weights' `config` metadata.
+    #[arg(long)]
+    config: Option<String>,
+    /// safetensors file holding `input.image`, b×3×H×W f32, already normalised.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write `logits` (b×classes f32).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write each stage's `stage{s}.out.pos` and `stage{s}.out.feat`.
+    #[arg(long)]
+    stages: bool,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Overwrite `--out` if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    super::check_output(&args.out, &[&args.weights, &args.input], args.force)?;
+    super::check_output_dir(&args.out)?;
+    super::set_threads(args.threads)?;
+    let model = super::load_model(&args.weights, args.config.as_deref())?;
+    let input = SafetensorsFile::open(&args.input)?;
+    let image = input.tensor_f32("input.image")?;
+    if image.shape().len() != 4 || image.shape()[1] != 3 {
+        return Err(Error::InputTensor {
+            path: args.input.clone(),
+            name: "input.image".into(),
+            reason: format!("expected shape [b, 3, H, W], found {:?}", image.shape()),
+        });
+    }
+    let mut trace = args.stages.then(|| Trace::new(TraceLevel::StageOutputs));
+    let logits = model.forward_traced(&image, trace.as_mut())?;
+    let mut tensors = vec![("logits".to_string(), logits.into())];
+    if let Some(trace) = trace {
+        tensors.extend(trace.into_tensors());
+    }
+    let metadata = HashMap::from([("config".to_string(), model.config().to_json())]);
+    write_safetensors(&args.out, &tensors, metadata)?;
+    eprintln!(
+        "wrote {} tensor(s) to {}",
+        tensors.len(),
+        args.out.display()
+    );
+    Ok(())
+}

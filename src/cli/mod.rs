@@ -1,0 +1,97 @@
+//! Command-line interface: one module per subcommand.
+
+mod bench;
+mod classify;
+mod convert;
+mod infer;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use autofocus::{AffConfig, AutoFocusFormer, Error, Result};
+
+/// AutoFocusFormer inference, exact to the published model.
+#[derive(Debug, Parser)]
+#[command(name = "autofocus", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the model on a batch of normalised images stored in safetensors.
+    Infer(infer::Args),
+    /// Classify image files (PNG/JPEG) and print the top classes.
+    Classify(classify::Args),
+    /// Time the model with random weights.
+    Bench(bench::Args),
+    /// Convert a PyTorch .pth checkpoint to safetensors.
+    Convert(convert::Args),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Infer(a) => infer::run(a),
+        Command::Classify(a) => classify::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
+    }
+}
+
+/// Uses `threads` rayon workers for everything that follows (0: one per core).
+fn set_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        return Ok(());
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| Error::InvalidArgument(format!("--threads {threads}: {e}")))
+}
+
+/// Loads a model, with `--config` (preset, JSON, or JSON file) when given.
+fn load_model(weights: &Path, config: Option<&str>) -> Result<AutoFocusFormer> {
+    let config = config.map(AffConfig::resolve).transpose()?;
+    AutoFocusFormer::load(weights, config)
+}
+
+/// Refuses to write `out` when it exists (unless `force`) or when it is one
+/// of the command's inputs: nothing the user gave is overwritten.
+fn check_output(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    if let Some(out_c) = canonical(out) {
+        if inputs.iter().any(|i| canonical(i).as_ref() == Some(&out_c)) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the output would overwrite an input",
+                out.display()
+            )));
+        }
+        if !force {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists: pass --force to overwrite it",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The output's folder must exist; report it before doing any work.
+fn check_output_dir(out: &Path) -> Result<()> {
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "{}: folder {} does not exist",
+            out.display(),
+            dir.display()
+        )))
+    }
+}

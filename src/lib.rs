@@ -1,0 +1,36 @@
+//! # autofocus
+//!
+//! [AutoFocusFormer](https://arxiv.org/abs/2304.12406) (AFF, CVPR 2023)
+//! inference in Rust, exact to the published PyTorch model.
+//!
+//! AFF drops the pixel grid: each stage clusters its tokens along a
+//! space-filling curve, lets every token attend to its nearest clusters,
+//! scores token importance and keeps only the best tokens, merging their
+//! neighbourhoods with a PointConv.
+//!
+//! ```no_run
+//! use autofocus::{AutoFocusFormer, Tensor};
+//!
+//! # fn main() -> autofocus::Result<()> {
+//! let model = AutoFocusFormer::load("aff_mini.safetensors", None)?;
+//! let image = Tensor::new(vec![1, 3, 224, 224], vec![0.0; 3 * 224 * 224])?;
+//! let logits = model.forward(&image)?; // 1 × 1000
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`ops`] holds one module per op (the CPU reference a CUDA kernel
+//! will mirror), [`model`] composes them, [`io`] reads and writes
+//! checkpoints and images.
+
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod ops;
+pub mod profile;
+pub mod tensor;
+
+pub use config::AffConfig;
+pub use error::{Error, Result};
+pub use model::{AutoFocusFormer, ModelKind, Trace, TraceLevel};
+pub use tensor::{AnyTensor, Tensor};

@@ -1,0 +1,245 @@
+//! The AutoFocusFormer model: weights, stages and the forward pass.
+//!
+//! ```text
+//! image b×3×H×W ─ patch_embed ─► tokens on the ⌈H/4⌉×⌈W/4⌉ grid
+//!   stage s: layout (cluster, reorder, neighbourhoods) → blocks → merge (s < last)
+//! ─ norm → mean over tokens → head ─► logits
+//! ```
+
+mod block;
+mod layout;
+mod stage;
+mod trace;
+mod weights;
+
+use std::path::Path;
+
+pub use self::block::StageGeometry;
+pub use self::layout::{Attention, ClusterLayout, GridCache, GridGeometry, StageLayout};
+pub use self::stage::{StageResult, Tokens};
+pub use self::trace::{Trace, TraceLevel};
+pub use self::weights::{
+    AttentionWeights, BlockWeights, Head, MergeWeights, ModelKind, ModelWeights, StageWeights,
+    detect_kind, expected_tensors, fitting_presets,
+};
+
+use self::trace::{f32_tensor, i32_tensor, record};
+use crate::config::AffConfig;
+use crate::error::{Error, Result};
+use crate::io::{TensorSource, open_weights};
+use crate::ops::rel_pos::SEGMENTATION_OFFSET_CLAMP;
+use crate::tensor::Tensor;
+
+/// An AutoFocusFormer ready to run on the CPU.
+///
+/// `Sync`: one model may serve many threads; the grid cache is shared.
+#[derive(Debug)]
+pub struct AutoFocusFormer {
+    config: AffConfig,
+    kind: ModelKind,
+    weights: ModelWeights,
+    grid_cache: GridCache,
+    /// Relative offsets are clamped to this (segmentation backbones).
+    offset_clamp: Option<usize>,
+}
+
+impl AutoFocusFormer {
+    /// Loads the weights at `path` (safetensors or `.pth`).
+    ///
+    /// The configuration is `config` when given, else the file's `config`
+    /// metadata. Classification models and segmentation backbones are told
+    /// apart by their keys.
+    ///
+    /// # Errors
+    /// I/O and format errors naming the file; [`Error::Config`] when no
+    /// configuration is given or stored; [`Error::Weights`] when the tensors
+    /// do not fit the configuration.
+    pub fn load(path: impl AsRef<Path>, config: Option<AffConfig>) -> Result<Self> {
+        let source = open_weights(path.as_ref())?;
+        Self::from_source(source.as_ref(), config)
+    }
+
+    /// Builds the model from any tensor source (see [`load`](Self::load)).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn from_source(source: &dyn TensorSource, config: Option<AffConfig>) -> Result<Self> {
+        let (kind, prefix) = detect_kind(source);
+        let config = match config {
+            Some(c) => c,
+            None => match source.config_json() {
+                Some(json) => AffConfig::from_json(&json).map_err(|e| {
+                    Error::Config(format!("{}: stored config: {e}", source.path().display()))
+                })?,
+                None => {
+                    let fits = fitting_presets(source, kind, prefix);
+                    let hint = if fits.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (its tensors fit {})", fits.join(", "))
+                    };
+                    return Err(Error::Config(format!(
+                        "{} stores no config: pass one (a preset name or a JSON file){hint}",
+                        source.path().display()
+                    )));
+                }
+            },
+        };
+        config.validate()?;
+        let weights = ModelWeights::from_source(source, &config, kind, prefix)?;
+        Ok(Self::from_weights(config, kind, weights))
+    }
+
+    /// A model with reproducible random weights (benchmarks, tests).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration.
+    pub fn random(config: AffConfig, kind: ModelKind, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let weights = ModelWeights::random(&config, kind, seed);
+        Ok(Self::from_weights(config, kind, weights))
+    }
+
+    fn from_weights(config: AffConfig, kind: ModelKind, weights: ModelWeights) -> Self {
+        Self {
+            config,
+            kind,
+            weights,
+            grid_cache: GridCache::default(),
+            offset_clamp: (kind == ModelKind::Backbone).then_some(SEGMENTATION_OFFSET_CLAMP),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AffConfig {
+        &self.config
+    }
+
+    /// Classifier or segmentation backbone.
+    pub fn kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    /// The parameters.
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
+    /// The per-grid-size cache (offset tables, stage-0 layouts).
+    pub fn grid_cache(&self) -> &GridCache {
+        &self.grid_cache
+    }
+
+    /// The geometry of the stage-0 grid `(h, w)`, from the cache.
+    pub fn geometry(&self, grid: (usize, usize)) -> std::sync::Arc<GridGeometry> {
+        self.grid_cache.get(grid, self.offset_clamp)
+    }
+
+    /// Embeds images (b×3×H×W, normalised) into stage-0 tokens on the grid
+    /// `(h, w) = (⌈H/4⌉, ⌈W/4⌉)`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when `images` is not b×3×H×W.
+    pub fn embed(&self, images: &Tensor, trace: Option<&mut Trace>) -> Result<(Tokens, (usize, usize))> {
+        let mut trace = trace;
+        let &[b, 3, height, width] = images.shape() else {
+            return Err(Error::shape("forward", "image", "[b, 3, H, W]", images.shape()));
+        };
+        if b == 0 || height == 0 || width == 0 {
+            return Err(Error::shape("forward", "image", "non-empty [b, 3, H, W]", images.shape()));
+        }
+        let (feat, grid) = crate::profile::timed("patch_embed", || {
+            self.weights.patch_embed.forward(images.data(), b, (height, width))
+        })?;
+        let (h, w) = grid;
+        let pos = crate::ops::clustering::grid_positions(h, w).repeat(b);
+        let c = self.config.embed_dim[0];
+        let n = h * w;
+        record(&mut trace, || "patch.pos".into(), || f32_tensor(&[b, n, 2], &pos));
+        record(&mut trace, || "patch.feat".into(), || f32_tensor(&[b, n, c], &feat));
+        record(&mut trace, || "patch.hw".into(), || i32_tensor(&[2], [h as i32, w as i32]));
+        let tokens = Tokens {
+            batch: b,
+            tokens: n,
+            channels: c,
+            pos,
+            feat,
+        };
+        Ok((tokens, grid))
+    }
+
+    /// Runs every stage after the patch embedding; returns each stage's result.
+    ///
+    /// # Errors
+    /// As [`run_stage`](Self::run_stage).
+    pub fn run_stages(
+        &self,
+        tokens: Tokens,
+        grid: (usize, usize),
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<StageResult>> {
+        let mut results: Vec<StageResult> = Vec::with_capacity(self.config.num_stages());
+        for s in 0..self.config.num_stages() {
+            let input = results.last().map_or(&tokens, |r| &r.output);
+            record(&mut trace, || format!("stage{s}.in.pos"), || {
+                f32_tensor(&[input.batch, input.tokens, 2], &input.pos)
+            });
+            record(&mut trace, || format!("stage{s}.in.feat"), || {
+                f32_tensor(&[input.batch, input.tokens, input.channels], &input.feat)
+            });
+            let result = self.run_stage(s, input, grid, trace.as_deref_mut())?;
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// The classification head on the last stage's tokens: LN → mean → Linear.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for a backbone; shape errors.
+    pub fn head(&self, tokens: &Tokens, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+        let Head::Classifier { norm, head } = &self.weights.head else {
+            return Err(Error::Unsupported(
+                "this is a segmentation backbone: it has no classification head".into(),
+            ));
+        };
+        let _t = crate::profile::scope("head");
+        let (b, n, c) = (tokens.batch, tokens.tokens, tokens.channels);
+        let normed = norm.forward(&tokens.feat)?;
+        record(&mut trace, || "final.norm".into(), || f32_tensor(&[b, n, c], &normed));
+        let mut pooled = vec![0.0f32; b * c];
+        for (img, out) in pooled.chunks_exact_mut(c).enumerate() {
+            for row in normed[img * n * c..(img + 1) * n * c].chunks_exact(c) {
+                out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+            }
+            out.iter_mut().for_each(|o| *o /= n as f32);
+        }
+        let logits = head.forward(&pooled, b)?;
+        record(&mut trace, || "logits".into(), || f32_tensor(&[b, head.out_dim], &logits));
+        Tensor::new(vec![b, head.out_dim], logits)
+    }
+
+    /// Classifies a batch of normalised images (b×3×H×W): returns b×classes logits.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] for a malformed input; [`Error::Unsupported`] for a backbone.
+    pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        self.forward_traced(images, None)
+    }
+
+    /// [`forward`](Self::forward), recording intermediates into `trace`.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_traced(&self, images: &Tensor, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+        if self.kind == ModelKind::Backbone {
+            return Err(Error::Unsupported(
+                "this is a segmentation backbone: it has no classification head".into(),
+            ));
+        }
+        let (tokens, grid) = self.embed(images, trace.as_deref_mut())?;
+        let results = self.run_stages(tokens, grid, trace.as_deref_mut())?;
+        let last = &results.last().expect("a validated config has stages").output;
+        self.head(last, trace)
+    }
+}

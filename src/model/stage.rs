@@ -1,0 +1,324 @@
+//! One stage: layout → blocks → (importance, selection, PointConv merge).
+
+use super::AutoFocusFormer;
+use super::block::StageGeometry;
+use super::layout::{Attention, ClusterLayout, StageLayout};
+use super::trace::{Trace, f32_tensor, i32_tensor, record};
+use crate::error::{Error, Result};
+use crate::ops::activation::sigmoid;
+use crate::ops::clustering::grid_positions;
+use crate::ops::neighbourhood::Neighbourhood;
+use crate::ops::pointconv_merge::{MergeInputs, pointconv_merge, weight_net_table};
+use crate::ops::rel_pos::neighbour_rows;
+use crate::ops::token_selection::select_tokens;
+use crate::profile;
+
+/// A batch of token sets between stages: `batch` images of `tokens` tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokens {
+    pub batch: usize,
+    pub tokens: usize,
+    pub channels: usize,
+    /// b×n×2 positions `(x, y)` in stage-0 token units.
+    pub pos: Vec<f32>,
+    /// b×n×c features.
+    pub feat: Vec<f32>,
+}
+
+impl Tokens {
+    /// Checks that the buffers agree with the sizes.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] naming the buffer that does not.
+    pub fn validate(&self) -> Result<()> {
+        let (b, n, c) = (self.batch, self.tokens, self.channels);
+        if self.pos.len() != b * n * 2 {
+            return Err(Error::shape("tokens", "pos", [b, n, 2], self.pos.len()));
+        }
+        if self.feat.len() != b * n * c {
+            return Err(Error::shape("tokens", "feat", [b, n, c], self.feat.len()));
+        }
+        Ok(())
+    }
+}
+
+/// What a stage hands on: its output tokens, and the features before merging
+/// (what a segmentation backbone outputs).
+#[derive(Debug, Clone)]
+pub struct StageResult {
+    /// The next stage's input (for the last stage, its own output).
+    pub output: Tokens,
+    /// The tokens after the blocks, before merging, in the stage's order.
+    pub before_merge: Tokens,
+}
+
+impl AutoFocusFormer {
+    /// The layout of stage `s` for `tokens` on the stage-0 `grid`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a stage index out of range; op errors.
+    pub fn stage_layout(&self, s: usize, tokens: &Tokens, grid: (usize, usize)) -> Result<StageLayout> {
+        let config = self.config();
+        if s >= config.num_stages() {
+            return Err(Error::InvalidArgument(format!(
+                "stage {s} out of range (the model has {})",
+                config.num_stages()
+            )));
+        }
+        tokens.validate()?;
+        let (b, n) = (tokens.batch, tokens.tokens);
+        let nbhd_size = config.nbhd_size[s];
+        if nbhd_size >= n {
+            let geometry = self.geometry(grid);
+            let nbhd = Neighbourhood::global(n);
+            let bias_rows = neighbour_rows(&geometry.offsets, &tokens.pos, &nbhd, b)?;
+            return Ok(StageLayout {
+                batch: b,
+                tokens: n,
+                attention: Attention::Global(nbhd),
+                pos: tokens.pos.clone(),
+                geometry,
+                bias_rows,
+            });
+        }
+        let s_c = config.cluster_size;
+        let on_grid = n == grid.0 * grid.1 && {
+            let full = grid_positions(grid.0, grid.1);
+            tokens.pos.chunks_exact(2 * n).all(|img| img == full.as_slice())
+        };
+        let geometry = self.geometry(grid);
+        let layout = if on_grid {
+            geometry.grid_layout(s_c, nbhd_size)?
+        } else {
+            let built = ClusterLayout::build(&tokens.pos, b, n, s_c, nbhd_size, &geometry.offsets, grid)?;
+            std::sync::Arc::new(built)
+        };
+        // A cached grid layout holds one image, which every image shares.
+        let copies = if layout.clustering.batch == 1 { b } else { 1 };
+        let pos = layout.clustering.pos.repeat(copies);
+        let bias_rows = layout.bias_rows.repeat(copies);
+        Ok(StageLayout {
+            batch: b,
+            tokens: n,
+            attention: Attention::Clustered(layout),
+            pos,
+            geometry,
+            bias_rows,
+        })
+    }
+
+    /// Runs stage `s` on `tokens` (stage-0 grid `grid`), recording into `trace`.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when `tokens` does not have the stage's channels; op errors.
+    pub fn run_stage(
+        &self,
+        s: usize,
+        tokens: &Tokens,
+        grid: (usize, usize),
+        mut trace: Option<&mut Trace>,
+    ) -> Result<StageResult> {
+        let layout = profile::timed("layout", || self.stage_layout(s, tokens, grid))?;
+        let c = self.config().embed_dim[s];
+        if tokens.channels != c {
+            return Err(Error::shape("stage", "feat channels", c, tokens.channels));
+        }
+        let (b, n) = (tokens.batch, tokens.tokens);
+        record_layout(&mut trace, s, &layout);
+
+        let mut feat = profile::timed("reorder", || layout.reorder_feat(&tokens.feat, c));
+        record(&mut trace, || format!("stage{s}.blocks.in"), || f32_tensor(&[b, n, c], &feat));
+        for j in 0..self.weights.stages[s].blocks.len() {
+            self.run_block(s, j, &mut feat, &layout)?;
+            record(&mut trace, || format!("stage{s}.block{j}.out"), || f32_tensor(&[b, n, c], &feat));
+        }
+        let before_merge = Tokens {
+            batch: b,
+            tokens: n,
+            channels: c,
+            pos: layout.pos.clone(),
+            feat,
+        };
+        let output = match self.weights.stages[s].merge {
+            Some(_) => self.merge(s, &before_merge, &layout, trace.as_deref_mut())?,
+            None => before_merge.clone(),
+        };
+        let (n_out, c_out) = (output.tokens, output.channels);
+        record(&mut trace, || format!("stage{s}.out.pos"), || f32_tensor(&[b, n_out, 2], &output.pos));
+        record(&mut trace, || format!("stage{s}.out.feat"), || {
+            f32_tensor(&[b, n_out, c_out], &output.feat)
+        });
+        Ok(StageResult {
+            output,
+            before_merge,
+        })
+    }
+
+    /// Runs block `j` of stage `s` in place on `feat` (b×n×c in the order of `layout`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an index out of range; shape errors.
+    pub fn run_block(
+        &self,
+        s: usize,
+        j: usize,
+        feat: &mut [f32],
+        layout: &StageLayout,
+    ) -> Result<()> {
+        let block = self
+            .weights
+            .stages
+            .get(s)
+            .and_then(|st| st.blocks.get(j))
+            .ok_or_else(|| Error::InvalidArgument(format!("no block {j} in stage {s}")))?;
+        let geo = StageGeometry {
+            batch: layout.batch,
+            tokens: layout.tokens,
+            nbhd: layout.nbhd(),
+            offsets: &layout.geometry.offsets,
+            bias_rows: &layout.bias_rows,
+        };
+        block.forward(feat, &geo)
+    }
+
+    /// Importance, token selection and PointConv merge at the end of stage
+    /// `s`, on the tokens after its blocks (in the order of `layout`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when stage `s` has no merge; shape errors.
+    pub fn merge(
+        &self,
+        s: usize,
+        tokens: &Tokens,
+        layout: &StageLayout,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tokens> {
+        let mut trace = trace;
+        let trace = &mut trace;
+        let w = self
+            .weights
+            .stages
+            .get(s)
+            .and_then(|st| st.merge.as_ref())
+            .ok_or_else(|| Error::InvalidArgument(format!("stage {s} has no merge")))?;
+        tokens.validate()?;
+        if tokens.tokens != layout.tokens || tokens.batch != layout.batch {
+            return Err(Error::shape(
+                "merge",
+                "tokens",
+                [layout.batch, layout.tokens],
+                [tokens.batch, tokens.tokens],
+            ));
+        }
+        let offsets = &layout.geometry.offsets;
+        let grid = layout.geometry.grid;
+        let config = self.config();
+        let (b, n, c) = (tokens.batch, tokens.tokens, tokens.channels);
+        let importance: Vec<f32> = profile::timed("merge.importance", || {
+            w.prob_net.forward(&tokens.feat, b * n)
+        })?
+        .into_iter()
+        .map(sigmoid)
+        .collect();
+        record(trace, || format!("stage{s}.importance"), || f32_tensor(&[b, n, 1], &importance));
+
+        let stride = 2usize << s;
+        let selection = profile::timed("merge.selection", || {
+            select_tokens(
+                &tokens.pos,
+                &importance,
+                b,
+                n,
+                stride,
+                grid,
+                config.alpha as f32,
+                config.ds_rate,
+            )
+        })?;
+        record(trace, || format!("stage{s}.merge.reserve_num"), || {
+            i32_tensor(&[1], [selection.reserve as i32])
+        });
+
+        // The weight net GELU(LN(Linear(f))) for every offset.
+        let _t = profile::scope("merge.weight_table");
+        let weight_table = weight_net_table(offsets, &w.weight_net, &w.weight_norm)?;
+        drop(_t);
+        let _t = profile::scope("merge.pointconv");
+        let mut merged = pointconv_merge(&MergeInputs {
+            feat: &tokens.feat,
+            importance: &importance,
+            nbhd: layout.nbhd(),
+            centres: &selection.order,
+            weight_rows: &layout.bias_rows,
+            weight_table: &weight_table,
+            batch: b,
+            tokens: n,
+            channels: c,
+        })?;
+        drop(_t);
+        profile::timed("merge.norm", || w.norm.forward_in_place(&mut merged))?;
+        let kept = selection.kept;
+        let feat = profile::timed("merge.linear", || w.linear.forward(&merged, b * kept))?;
+        let pos = selection
+            .order
+            .iter()
+            .enumerate()
+            .flat_map(|(row, &t)| {
+                let i = (row / kept * n + t as usize) * 2;
+                [tokens.pos[i], tokens.pos[i + 1]]
+            })
+            .collect();
+        let out = Tokens {
+            batch: b,
+            tokens: kept,
+            channels: w.linear.out_dim,
+            pos,
+            feat,
+        };
+        record(trace, || format!("stage{s}.merge.pos"), || f32_tensor(&[b, kept, 2], &out.pos));
+        record(trace, || format!("stage{s}.merge.feat"), || {
+            f32_tensor(&[b, kept, out.channels], &out.feat)
+        });
+        Ok(out)
+    }
+}
+
+/// Records the clustering and neighbourhoods under the golden names.
+fn record_layout(trace: &mut Option<&mut Trace>, s: usize, layout: &StageLayout) {
+    let (b, n) = (layout.batch, layout.tokens);
+    let global = layout.cluster_layout().is_none();
+    record(trace, || format!("stage{s}.global_attn"), || i32_tensor(&[1], [global as i32]));
+    let Some(cl) = layout.cluster_layout() else {
+        return;
+    };
+    let c = &cl.clustering;
+    let (k, cs) = (c.clusters, c.cluster_size);
+    let images = if c.batch == 1 { b } else { 1 };
+    let tile = |v: &[u32]| -> Vec<i32> { v.iter().map(|&x| x as i32).collect::<Vec<_>>().repeat(images) };
+    record(trace, || format!("stage{s}.cluster.pos"), || f32_tensor(&[b, n, 2], &layout.pos));
+    record(trace, || format!("stage{s}.cluster.mean_pos"), || {
+        f32_tensor(&[b, k, 2], &c.means.repeat(images))
+    });
+    record(trace, || format!("stage{s}.cluster.reorder"), || i32_tensor(&[b, n], tile(&c.reorder)));
+    record(trace, || format!("stage{s}.cluster.member_idx"), || {
+        let members: Vec<i32> = (0..k * cs).map(|m| if m < n { m as i32 } else { 0 }).collect();
+        i32_tensor(&[b, k, cs], members.repeat(b))
+    });
+    if c.is_padded() {
+        record(trace, || format!("stage{s}.cluster.mask"), || {
+            let mask: Vec<i32> = (0..k * cs).map(|m| (m < n) as i32).collect();
+            i32_tensor(&[b, k, cs], mask.repeat(b))
+        });
+    }
+    record(trace, || format!("stage{s}.nearest_clusters"), || {
+        i32_tensor(&[b, n, cl.nnc], tile(&cl.nearest))
+    });
+    let m = cl.nbhd.size;
+    record(trace, || format!("stage{s}.nbhd.idx"), || i32_tensor(&[b, n, m], tile(&cl.nbhd.idx)));
+    if let Some(mask) = &cl.nbhd.mask {
+        record(trace, || format!("stage{s}.nbhd.mask"), || {
+            let mask: Vec<i32> = mask.iter().map(|&v| v as i32).collect();
+            i32_tensor(&[b, n, m], mask.repeat(images))
+        });
+    }
+}

@@ -1,0 +1,61 @@
+//! Elementwise activations: exact (erf) GELU and the logistic sigmoid.
+
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::vector_math;
+
+/// Elements per parallel task of the elementwise ops.
+const CHUNK: usize = 1 << 14;
+
+/// Applies the exact GELU ([`vector_math::gelu`]) in place, in parallel.
+pub fn gelu(x: &mut [f32]) {
+    x.par_chunks_mut(CHUNK).for_each(gelu_chunk);
+}
+
+#[multiversion(targets = "simd")]
+fn gelu_chunk(x: &mut [f32]) {
+    for v in x {
+        *v = vector_math::gelu(*v);
+    }
+}
+
+/// The logistic sigmoid `1 / (1 + e^-x)`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_matches_reference_values() {
+        // x/2 · erfc(−x/√2) at these points, from Python's math.erfc.
+        let cases = [
+            (0.0, 0.0),
+            (1.0, 0.841_344_746_068_542_9),
+            (-1.0, -0.158_655_253_931_457_05),
+            (3.0, 2.995_950_305_905_11),
+            (-3.0, -0.004_049_694_094_890_287),
+            (0.1, 0.053_982_783_727_702_9),
+            (-6.0, -5.919_525_870_226_207e-9),
+        ];
+        let mut xs: Vec<f32> = cases.iter().map(|c| c.0 as f32).collect();
+        gelu(&mut xs);
+        for ((x, want), got) in cases.iter().zip(xs) {
+            let got = got as f64;
+            assert!(
+                (got - want).abs() <= 2e-7 * want.abs().max(1.0),
+                "gelu({x}) = {got}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn sigmoid_is_symmetric() {
+        assert_eq!(sigmoid(0.0), 0.5);
+        assert!((sigmoid(2.0) + sigmoid(-2.0) - 1.0).abs() < 1e-7);
+    }
+}

@@ -1,0 +1,337 @@
+//! Cluster attention with relative-position bias, mask and blank token (spec §6).
+//!
+//! For query `i`, head `t`, neighbour `j` of `i`'s neighbourhood:
+//! `a_ij = q_i·k_j + P_t(f_ij) − 100·[j padded]`, plus a blank logit
+//! `q_i·blank_k`; `o_i = Σ_j softmax(a)_ij v_j + softmax(a)_blank · blank_v`.
+//! Logits live only in a per-query scratch row: the b×h×n×m attention tensor
+//! is never materialised.
+//!
+//! Speed: keys are transposed per head (d×n) so that the members of a
+//! cluster, contiguous tokens, are contiguous in every key dimension; the
+//! scores of up to [`BLOCK_GROUP`] clusters accumulate together in registers.
+//! The hot loops use `mul_add` and are compiled per instruction set
+//! (multiversioned), so FMA units are used where the CPU has them.
+
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::neighbourhood::Neighbourhood;
+use super::vector_math;
+use crate::error::{Error, Result};
+
+/// Logit added to padded neighbourhood slots (added, not −∞, as published).
+pub const MASKED_LOGIT: f32 = -100.0;
+
+/// Inputs of [`cluster_attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionInputs<'a> {
+    /// b×n×c queries, already scaled by `head_dim^-0.5`; head `t` at `t·c_`.
+    pub q: &'a [f32],
+    /// b×n×2c keys and values: head `t`'s key at `t·2c_`, its value at `t·2c_ + c_`.
+    pub kv: &'a [f32],
+    pub nbhd: &'a Neighbourhood,
+    /// b×n×m: the bias-table row (relative offset) of every neighbour slot,
+    /// from [`super::rel_pos::neighbour_rows`].
+    pub bias_rows: &'a [u32],
+    /// heads×rows position bias `P_t(f)` (from [`super::rel_pos::OffsetTable::apply`]).
+    pub bias_table: &'a [f32],
+    /// c: blank-token key, heads outermost.
+    pub blank_k: &'a [f32],
+    /// c: blank-token value, heads outermost.
+    pub blank_v: &'a [f32],
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// Query rows per parallel task.
+const ROWS_PER_TASK: usize = 16;
+
+/// Neighbour slots scored as one block: a cluster's members (or part of them).
+const SLOT_BLOCK: usize = 8;
+
+/// Contiguous blocks whose scores accumulate at once (6 clusters of 8 make
+/// the published neighbourhood of 48).
+pub const BLOCK_GROUP: usize = 6;
+
+/// Computes the attention output (b×n×c, heads concatenated, before `proj`).
+///
+/// # Errors
+/// [`Error::Shape`] when the inputs disagree; [`Error::InvalidArgument`] for
+/// neighbour indices or bias rows out of range.
+pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
+    let (b, n, h, d) = (inp.batch, inp.tokens, inp.heads, inp.head_dim);
+    let c = h * d;
+    let nbhd = inp.nbhd;
+    let m = nbhd.size;
+    let check = |tensor: &'static str, len: usize, want: usize| {
+        if len == want {
+            Ok(())
+        } else {
+            Err(Error::shape("cluster_attention", tensor, want, len))
+        }
+    };
+    check("q", inp.q.len(), b * n * c)?;
+    check("kv", inp.kv.len(), b * n * 2 * c)?;
+    check("blank_k", inp.blank_k.len(), c)?;
+    check("blank_v", inp.blank_v.len(), c)?;
+    check("bias_rows", inp.bias_rows.len(), b * n * m)?;
+    if h == 0 || inp.bias_table.len() % h != 0 {
+        return Err(Error::shape("cluster_attention", "bias_table", "heads×rows", inp.bias_table.len()));
+    }
+    let table_rows = inp.bias_table.len() / h;
+    if nbhd.tokens != n || (nbhd.images != 1 && nbhd.images != b) {
+        return Err(Error::shape("cluster_attention", "nbhd", [b, n], [nbhd.images, nbhd.tokens]));
+    }
+    if nbhd.idx.iter().any(|&j| j as usize >= n) || inp.bias_rows.iter().any(|&r| r as usize >= table_rows) {
+        return Err(Error::InvalidArgument(format!(
+            "cluster_attention: neighbour indices must be below n = {n} and bias rows below {table_rows}"
+        )));
+    }
+    let keys_t = transpose_keys(inp.kv, b, n, h, d);
+    let mut out = vec![0.0f32; b * n * c];
+    out.par_chunks_mut(c * ROWS_PER_TASK).enumerate().for_each_init(
+        || vec![0.0f32; m + 1],
+        |logits, (task, out)| attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, logits),
+    );
+    Ok(out)
+}
+
+/// Keys per image and head, dimension-major: `[img][t][e][j] = k_j[t·d + e]`.
+fn transpose_keys(kv: &[f32], b: usize, n: usize, h: usize, d: usize) -> Vec<f32> {
+    let c = h * d;
+    let mut keys_t = vec![0.0f32; b * n * c];
+    keys_t.par_chunks_mut(d * n).enumerate().for_each(|(img_head, dst)| {
+        let (img, t) = (img_head / h, img_head % h);
+        let kv = &kv[img * n * 2 * c..(img + 1) * n * 2 * c];
+        for (j, row) in kv.chunks_exact(2 * c).enumerate() {
+            for (e, &k) in row[t * 2 * d..t * 2 * d + d].iter().enumerate() {
+                dst[e * n + j] = k;
+            }
+        }
+    });
+    keys_t
+}
+
+#[multiversion(targets = "simd")]
+fn attend_rows(
+    inp: &AttentionInputs<'_>,
+    keys_t: &[f32],
+    first_row: usize,
+    out: &mut [f32],
+    logits: &mut [f32],
+) {
+    let c = inp.heads * inp.head_dim;
+    for (r, o) in out.chunks_exact_mut(c).enumerate() {
+        let row = first_row + r;
+        attend_one(inp, keys_t, row / inp.tokens, row % inp.tokens, logits, o);
+    }
+}
+
+#[inline(always)]
+fn attend_one(
+    inp: &AttentionInputs<'_>,
+    keys_t: &[f32],
+    img: usize,
+    i: usize,
+    scratch: &mut [f32],
+    out: &mut [f32],
+) {
+    let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
+    let c = h * d;
+    let kv = &inp.kv[img * n * 2 * c..(img + 1) * n * 2 * c];
+    let q = &inp.q[(img * n + i) * c..(img * n + i + 1) * c];
+    let nbrs = inp.nbhd.of(img, i);
+    let mask = inp.nbhd.mask_of(img, i);
+    let m = nbrs.len();
+    let rows = &inp.bias_rows[(img * n + i) * m..(img * n + i + 1) * m];
+    let table_rows = inp.bias_table.len() / h;
+    for t in 0..h {
+        let qt = &q[t * d..(t + 1) * d];
+        let kt = &keys_t[(img * h + t) * d * n..(img * h + t + 1) * d * n];
+        let (logits, blank) = scratch.split_at_mut(m);
+        score(qt, kt, n, nbrs, logits);
+        let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
+        for (l, &row) in logits.iter_mut().zip(rows) {
+            *l += bias[row as usize];
+        }
+        if let Some(mask) = mask {
+            for (l, &valid) in logits.iter_mut().zip(mask) {
+                *l += if valid { 0.0 } else { MASKED_LOGIT };
+            }
+        }
+        blank[0] = vector_math::dot(qt, &inp.blank_k[t * d..(t + 1) * d]);
+
+        // Softmax over the neighbours and the blank token.
+        let max = vector_math::max(scratch);
+        for l in scratch.iter_mut() {
+            *l = vector_math::exp(*l - max);
+        }
+        let inv_sum = 1.0 / vector_math::sum(scratch);
+        for l in scratch.iter_mut() {
+            *l *= inv_sum;
+        }
+        let ot = &mut out[t * d..(t + 1) * d];
+        // Value of token j: kv[j·2c + t·2d + d ..][..d].
+        weighted_sum(&scratch[..m], nbrs, &kv[t * 2 * d + d..], 2 * c, ot);
+        vector_math::axpy(scratch[m], &inp.blank_v[t * d..(t + 1) * d], ot);
+    }
+}
+
+/// `logits[slot] = q · k_{nbrs[slot]}` from dimension-major keys `kt` (d×n).
+///
+/// Blocks of [`SLOT_BLOCK`] contiguous neighbours (a cluster's members) are
+/// scored [`BLOCK_GROUP`] at a time, their sums held in registers across the
+/// key dimensions; other slots (padding, odd sizes) are gathered one by one.
+#[inline(always)]
+fn score(q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], logits: &mut [f32]) {
+    let mut starts = [0usize; BLOCK_GROUP];
+    let mut slots = [0usize; BLOCK_GROUP];
+    let mut grouped = 0;
+    let mut slot = 0;
+    while slot < nbrs.len() {
+        let block = &nbrs[slot..nbrs.len().min(slot + SLOT_BLOCK)];
+        let first = block[0] as usize;
+        if block.len() == SLOT_BLOCK && block.iter().enumerate().all(|(u, &j)| j as usize == first + u) {
+            starts[grouped] = first;
+            slots[grouped] = slot;
+            grouped += 1;
+            if grouped == BLOCK_GROUP {
+                score_group(q, kt, n, &starts, &slots, grouped, logits);
+                grouped = 0;
+            }
+        } else {
+            for (u, &j) in block.iter().enumerate() {
+                let mut acc = 0.0f32;
+                for (e, &qe) in q.iter().enumerate() {
+                    acc = qe.mul_add(kt[e * n + j as usize], acc);
+                }
+                logits[slot + u] = acc;
+            }
+        }
+        slot += block.len();
+    }
+    if grouped > 0 {
+        // Unused group entries score block 0 again; their results are dropped.
+        for g in grouped..BLOCK_GROUP {
+            starts[g] = starts[0];
+        }
+        score_group(q, kt, n, &starts, &slots, grouped, logits);
+    }
+}
+
+/// Scores [`BLOCK_GROUP`] contiguous blocks starting at tokens `starts`
+/// into `logits` at `slots`; only the first `count` are kept.
+#[inline(always)]
+fn score_group(
+    q: &[f32],
+    kt: &[f32],
+    n: usize,
+    starts: &[usize; BLOCK_GROUP],
+    slots: &[usize; BLOCK_GROUP],
+    count: usize,
+    logits: &mut [f32],
+) {
+    let mut acc = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
+    for (e, &qe) in q.iter().enumerate() {
+        let row = &kt[e * n..(e + 1) * n];
+        for g in 0..BLOCK_GROUP {
+            let k: &[f32; SLOT_BLOCK] = row[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
+            for u in 0..SLOT_BLOCK {
+                acc[g][u] = qe.mul_add(k[u], acc[g][u]);
+            }
+        }
+    }
+    for g in 0..count {
+        logits[slots[g]..slots[g] + SLOT_BLOCK].copy_from_slice(&acc[g]);
+    }
+}
+
+/// `out = Σ_slot p[slot] · v_{nbrs[slot]}` with `v_j = values[j·stride..][..d]`,
+/// accumulated in registers (blocks of [`vector_math::LANES`] dimensions,
+/// two alternating sums).
+#[inline(always)]
+fn weighted_sum(p: &[f32], nbrs: &[u32], values: &[f32], stride: usize, out: &mut [f32]) {
+    const L: usize = vector_math::LANES;
+    let d = out.len();
+    let value = |j: u32| &values[j as usize * stride..j as usize * stride + d];
+    let mut start = 0;
+    while start + L <= d {
+        let (mut even, mut odd) = ([0.0f32; L], [0.0f32; L]);
+        let mut pairs = p.chunks_exact(2).zip(nbrs.chunks_exact(2));
+        for (pp, jj) in pairs.by_ref() {
+            let v0: &[f32; L] = value(jj[0])[start..start + L].try_into().unwrap();
+            let v1: &[f32; L] = value(jj[1])[start..start + L].try_into().unwrap();
+            for l in 0..L {
+                even[l] = pp[0].mul_add(v0[l], even[l]);
+                odd[l] = pp[1].mul_add(v1[l], odd[l]);
+            }
+        }
+        if p.len() % 2 == 1 {
+            let v = &value(nbrs[p.len() - 1])[start..start + L];
+            for l in 0..L {
+                even[l] = p[p.len() - 1].mul_add(v[l], even[l]);
+            }
+        }
+        for l in 0..L {
+            out[start + l] = even[l] + odd[l];
+        }
+        start += L;
+    }
+    if start < d {
+        out[start..].fill(0.0);
+        for (&pv, &j) in p.iter().zip(nbrs) {
+            vector_math::axpy(pv, &value(j)[start..], &mut out[start..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_token<'a>(nbhd: &'a Neighbourhood, bias: &'a [f32], kv: &'a [f32]) -> AttentionInputs<'a> {
+        AttentionInputs {
+            q: &[1.0],
+            kv,
+            nbhd,
+            bias_rows: &[0],
+            bias_table: bias,
+            blank_k: &[0.0],
+            blank_v: &[2.0],
+            batch: 1,
+            tokens: 1,
+            heads: 1,
+            head_dim: 1,
+        }
+    }
+
+    #[test]
+    fn one_neighbour_and_blank_split_by_softmax() {
+        // One token attending to itself; q·k = 0, bias 0, blank logit 0: equal split.
+        let nbhd = Neighbourhood::global(1);
+        let inp = one_token(&nbhd, &[0.0], &[0.0, 4.0]);
+        assert_eq!(cluster_attention(&inp).unwrap(), [3.0]);
+        // A bias of ln 3 weights the neighbour 3:1.
+        let bias = [3f32.ln()];
+        let out = cluster_attention(&one_token(&nbhd, &bias, &[0.0, 4.0])).unwrap();
+        assert!((out[0] - 3.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_naming_the_tensor() {
+        let nbhd = Neighbourhood::global(1);
+        let inp = AttentionInputs {
+            q: &[1.0, 2.0],
+            ..one_token(&nbhd, &[0.0], &[0.0, 4.0])
+        };
+        let err = cluster_attention(&inp).unwrap_err().to_string();
+        assert!(err.contains("cluster_attention") && err.contains("`q`"), "{err}");
+        let inp = AttentionInputs {
+            bias_rows: &[3],
+            ..one_token(&nbhd, &[0.0], &[0.0, 4.0])
+        };
+        assert!(cluster_attention(&inp).is_err());
+    }
+}

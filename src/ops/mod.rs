@@ -1,0 +1,28 @@
+//! The ops of the model, one per module, each a CPU reference with a plain
+//! contract (flat slices with explicit sizes) that a CUDA version can mirror.
+//!
+//! | module | spec | computes |
+//! |---|---|---|
+//! | [`patch_embed`] | §2 | image → stage-0 tokens |
+//! | [`clustering`] | §3 | balanced space-filling-curve clusters |
+//! | [`neighbourhood`] | §4 | nearest clusters, neighbour lists |
+//! | [`rel_pos`] | §5 | relative-position features, per-offset tables |
+//! | [`cluster_attention`] | §6 | fused neighbourhood attention |
+//! | [`token_selection`] | §7 | grid prior, reserve, stable top-k |
+//! | [`pointconv_merge`] | §7 | PointConv over the centres' neighbourhoods |
+//! | [`linear`], [`norm`], [`activation`] | | dense layers |
+
+pub mod activation;
+pub mod cluster_attention;
+pub mod clustering;
+pub mod linear;
+pub mod neighbourhood;
+pub mod norm;
+pub mod patch_embed;
+pub mod pointconv_merge;
+pub mod rel_pos;
+pub mod token_selection;
+pub mod vector_math;
+
+pub use self::linear::Linear;
+pub use self::norm::{BatchNorm, LayerNorm};

@@ -1,0 +1,202 @@
+//! Nearest clusters and neighbourhoods (spec §4).
+//!
+//! A token's neighbourhood is the members of its `nnc` nearest clusters (or,
+//! for a global stage, every token). It is shared by the attention of every
+//! block of the stage and by the merge that ends it.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Who each token attends to: `m` neighbour indices per token, with a
+/// validity mask when padded cluster slots are among them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Neighbourhood {
+    /// Images whose neighbourhoods are stored: `batch`, or 1 when every image
+    /// shares the same ones (stage 0, whose layout depends only on the grid).
+    pub images: usize,
+    /// Tokens per image.
+    pub tokens: usize,
+    /// Neighbours per token.
+    pub size: usize,
+    /// images×n×m token indices (padded slots point at token 0).
+    pub idx: Vec<u32>,
+    /// images×n×m, false for padded slots; `None` when every slot is valid.
+    pub mask: Option<Vec<bool>>,
+}
+
+impl Neighbourhood {
+    /// Every token attends to all `n` tokens, in order (a global stage).
+    pub fn global(n: usize) -> Self {
+        Self {
+            images: 1,
+            tokens: n,
+            size: n,
+            idx: (0..n).flat_map(|_| 0..n as u32).collect(),
+            mask: None,
+        }
+    }
+
+    /// Neighbourhoods made of the members of each token's nearest clusters:
+    /// `nearest` is images×n×nnc cluster indices, clusters hold the reordered
+    /// tokens `c·s .. c·s+s`, and slots at or past `n` are padding.
+    pub fn from_clusters(nearest: &[u32], images: usize, n: usize, nnc: usize, s: usize) -> Self {
+        debug_assert_eq!(nearest.len(), images * n * nnc);
+        let m = nnc * s;
+        let padded = n % s != 0;
+        let mut idx = Vec::with_capacity(images * n * m);
+        let mut mask = Vec::with_capacity(if padded { images * n * m } else { 0 });
+        for &c in nearest {
+            for r in 0..s {
+                let member = c as usize * s + r;
+                let valid = member < n;
+                idx.push(if valid { member as u32 } else { 0 });
+                if padded {
+                    mask.push(valid);
+                }
+            }
+        }
+        Self {
+            images,
+            tokens: n,
+            size: m,
+            idx,
+            mask: padded.then_some(mask),
+        }
+    }
+
+    /// The neighbour indices of token `i` of image `img`.
+    #[inline]
+    pub fn of(&self, img: usize, i: usize) -> &[u32] {
+        let row = (self.image_row(img) * self.tokens + i) * self.size;
+        &self.idx[row..row + self.size]
+    }
+
+    /// The validity of token `i`'s neighbours (`None`: all valid).
+    #[inline]
+    pub fn mask_of(&self, img: usize, i: usize) -> Option<&[bool]> {
+        let row = (self.image_row(img) * self.tokens + i) * self.size;
+        self.mask.as_ref().map(|m| &m[row..row + self.size])
+    }
+
+    #[inline]
+    fn image_row(&self, img: usize) -> usize {
+        if self.images == 1 { 0 } else { img }
+    }
+}
+
+/// For every token of every image, the `nnc` nearest cluster means: b×n×nnc
+/// cluster indices, nearest first, ties to the lower index.
+///
+/// Distances are compared exactly (in f64, where the squared distance between
+/// f32 points is exact).
+///
+/// # Errors
+/// [`Error::Shape`] on inconsistent sizes, [`Error::InvalidArgument`] when
+/// `nnc` is 0 or exceeds the clusters.
+pub fn nearest_clusters(
+    pos: &[f32],
+    means: &[f32],
+    batch: usize,
+    n: usize,
+    k: usize,
+    nnc: usize,
+) -> Result<Vec<u32>> {
+    if pos.len() != batch * n * 2 {
+        return Err(Error::shape("nearest_clusters", "pos", [batch, n, 2], pos.len()));
+    }
+    if means.len() != batch * k * 2 {
+        return Err(Error::shape("nearest_clusters", "means", [batch, k, 2], means.len()));
+    }
+    if nnc == 0 || nnc > k {
+        return Err(Error::InvalidArgument(format!(
+            "nearest_clusters: nnc = {nnc} must be in 1..={k}"
+        )));
+    }
+    let mut out = vec![0u32; batch * n * nnc];
+    out.par_chunks_mut(nnc)
+        .enumerate()
+        .for_each_init(
+            || vec![(0.0f64, 0u32); nnc],
+            |best, (row, dst)| {
+                let img = row / n;
+                let p = [pos[2 * row] as f64, pos[2 * row + 1] as f64];
+                let img_means = &means[img * k * 2..(img + 1) * k * 2];
+                let mut filled = 0;
+                for (c, m) in img_means.chunks_exact(2).enumerate() {
+                    let dx = p[0] - m[0] as f64;
+                    let dy = p[1] - m[1] as f64;
+                    let d = dx * dx + dy * dy;
+                    if filled == nnc && d >= best[nnc - 1].0 {
+                        continue;
+                    }
+                    // Insert after every entry at most as far: ties keep the lower index first.
+                    let mut at = filled.min(nnc - 1);
+                    while at > 0 && best[at - 1].0 > d {
+                        best[at] = best[at - 1];
+                        at -= 1;
+                    }
+                    best[at] = (d, c as u32);
+                    filled = (filled + 1).min(nnc);
+                }
+                for (o, b) in dst.iter_mut().zip(best.iter()) {
+                    *o = b.1;
+                }
+            },
+        );
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force: sort every cluster by (distance, index).
+    fn reference(p: [f32; 2], means: &[f32], nnc: usize) -> Vec<u32> {
+        let mut all: Vec<(f64, u32)> = means
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(c, m)| {
+                let (dx, dy) = (p[0] as f64 - m[0] as f64, p[1] as f64 - m[1] as f64);
+                (dx * dx + dy * dy, c as u32)
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        all[..nnc].iter().map(|x| x.1).collect()
+    }
+
+    #[test]
+    fn ties_go_to_the_lower_index_nearest_first() {
+        // Four means at distance 1 from the origin, one at 0.5.
+        let means = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.5, 0.0, -1.0];
+        let got = nearest_clusters(&[0.0, 0.0], &means, 1, 1, 5, 3).unwrap();
+        assert_eq!(got, [3, 0, 1]);
+    }
+
+    #[test]
+    fn matches_brute_force_on_a_grid_with_many_ties() {
+        let pos: Vec<f32> = (0..60).flat_map(|t| [(t % 10) as f32, (t / 10) as f32]).collect();
+        let means: Vec<f32> = (0..12)
+            .flat_map(|c| [(c % 4) as f32 * 2.5, (c / 4) as f32 * 2.0])
+            .collect();
+        for nnc in [1, 3, 12] {
+            let got = nearest_clusters(&pos, &means, 1, 60, 12, nnc).unwrap();
+            for t in 0..60 {
+                let want = reference([pos[2 * t], pos[2 * t + 1]], &means, nnc);
+                assert_eq!(&got[t * nnc..(t + 1) * nnc], &want[..], "token {t}, nnc {nnc}");
+            }
+        }
+    }
+
+    #[test]
+    fn cluster_neighbourhoods_mask_padding() {
+        // 5 tokens in clusters of 2: cluster 2 holds token 4 and a pad slot.
+        let nb = Neighbourhood::from_clusters(&[2, 0, 1, 2, 0, 1, 1, 2, 2, 0], 1, 5, 2, 2);
+        assert_eq!(nb.size, 4);
+        assert_eq!(nb.of(0, 0), [4, 0, 0, 1]);
+        assert_eq!(nb.mask_of(0, 0).unwrap(), [true, false, true, true]);
+        let full = Neighbourhood::from_clusters(&[1, 0, 0, 1, 0, 1, 1, 0], 1, 4, 2, 2);
+        assert!(full.mask.is_none());
+        assert_eq!(full.of(0, 3), [2, 3, 0, 1]);
+    }
+}

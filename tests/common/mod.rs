@@ -1,0 +1,115 @@
+//! Shared helpers of the integration tests: golden files and comparisons.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use autofocus::io::SafetensorsFile;
+use autofocus::{AutoFocusFormer, Tensor};
+
+/// The repo's bundled test data.
+pub fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+/// `../shared/golden`, beside the repository.
+pub fn shared_golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden")
+}
+
+/// Set by `.ci/run`: cases read from `../shared/golden` must be present.
+pub const REQUIRE_SHARED: &str = "AUTOFOCUS_REQUIRE_SHARED_GOLDEN";
+
+/// Finds a golden case: bundled cases in `tests/data`, others in
+/// `../shared/golden`. Returns `None` (the test is skipped, loudly) when a
+/// shared case is absent, unless `AUTOFOCUS_REQUIRE_SHARED_GOLDEN=1`.
+pub fn case_dir(case: &str) -> Option<PathBuf> {
+    let bundled = data_dir();
+    if bundled.join(format!("{case}.weights.safetensors")).exists() {
+        return Some(bundled);
+    }
+    let shared = shared_golden_dir();
+    if shared.join(format!("{case}.weights.safetensors")).exists() {
+        return Some(shared);
+    }
+    if std::env::var(REQUIRE_SHARED).is_ok_and(|v| v == "1") {
+        panic!("golden case {case} not found in {} and {REQUIRE_SHARED}=1", shared.display());
+    }
+    eprintln!("SKIPPED: golden case {case} not found (set {REQUIRE_SHARED}=1 to make this fail)");
+    None
+}
+
+/// A golden case: the model and its recorded intermediates.
+pub struct Case {
+    pub name: String,
+    pub model: AutoFocusFormer,
+    pub golden: SafetensorsFile,
+}
+
+impl Case {
+    pub fn load(name: &str) -> Option<Self> {
+        let dir = case_dir(name)?;
+        let model = AutoFocusFormer::load(dir.join(format!("{name}.weights.safetensors")), None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let golden = SafetensorsFile::open(dir.join(format!("{name}.golden.safetensors"))).unwrap();
+        Some(Self {
+            name: name.to_string(),
+            model,
+            golden,
+        })
+    }
+
+    pub fn f32(&self, key: &str) -> Tensor<f32> {
+        self.golden
+            .tensor_f32(key)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name))
+    }
+
+    pub fn i32(&self, key: &str) -> Tensor<i32> {
+        self.golden
+            .tensor_i32(key)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.name))
+    }
+
+    /// Every tensor name of the golden file.
+    pub fn golden_keys(&self) -> Vec<String> {
+        use autofocus::io::TensorSource;
+        self.golden.names()
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.golden.contains(key)
+    }
+
+    /// The stage-0 token grid `(h, w)`.
+    pub fn grid(&self) -> (usize, usize) {
+        let hw = self.i32("patch.hw");
+        (hw.data()[0] as usize, hw.data()[1] as usize)
+    }
+}
+
+/// `max|got − want| ≤ 1e-4 · max(1, max|want|)`, the spec's f32 tolerance.
+pub fn assert_close(what: &str, got: &[f32], want: &Tensor<f32>) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.data().iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let (worst, at) = got
+        .iter()
+        .zip(want.data())
+        .enumerate()
+        .map(|(i, (g, w))| ((g - w).abs(), i))
+        .fold((0.0f32, 0), |a, b| if b.0 > a.0 || b.0.is_nan() { b } else { a });
+    assert!(
+        worst <= 1e-4 * scale,
+        "{what}: max |diff| {worst:e} at {at} (got {}, want {}), tolerance {:e}",
+        got[at],
+        want.data()[at],
+        1e-4 * scale
+    );
+}
+
+/// Bit-for-bit equality, reporting the first difference.
+pub fn assert_exact<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
+        panic!("{what}: first difference at {i}: got {:?}, want {:?}", got[i], want[i]);
+    }
+}
