@@ -208,10 +208,10 @@ impl AffConfig {
         if self.cluster_size == 0 {
             return bad("cluster_size must be positive".into());
         }
-        if !(self.mlp_ratio > 0.0) || self.mlp_hidden(0) == 0 {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 || self.mlp_hidden(0) == 0 {
             return bad(format!("mlp_ratio {} must be positive", self.mlp_ratio));
         }
-        if !(self.ds_rate > 0.0 && self.ds_rate <= 1.0) {
+        if self.ds_rate.is_nan() || self.ds_rate <= 0.0 || self.ds_rate > 1.0 {
             return bad(format!("ds_rate {} must be in (0, 1]", self.ds_rate));
         }
         if !self.alpha.is_finite() || !self.layer_scale.is_finite() || self.layer_scale < 0.0 {
@@ -266,6 +266,9 @@ mod tests {
         let err = AffConfig::from_json(r#"{"embed_dim": [8]}"#).unwrap_err();
         assert!(err.to_string().contains("invalid JSON"), "{err}");
         let err = AffConfig::resolve("aff_gigantic").unwrap_err().to_string();
-        assert!(err.contains("aff_gigantic") && err.contains("aff_mini"), "{err}");
+        assert!(
+            err.contains("aff_gigantic") && err.contains("aff_mini"),
+            "{err}"
+        );
     }
 }

@@ -11,7 +11,9 @@ use common::{Case, assert_close, assert_exact};
 
 fn golden_tokens(case: &Case, pos: &str, feat: &str) -> Tokens {
     let (pos, feat) = (case.f32(pos), case.f32(feat));
-    let &[b, n, c] = feat.shape() else { panic!("{}: feat shape", case.name) };
+    let &[b, n, c] = feat.shape() else {
+        panic!("{}: feat shape", case.name)
+    };
     Tokens {
         batch: b,
         tokens: n,
@@ -65,7 +67,11 @@ fn check_offsets(case: &Case, s: usize, layout: &StageLayout) {
                     (pos[2 * j] - pos[2 * i]) as i32,
                     (pos[2 * j + 1] - pos[2 * i + 1]) as i32,
                 );
-                assert_eq!(got, want, "{} {key}: image {img} token {i} slot {slot}", case.name);
+                assert_eq!(
+                    got, want,
+                    "{} {key}: image {img} token {i} slot {slot}",
+                    case.name
+                );
             }
         }
     }
@@ -83,25 +89,36 @@ const LAYOUT_KEYS: [&str; 8] = [
 ];
 
 fn teacher_forced(case_name: &str) {
-    let Some(case) = Case::load(case_name) else { return };
+    let Some(case) = Case::load(case_name) else {
+        return;
+    };
     let model = &case.model;
     let grid = case.grid();
     let stages = model.config().num_stages();
     for s in 0..stages {
-        let tokens = golden_tokens(&case, &format!("stage{s}.in.pos"), &format!("stage{s}.in.feat"));
+        let tokens = golden_tokens(
+            &case,
+            &format!("stage{s}.in.pos"),
+            &format!("stage{s}.in.feat"),
+        );
 
         // Layout: clustering, reordering, neighbourhoods.
         let mut trace = Trace::new(TraceLevel::All);
         let layout = model.stage_layout(s, &tokens, grid).unwrap();
         model.run_stage(s, &tokens, grid, Some(&mut trace)).unwrap();
-        for key in LAYOUT_KEYS.iter().map(|k| format!("stage{s}.{k}")).chain([
-            format!("stage{s}.nbhd.mask"),
-            format!("stage{s}.blocks.in"),
-        ]) {
+        for key in LAYOUT_KEYS
+            .iter()
+            .map(|k| format!("stage{s}.{k}"))
+            .chain([format!("stage{s}.nbhd.mask"), format!("stage{s}.blocks.in")])
+        {
             match (trace.tensors().get(&key), case.has(&key)) {
                 (Some(got), true) => compare(&case, &key, got),
                 (None, false) => {}
-                (got, has) => panic!("{} {key}: traced {}, golden {has}", case.name, got.is_some()),
+                (got, has) => panic!(
+                    "{} {key}: traced {}, golden {has}",
+                    case.name,
+                    got.is_some()
+                ),
             }
         }
         check_offsets(&case, s, &layout);
@@ -109,11 +126,19 @@ fn teacher_forced(case_name: &str) {
         // Each block from the golden output of the one before.
         let depth = model.config().depths[s];
         for j in 0..depth {
-            let input = if j == 0 { format!("stage{s}.blocks.in") } else { format!("stage{s}.block{}.out", j - 1) };
+            let input = if j == 0 {
+                format!("stage{s}.blocks.in")
+            } else {
+                format!("stage{s}.block{}.out", j - 1)
+            };
             let mut feat = case.f32(&input).into_data();
             model.run_block(s, j, &mut feat, &layout).unwrap();
             let key = format!("stage{s}.block{j}.out");
-            assert_close(&format!("{} {key} (teacher-forced)", case.name), &feat, &case.f32(&key));
+            assert_close(
+                &format!("{} {key} (teacher-forced)", case.name),
+                &feat,
+                &case.f32(&key),
+            );
         }
 
         // The merge from the golden output of the last block.
@@ -123,20 +148,29 @@ fn teacher_forced(case_name: &str) {
             } else {
                 format!("stage{s}.in.pos")
             };
-            let before = golden_tokens(&case, &pos_key, &format!("stage{s}.block{}.out", depth - 1));
+            let before =
+                golden_tokens(&case, &pos_key, &format!("stage{s}.block{}.out", depth - 1));
             let mut trace = Trace::new(TraceLevel::All);
             let out = model.merge(s, &before, &layout, Some(&mut trace)).unwrap();
             for key in ["importance", "merge.reserve_num", "merge.pos", "merge.feat"] {
                 let key = format!("stage{s}.{key}");
                 compare(&case, &key, &trace.tensors()[&key]);
             }
-            assert_exact(&format!("{} stage{s} merged pos", case.name), &out.pos, case.f32(&format!("stage{s}.out.pos")).data());
+            assert_exact(
+                &format!("{} stage{s} merged pos", case.name),
+                &out.pos,
+                case.f32(&format!("stage{s}.out.pos")).data(),
+            );
         }
     }
 
     // The head from the golden output of the last stage.
     let last = stages - 1;
-    let tokens = golden_tokens(&case, &format!("stage{last}.out.pos"), &format!("stage{last}.out.feat"));
+    let tokens = golden_tokens(
+        &case,
+        &format!("stage{last}.out.pos"),
+        &format!("stage{last}.out.feat"),
+    );
     let mut trace = Trace::new(TraceLevel::All);
     model.head(&tokens, Some(&mut trace)).unwrap();
     for key in ["final.norm", "logits"] {
@@ -145,11 +179,17 @@ fn teacher_forced(case_name: &str) {
 }
 
 fn end_to_end(case_name: &str) {
-    let Some(case) = Case::load(case_name) else { return };
+    let Some(case) = Case::load(case_name) else {
+        return;
+    };
     let image = case.f32("input.image");
     let mut trace = Trace::new(TraceLevel::All);
     let logits = case.model.forward_traced(&image, Some(&mut trace)).unwrap();
-    assert_close(&format!("{case_name} logits"), logits.data(), &case.f32("logits"));
+    assert_close(
+        &format!("{case_name} logits"),
+        logits.data(),
+        &case.f32("logits"),
+    );
     let mut checked = 0;
     for key in case.golden_keys() {
         if key.starts_with("grad.") || key == "input.image" || key.ends_with("pe_idx") {

@@ -74,7 +74,11 @@ pub fn run(args: Args) -> Result<()> {
                 "--device cuda: this build has no CUDA backend yet; use --device cpu".into(),
             ));
         }
-        other => return Err(Error::InvalidArgument(format!("unknown --device `{other}` (cpu, cuda)"))),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown --device `{other}` (cpu, cuda)"
+            )));
+        }
     }
     if args.dtype != "f32" {
         return Err(Error::Unsupported(format!(
@@ -83,7 +87,9 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     if args.batch == 0 || args.iters == 0 {
-        return Err(Error::InvalidArgument("--batch and --iters must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "--batch and --iters must be at least 1".into(),
+        ));
     }
     super::set_threads(args.threads)?;
     let config = AffConfig::resolve(&args.config)?;
@@ -139,7 +145,12 @@ pub fn run(args: Args) -> Result<()> {
         let total: f64 = ops.iter().map(|o| o.ms).sum();
         eprintln!("{:<26} {:>9} {:>7}", "op (per forward)", "ms", "share");
         for op in ops {
-            eprintln!("{:<26} {:>9.3} {:>6.1}%", op.op, op.ms, 100.0 * op.ms / total);
+            eprintln!(
+                "{:<26} {:>9.3} {:>6.1}%",
+                op.op,
+                op.ms,
+                100.0 * op.ms / total
+            );
         }
     }
     println!("{}", serde_json::to_string(&report).expect("serialisable"));

@@ -57,7 +57,11 @@ struct ImageResult {
 
 fn label(classes: usize, index: usize) -> String {
     if classes == 1000 {
-        IMAGENET_CLASSES.lines().nth(index).unwrap_or("?").to_string()
+        IMAGENET_CLASSES
+            .lines()
+            .nth(index)
+            .unwrap_or("?")
+            .to_string()
     } else {
         format!("class {index}")
     }
@@ -119,7 +123,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     progress.finish_and_clear();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&results).expect("serialisable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&results).expect("serialisable")
+        );
     } else {
         for r in &results {
             println!("{}", r.image);

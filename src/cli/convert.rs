@@ -30,7 +30,11 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     super::check_output(&args.output, &[&args.input], args.force)?;
     super::check_output_dir(&args.output)?;
-    let choice = if args.ema { EntryChoice::ModelEma } else { EntryChoice::Model };
+    let choice = if args.ema {
+        EntryChoice::ModelEma
+    } else {
+        EntryChoice::Model
+    };
     let checkpoint = PthCheckpoint::open(&args.input, choice)?;
     let (kind, prefix) = detect_kind(&checkpoint);
     let mut metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -44,7 +48,11 @@ pub fn run(args: Args) -> Result<()> {
             let fits = fitting_presets(&checkpoint, kind, prefix);
             eprintln!(
                 "note: no --config given, none stored; later commands will need --config{}",
-                if fits.is_empty() { String::new() } else { format!(" (the tensors fit {})", fits.join(", ")) }
+                if fits.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (the tensors fit {})", fits.join(", "))
+                }
             );
         }
     }
@@ -68,7 +76,10 @@ pub fn run(args: Args) -> Result<()> {
         if checkpoint.skipped().is_empty() {
             String::new()
         } else {
-            format!("; skipped non-tensor entries: {}", checkpoint.skipped().join(", "))
+            format!(
+                "; skipped non-tensor entries: {}",
+                checkpoint.skipped().join(", ")
+            )
         }
     );
     Ok(())

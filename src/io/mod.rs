@@ -69,7 +69,12 @@ impl Deref for F32Buffer {
 
 impl std::fmt::Debug for F32Buffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "F32Buffer(len {}, mapped {})", self.len(), self.is_mapped())
+        write!(
+            f,
+            "F32Buffer(len {}, mapped {})",
+            self.len(),
+            self.is_mapped()
+        )
     }
 }
 
@@ -98,7 +103,10 @@ pub trait TensorSource {
 /// I/O and format errors naming the file.
 pub fn open_weights(path: &Path) -> Result<Box<dyn TensorSource>> {
     if pth::looks_like_zip(path)? {
-        Ok(Box::new(PthCheckpoint::open(path, pth::EntryChoice::Model)?))
+        Ok(Box::new(PthCheckpoint::open(
+            path,
+            pth::EntryChoice::Model,
+        )?))
     } else {
         Ok(Box::new(SafetensorsFile::open(path)?))
     }

@@ -406,7 +406,7 @@ fn describe(v: &Value) -> String {
 }
 
 fn set_items(target: &mut Value, items: Vec<Value>) -> Result<(), String> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("odd number of items for a dict".into());
     }
     match target {
@@ -435,7 +435,12 @@ fn persistent_load(pid: Value) -> Result<Value, String> {
         return Err("persistent id is not a tuple".into());
     };
     match parts.as_slice() {
-        [Value::Str(kind), Value::Global(_, class), Value::Str(key), ..] if kind == "storage" => {
+        [
+            Value::Str(kind),
+            Value::Global(_, class),
+            Value::Str(key),
+            ..,
+        ] if kind == "storage" => {
             let dtype = StorageDtype::from_class(class)
                 .ok_or_else(|| format!("unsupported storage type {class}"))?;
             Ok(Value::Storage(dtype, key.clone()))
@@ -466,8 +471,13 @@ fn reduce(func: Value, args: Value) -> Result<Value, String> {
     };
     match (module.as_str(), name.as_str()) {
         ("torch._utils", "_rebuild_tensor_v2" | "_rebuild_tensor") => {
-            let [Value::Storage(dtype, key), Value::Int(offset), size, stride, ..] =
-                args.as_slice()
+            let [
+                Value::Storage(dtype, key),
+                Value::Int(offset),
+                size,
+                stride,
+                ..,
+            ] = args.as_slice()
             else {
                 return Err("malformed _rebuild_tensor_v2 arguments".into());
             };

@@ -185,7 +185,9 @@ fn materialise(t: &TensorRef, storage: &[u8]) -> std::result::Result<PthTensor, 
             .shape
             .iter()
             .zip(&t.stride)
-            .try_fold(t.offset, |acc, (&n, &s)| acc.checked_add((n - 1).checked_mul(s)?))
+            .try_fold(t.offset, |acc, (&n, &s)| {
+                acc.checked_add((n - 1).checked_mul(s)?)
+            })
             .ok_or("tensor view overflows")?;
         if last >= available {
             return Err(format!(

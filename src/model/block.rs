@@ -3,11 +3,11 @@
 use super::weights::{AttentionWeights, BlockWeights};
 use crate::error::Result;
 use crate::io::F32Buffer;
-use crate::profile;
 use crate::ops::activation::gelu;
 use crate::ops::cluster_attention::{AttentionInputs, cluster_attention};
 use crate::ops::neighbourhood::Neighbourhood;
 use crate::ops::rel_pos::OffsetTable;
+use crate::profile;
 
 /// What the blocks of a stage share: neighbourhoods and relative offsets.
 #[derive(Debug, Clone, Copy)]
@@ -85,7 +85,9 @@ impl BlockWeights {
         let rows = geo.batch * geo.tokens;
         let normed = profile::timed("layer_norm", || self.norm1.forward(x))?;
         let attended = self.attn.forward(&normed, geo)?;
-        profile::timed("residual", || add_scaled(x, &attended, self.gamma1.as_ref()));
+        profile::timed("residual", || {
+            add_scaled(x, &attended, self.gamma1.as_ref())
+        });
         let normed = profile::timed("layer_norm", || self.norm2.forward(x))?;
         let mut hidden = profile::timed("mlp.fc1", || self.fc1.forward(&normed, rows))?;
         profile::timed("mlp.gelu", || gelu(&mut hidden));

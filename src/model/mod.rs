@@ -140,24 +140,52 @@ impl AutoFocusFormer {
     ///
     /// # Errors
     /// [`Error::Shape`] when `images` is not b×3×H×W.
-    pub fn embed(&self, images: &Tensor, trace: Option<&mut Trace>) -> Result<(Tokens, (usize, usize))> {
+    pub fn embed(
+        &self,
+        images: &Tensor,
+        trace: Option<&mut Trace>,
+    ) -> Result<(Tokens, (usize, usize))> {
         let mut trace = trace;
         let &[b, 3, height, width] = images.shape() else {
-            return Err(Error::shape("forward", "image", "[b, 3, H, W]", images.shape()));
+            return Err(Error::shape(
+                "forward",
+                "image",
+                "[b, 3, H, W]",
+                images.shape(),
+            ));
         };
         if b == 0 || height == 0 || width == 0 {
-            return Err(Error::shape("forward", "image", "non-empty [b, 3, H, W]", images.shape()));
+            return Err(Error::shape(
+                "forward",
+                "image",
+                "non-empty [b, 3, H, W]",
+                images.shape(),
+            ));
         }
         let (feat, grid) = crate::profile::timed("patch_embed", || {
-            self.weights.patch_embed.forward(images.data(), b, (height, width))
+            self.weights
+                .patch_embed
+                .forward(images.data(), b, (height, width))
         })?;
         let (h, w) = grid;
         let pos = crate::ops::clustering::grid_positions(h, w).repeat(b);
         let c = self.config.embed_dim[0];
         let n = h * w;
-        record(&mut trace, || "patch.pos".into(), || f32_tensor(&[b, n, 2], &pos));
-        record(&mut trace, || "patch.feat".into(), || f32_tensor(&[b, n, c], &feat));
-        record(&mut trace, || "patch.hw".into(), || i32_tensor(&[2], [h as i32, w as i32]));
+        record(
+            &mut trace,
+            || "patch.pos".into(),
+            || f32_tensor(&[b, n, 2], &pos),
+        );
+        record(
+            &mut trace,
+            || "patch.feat".into(),
+            || f32_tensor(&[b, n, c], &feat),
+        );
+        record(
+            &mut trace,
+            || "patch.hw".into(),
+            || i32_tensor(&[2], [h as i32, w as i32]),
+        );
         let tokens = Tokens {
             batch: b,
             tokens: n,
@@ -181,12 +209,16 @@ impl AutoFocusFormer {
         let mut results: Vec<StageResult> = Vec::with_capacity(self.config.num_stages());
         for s in 0..self.config.num_stages() {
             let input = results.last().map_or(&tokens, |r| &r.output);
-            record(&mut trace, || format!("stage{s}.in.pos"), || {
-                f32_tensor(&[input.batch, input.tokens, 2], &input.pos)
-            });
-            record(&mut trace, || format!("stage{s}.in.feat"), || {
-                f32_tensor(&[input.batch, input.tokens, input.channels], &input.feat)
-            });
+            record(
+                &mut trace,
+                || format!("stage{s}.in.pos"),
+                || f32_tensor(&[input.batch, input.tokens, 2], &input.pos),
+            );
+            record(
+                &mut trace,
+                || format!("stage{s}.in.feat"),
+                || f32_tensor(&[input.batch, input.tokens, input.channels], &input.feat),
+            );
             let result = self.run_stage(s, input, grid, trace.as_deref_mut())?;
             results.push(result);
         }
@@ -206,7 +238,11 @@ impl AutoFocusFormer {
         let _t = crate::profile::scope("head");
         let (b, n, c) = (tokens.batch, tokens.tokens, tokens.channels);
         let normed = norm.forward(&tokens.feat)?;
-        record(&mut trace, || "final.norm".into(), || f32_tensor(&[b, n, c], &normed));
+        record(
+            &mut trace,
+            || "final.norm".into(),
+            || f32_tensor(&[b, n, c], &normed),
+        );
         let mut pooled = vec![0.0f32; b * c];
         for (img, out) in pooled.chunks_exact_mut(c).enumerate() {
             for row in normed[img * n * c..(img + 1) * n * c].chunks_exact(c) {
@@ -215,7 +251,11 @@ impl AutoFocusFormer {
             out.iter_mut().for_each(|o| *o /= n as f32);
         }
         let logits = head.forward(&pooled, b)?;
-        record(&mut trace, || "logits".into(), || f32_tensor(&[b, head.out_dim], &logits));
+        record(
+            &mut trace,
+            || "logits".into(),
+            || f32_tensor(&[b, head.out_dim], &logits),
+        );
         Tensor::new(vec![b, head.out_dim], logits)
     }
 
@@ -239,7 +279,10 @@ impl AutoFocusFormer {
         }
         let (tokens, grid) = self.embed(images, trace.as_deref_mut())?;
         let results = self.run_stages(tokens, grid, trace.as_deref_mut())?;
-        let last = &results.last().expect("a validated config has stages").output;
+        let last = &results
+            .last()
+            .expect("a validated config has stages")
+            .output;
         self.head(last, trace)
     }
 }

@@ -57,7 +57,12 @@ impl AutoFocusFormer {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a stage index out of range; op errors.
-    pub fn stage_layout(&self, s: usize, tokens: &Tokens, grid: (usize, usize)) -> Result<StageLayout> {
+    pub fn stage_layout(
+        &self,
+        s: usize,
+        tokens: &Tokens,
+        grid: (usize, usize),
+    ) -> Result<StageLayout> {
         let config = self.config();
         if s >= config.num_stages() {
             return Err(Error::InvalidArgument(format!(
@@ -84,13 +89,17 @@ impl AutoFocusFormer {
         let s_c = config.cluster_size;
         let on_grid = n == grid.0 * grid.1 && {
             let full = grid_positions(grid.0, grid.1);
-            tokens.pos.chunks_exact(2 * n).all(|img| img == full.as_slice())
+            tokens
+                .pos
+                .chunks_exact(2 * n)
+                .all(|img| img == full.as_slice())
         };
         let geometry = self.geometry(grid);
         let layout = if on_grid {
             geometry.grid_layout(s_c, nbhd_size)?
         } else {
-            let built = ClusterLayout::build(&tokens.pos, b, n, s_c, nbhd_size, &geometry.offsets, grid)?;
+            let built =
+                ClusterLayout::build(&tokens.pos, b, n, s_c, nbhd_size, &geometry.offsets, grid)?;
             std::sync::Arc::new(built)
         };
         // A cached grid layout holds one image, which every image shares.
@@ -127,10 +136,18 @@ impl AutoFocusFormer {
         record_layout(&mut trace, s, &layout);
 
         let mut feat = profile::timed("reorder", || layout.reorder_feat(&tokens.feat, c));
-        record(&mut trace, || format!("stage{s}.blocks.in"), || f32_tensor(&[b, n, c], &feat));
+        record(
+            &mut trace,
+            || format!("stage{s}.blocks.in"),
+            || f32_tensor(&[b, n, c], &feat),
+        );
         for j in 0..self.weights.stages[s].blocks.len() {
             self.run_block(s, j, &mut feat, &layout)?;
-            record(&mut trace, || format!("stage{s}.block{j}.out"), || f32_tensor(&[b, n, c], &feat));
+            record(
+                &mut trace,
+                || format!("stage{s}.block{j}.out"),
+                || f32_tensor(&[b, n, c], &feat),
+            );
         }
         let before_merge = Tokens {
             batch: b,
@@ -144,10 +161,16 @@ impl AutoFocusFormer {
             None => before_merge.clone(),
         };
         let (n_out, c_out) = (output.tokens, output.channels);
-        record(&mut trace, || format!("stage{s}.out.pos"), || f32_tensor(&[b, n_out, 2], &output.pos));
-        record(&mut trace, || format!("stage{s}.out.feat"), || {
-            f32_tensor(&[b, n_out, c_out], &output.feat)
-        });
+        record(
+            &mut trace,
+            || format!("stage{s}.out.pos"),
+            || f32_tensor(&[b, n_out, 2], &output.pos),
+        );
+        record(
+            &mut trace,
+            || format!("stage{s}.out.feat"),
+            || f32_tensor(&[b, n_out, c_out], &output.feat),
+        );
         Ok(StageResult {
             output,
             before_merge,
@@ -220,7 +243,11 @@ impl AutoFocusFormer {
         .into_iter()
         .map(sigmoid)
         .collect();
-        record(trace, || format!("stage{s}.importance"), || f32_tensor(&[b, n, 1], &importance));
+        record(
+            trace,
+            || format!("stage{s}.importance"),
+            || f32_tensor(&[b, n, 1], &importance),
+        );
 
         let stride = 2usize << s;
         let selection = profile::timed("merge.selection", || {
@@ -235,9 +262,11 @@ impl AutoFocusFormer {
                 config.ds_rate,
             )
         })?;
-        record(trace, || format!("stage{s}.merge.reserve_num"), || {
-            i32_tensor(&[1], [selection.reserve as i32])
-        });
+        record(
+            trace,
+            || format!("stage{s}.merge.reserve_num"),
+            || i32_tensor(&[1], [selection.reserve as i32]),
+        );
 
         // The weight net GELU(LN(Linear(f))) for every offset.
         let _t = profile::scope("merge.weight_table");
@@ -275,10 +304,16 @@ impl AutoFocusFormer {
             pos,
             feat,
         };
-        record(trace, || format!("stage{s}.merge.pos"), || f32_tensor(&[b, kept, 2], &out.pos));
-        record(trace, || format!("stage{s}.merge.feat"), || {
-            f32_tensor(&[b, kept, out.channels], &out.feat)
-        });
+        record(
+            trace,
+            || format!("stage{s}.merge.pos"),
+            || f32_tensor(&[b, kept, 2], &out.pos),
+        );
+        record(
+            trace,
+            || format!("stage{s}.merge.feat"),
+            || f32_tensor(&[b, kept, out.channels], &out.feat),
+        );
         Ok(out)
     }
 }
@@ -287,38 +322,77 @@ impl AutoFocusFormer {
 fn record_layout(trace: &mut Option<&mut Trace>, s: usize, layout: &StageLayout) {
     let (b, n) = (layout.batch, layout.tokens);
     let global = layout.cluster_layout().is_none();
-    record(trace, || format!("stage{s}.global_attn"), || i32_tensor(&[1], [global as i32]));
+    record(
+        trace,
+        || format!("stage{s}.global_attn"),
+        || i32_tensor(&[1], [global as i32]),
+    );
     let Some(cl) = layout.cluster_layout() else {
         return;
     };
     let c = &cl.clustering;
     let (k, cs) = (c.clusters, c.cluster_size);
     let images = if c.batch == 1 { b } else { 1 };
-    let tile = |v: &[u32]| -> Vec<i32> { v.iter().map(|&x| x as i32).collect::<Vec<_>>().repeat(images) };
-    record(trace, || format!("stage{s}.cluster.pos"), || f32_tensor(&[b, n, 2], &layout.pos));
-    record(trace, || format!("stage{s}.cluster.mean_pos"), || {
-        f32_tensor(&[b, k, 2], &c.means.repeat(images))
-    });
-    record(trace, || format!("stage{s}.cluster.reorder"), || i32_tensor(&[b, n], tile(&c.reorder)));
-    record(trace, || format!("stage{s}.cluster.member_idx"), || {
-        let members: Vec<i32> = (0..k * cs).map(|m| if m < n { m as i32 } else { 0 }).collect();
-        i32_tensor(&[b, k, cs], members.repeat(b))
-    });
+    let tile = |v: &[u32]| -> Vec<i32> {
+        v.iter()
+            .map(|&x| x as i32)
+            .collect::<Vec<_>>()
+            .repeat(images)
+    };
+    record(
+        trace,
+        || format!("stage{s}.cluster.pos"),
+        || f32_tensor(&[b, n, 2], &layout.pos),
+    );
+    record(
+        trace,
+        || format!("stage{s}.cluster.mean_pos"),
+        || f32_tensor(&[b, k, 2], &c.means.repeat(images)),
+    );
+    record(
+        trace,
+        || format!("stage{s}.cluster.reorder"),
+        || i32_tensor(&[b, n], tile(&c.reorder)),
+    );
+    record(
+        trace,
+        || format!("stage{s}.cluster.member_idx"),
+        || {
+            let members: Vec<i32> = (0..k * cs)
+                .map(|m| if m < n { m as i32 } else { 0 })
+                .collect();
+            i32_tensor(&[b, k, cs], members.repeat(b))
+        },
+    );
     if c.is_padded() {
-        record(trace, || format!("stage{s}.cluster.mask"), || {
-            let mask: Vec<i32> = (0..k * cs).map(|m| (m < n) as i32).collect();
-            i32_tensor(&[b, k, cs], mask.repeat(b))
-        });
+        record(
+            trace,
+            || format!("stage{s}.cluster.mask"),
+            || {
+                let mask: Vec<i32> = (0..k * cs).map(|m| (m < n) as i32).collect();
+                i32_tensor(&[b, k, cs], mask.repeat(b))
+            },
+        );
     }
-    record(trace, || format!("stage{s}.nearest_clusters"), || {
-        i32_tensor(&[b, n, cl.nnc], tile(&cl.nearest))
-    });
+    record(
+        trace,
+        || format!("stage{s}.nearest_clusters"),
+        || i32_tensor(&[b, n, cl.nnc], tile(&cl.nearest)),
+    );
     let m = cl.nbhd.size;
-    record(trace, || format!("stage{s}.nbhd.idx"), || i32_tensor(&[b, n, m], tile(&cl.nbhd.idx)));
+    record(
+        trace,
+        || format!("stage{s}.nbhd.idx"),
+        || i32_tensor(&[b, n, m], tile(&cl.nbhd.idx)),
+    );
     if let Some(mask) = &cl.nbhd.mask {
-        record(trace, || format!("stage{s}.nbhd.mask"), || {
-            let mask: Vec<i32> = mask.iter().map(|&v| v as i32).collect();
-            i32_tensor(&[b, n, m], mask.repeat(images))
-        });
+        record(
+            trace,
+            || format!("stage{s}.nbhd.mask"),
+            || {
+                let mask: Vec<i32> = mask.iter().map(|&v| v as i32).collect();
+                i32_tensor(&[b, n, m], mask.repeat(images))
+            },
+        );
     }
 }

@@ -12,6 +12,7 @@ use crate::io::{F32Buffer, TensorSource};
 use crate::ops::patch_embed::PatchEmbed;
 use crate::ops::pointconv_merge::INNER_CHANNELS;
 use crate::ops::{BatchNorm, LayerNorm, Linear};
+use crate::tensor::Tensor;
 
 /// Weights of one cluster attention.
 #[derive(Debug, Clone)]
@@ -125,11 +126,28 @@ struct Builder<'a> {
     mode: Mode<'a>,
     expected: BTreeMap<String, Vec<usize>>,
     problems: Vec<TensorProblem>,
+    /// Every parameter built, by name (shares the buffers).
+    built: Vec<(String, F32Buffer)>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    fn new(mode: Mode<'a>) -> Self {
+        Self {
+            mode,
+            expected: BTreeMap::new(),
+            problems: Vec::new(),
+            built: Vec::new(),
+        }
+    }
+
     fn take(&mut self, name: &str, shape: &[usize], init: Init) -> F32Buffer {
+        let value = self.make(name, shape, init);
         self.expected.insert(name.to_string(), shape.to_vec());
+        self.built.push((name.to_string(), value.clone()));
+        value
+    }
+
+    fn make(&mut self, name: &str, shape: &[usize], init: Init) -> F32Buffer {
         let numel: usize = shape.iter().product();
         match &mut self.mode {
             Mode::ShapesOnly => F32Buffer::owned(Vec::new()),
@@ -235,7 +253,10 @@ impl Builder<'_> {
         let stages = (0..config.num_stages())
             .map(|s| self.stage(config, s))
             .collect();
-        let last = *config.embed_dim.last().expect("validated config has stages");
+        let last = *config
+            .embed_dim
+            .last()
+            .expect("validated config has stages");
         let head = match kind {
             ModelKind::Classifier => Head::Classifier {
                 norm: self.layer_norm("norm", last),
@@ -297,7 +318,11 @@ impl Builder<'_> {
                 weight_norm: self
                     .layer_norm(&format!("{p}.downsample.weight_net.1"), INNER_CHANNELS),
                 norm: self.layer_norm(&format!("{p}.downsample.norm"), wide),
-                linear: self.linear(&format!("{p}.downsample.linear"), wide, config.embed_dim[s + 1]),
+                linear: self.linear(
+                    &format!("{p}.downsample.linear"),
+                    wide,
+                    config.embed_dim[s + 1],
+                ),
             }
         });
         StageWeights { blocks, merge }
@@ -311,11 +336,7 @@ fn is_ignorable(name: &str) -> bool {
 
 /// Tensor names and shapes a model of `config` and `kind` has.
 pub fn expected_tensors(config: &AffConfig, kind: ModelKind) -> BTreeMap<String, Vec<usize>> {
-    let mut b = Builder {
-        mode: Mode::ShapesOnly,
-        expected: BTreeMap::new(),
-        problems: Vec::new(),
-    };
+    let mut b = Builder::new(Mode::ShapesOnly);
     b.build(config, kind);
     b.expected
 }
@@ -376,11 +397,7 @@ impl ModelWeights {
         kind: ModelKind,
         prefix: &str,
     ) -> Result<Self> {
-        let mut b = Builder {
-            mode: Mode::Source(source, prefix),
-            expected: BTreeMap::new(),
-            problems: Vec::new(),
-        };
+        let mut b = Builder::new(Mode::Source(source, prefix));
         let weights = b.build(config, kind);
         let mut problems = b.problems;
         for name in source.names() {
@@ -408,12 +425,27 @@ impl ModelWeights {
 
     /// Generates reproducible random parameters for `config` (benchmarks, tests).
     pub fn random(config: &AffConfig, kind: ModelKind, seed: u64) -> Self {
-        let mut b = Builder {
-            mode: Mode::Random(SplitMix64(seed)),
-            expected: BTreeMap::new(),
-            problems: Vec::new(),
-        };
-        b.build(config, kind)
+        Builder::new(Mode::Random(SplitMix64(seed))).build(config, kind)
+    }
+
+    /// The parameters [`random`](Self::random) generates, as named tensors
+    /// under the checkpoint key names (to write a random checkpoint).
+    pub fn random_tensors(
+        config: &AffConfig,
+        kind: ModelKind,
+        seed: u64,
+    ) -> Vec<(String, Tensor<f32>)> {
+        let mut b = Builder::new(Mode::Random(SplitMix64(seed)));
+        b.build(config, kind);
+        let shapes = b.expected;
+        b.built
+            .into_iter()
+            .map(|(name, values)| {
+                let tensor = Tensor::new(shapes[&name].clone(), values.to_vec())
+                    .expect("built to its shape");
+                (name, tensor)
+            })
+            .collect()
     }
 }
 
@@ -438,6 +470,9 @@ mod tests {
         let config = AffConfig::preset("aff_mini").unwrap();
         let a = ModelWeights::random(&config, ModelKind::Classifier, 7);
         let b = ModelWeights::random(&config, ModelKind::Classifier, 7);
-        assert_eq!(&a.stages[1].blocks[0].fc1.weight[..], &b.stages[1].blocks[0].fc1.weight[..]);
+        assert_eq!(
+            &a.stages[1].blocks[0].fc1.weight[..],
+            &b.stages[1].blocks[0].fc1.weight[..]
+        );
     }
 }

@@ -77,24 +77,38 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
     check("blank_k", inp.blank_k.len(), c)?;
     check("blank_v", inp.blank_v.len(), c)?;
     check("bias_rows", inp.bias_rows.len(), b * n * m)?;
-    if h == 0 || inp.bias_table.len() % h != 0 {
-        return Err(Error::shape("cluster_attention", "bias_table", "heads×rows", inp.bias_table.len()));
+    if h == 0 || !inp.bias_table.len().is_multiple_of(h) {
+        return Err(Error::shape(
+            "cluster_attention",
+            "bias_table",
+            "heads×rows",
+            inp.bias_table.len(),
+        ));
     }
     let table_rows = inp.bias_table.len() / h;
     if nbhd.tokens != n || (nbhd.images != 1 && nbhd.images != b) {
-        return Err(Error::shape("cluster_attention", "nbhd", [b, n], [nbhd.images, nbhd.tokens]));
+        return Err(Error::shape(
+            "cluster_attention",
+            "nbhd",
+            [b, n],
+            [nbhd.images, nbhd.tokens],
+        ));
     }
-    if nbhd.idx.iter().any(|&j| j as usize >= n) || inp.bias_rows.iter().any(|&r| r as usize >= table_rows) {
+    if nbhd.idx.iter().any(|&j| j as usize >= n)
+        || inp.bias_rows.iter().any(|&r| r as usize >= table_rows)
+    {
         return Err(Error::InvalidArgument(format!(
             "cluster_attention: neighbour indices must be below n = {n} and bias rows below {table_rows}"
         )));
     }
     let keys_t = transpose_keys(inp.kv, b, n, h, d);
     let mut out = vec![0.0f32; b * n * c];
-    out.par_chunks_mut(c * ROWS_PER_TASK).enumerate().for_each_init(
-        || vec![0.0f32; m + 1],
-        |logits, (task, out)| attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, logits),
-    );
+    out.par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; m + 1],
+            |logits, (task, out)| attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, logits),
+        );
     Ok(out)
 }
 
@@ -102,15 +116,18 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
 fn transpose_keys(kv: &[f32], b: usize, n: usize, h: usize, d: usize) -> Vec<f32> {
     let c = h * d;
     let mut keys_t = vec![0.0f32; b * n * c];
-    keys_t.par_chunks_mut(d * n).enumerate().for_each(|(img_head, dst)| {
-        let (img, t) = (img_head / h, img_head % h);
-        let kv = &kv[img * n * 2 * c..(img + 1) * n * 2 * c];
-        for (j, row) in kv.chunks_exact(2 * c).enumerate() {
-            for (e, &k) in row[t * 2 * d..t * 2 * d + d].iter().enumerate() {
-                dst[e * n + j] = k;
+    keys_t
+        .par_chunks_mut(d * n)
+        .enumerate()
+        .for_each(|(img_head, dst)| {
+            let (img, t) = (img_head / h, img_head % h);
+            let kv = &kv[img * n * 2 * c..(img + 1) * n * 2 * c];
+            for (j, row) in kv.chunks_exact(2 * c).enumerate() {
+                for (e, &k) in row[t * 2 * d..t * 2 * d + d].iter().enumerate() {
+                    dst[e * n + j] = k;
+                }
             }
-        }
-    });
+        });
     keys_t
 }
 
@@ -193,7 +210,12 @@ fn score(q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], logits: &mut [f32]) {
     while slot < nbrs.len() {
         let block = &nbrs[slot..nbrs.len().min(slot + SLOT_BLOCK)];
         let first = block[0] as usize;
-        if block.len() == SLOT_BLOCK && block.iter().enumerate().all(|(u, &j)| j as usize == first + u) {
+        if block.len() == SLOT_BLOCK
+            && block
+                .iter()
+                .enumerate()
+                .all(|(u, &j)| j as usize == first + u)
+        {
             starts[grouped] = first;
             slots[grouped] = slot;
             grouped += 1;
@@ -291,7 +313,11 @@ fn weighted_sum(p: &[f32], nbrs: &[u32], values: &[f32], stride: usize, out: &mu
 mod tests {
     use super::*;
 
-    fn one_token<'a>(nbhd: &'a Neighbourhood, bias: &'a [f32], kv: &'a [f32]) -> AttentionInputs<'a> {
+    fn one_token<'a>(
+        nbhd: &'a Neighbourhood,
+        bias: &'a [f32],
+        kv: &'a [f32],
+    ) -> AttentionInputs<'a> {
         AttentionInputs {
             q: &[1.0],
             kv,
@@ -327,7 +353,10 @@ mod tests {
             ..one_token(&nbhd, &[0.0], &[0.0, 4.0])
         };
         let err = cluster_attention(&inp).unwrap_err().to_string();
-        assert!(err.contains("cluster_attention") && err.contains("`q`"), "{err}");
+        assert!(
+            err.contains("cluster_attention") && err.contains("`q`"),
+            "{err}"
+        );
         let inp = AttentionInputs {
             bias_rows: &[3],
             ..one_token(&nbhd, &[0.0], &[0.0, 4.0])

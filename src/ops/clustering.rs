@@ -94,7 +94,11 @@ impl AnchorGrid {
     /// Position of cell `(ax, ay)` along the snake: even rows run left to
     /// right, odd rows right to left.
     pub fn rank(&self, ax: usize, ay: usize) -> usize {
-        let along = if ay % 2 == 0 { ax } else { self.pw - 1 - ax };
+        let along = if ay.is_multiple_of(2) {
+            ax
+        } else {
+            self.pw - 1 - ax
+        };
         ay * self.pw + along
     }
 

@@ -59,8 +59,7 @@ impl Linear {
             }
             return Ok(());
         }
-        let parallelism = if rows * n * k >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1
-        {
+        let parallelism = if rows * n * k >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
             gemm::Parallelism::Rayon(rayon::current_num_threads())
         } else {
             gemm::Parallelism::None
@@ -111,9 +110,19 @@ mod tests {
 
     #[test]
     fn matches_naive_on_awkward_sizes() {
-        for (rows, k, n) in [(1, 1, 1), (7, 5, 3), (33, 17, 9), (129, 64, 96), (300, 97, 131)] {
-            let x: Vec<f32> = (0..rows * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 89) as f32 - 44.0) / 44.0).collect();
+        for (rows, k, n) in [
+            (1, 1, 1),
+            (7, 5, 3),
+            (33, 17, 9),
+            (129, 64, 96),
+            (300, 97, 131),
+        ] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 89) as f32 - 44.0) / 44.0)
+                .collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
             let lin = Linear {
                 weight: F32Buffer::owned(w.clone()),
@@ -124,7 +133,10 @@ mod tests {
             let got = lin.forward(&x, rows).unwrap();
             let want = naive(&x, rows, &w, &b, k, n);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{rows}×{k}×{n}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{rows}×{k}×{n}: {g} vs {w}"
+                );
             }
         }
     }

@@ -43,7 +43,7 @@ impl Neighbourhood {
     pub fn from_clusters(nearest: &[u32], images: usize, n: usize, nnc: usize, s: usize) -> Self {
         debug_assert_eq!(nearest.len(), images * n * nnc);
         let m = nnc * s;
-        let padded = n % s != 0;
+        let padded = !n.is_multiple_of(s);
         let mut idx = Vec::with_capacity(images * n * m);
         let mut mask = Vec::with_capacity(if padded { images * n * m } else { 0 });
         for &c in nearest {
@@ -103,10 +103,20 @@ pub fn nearest_clusters(
     nnc: usize,
 ) -> Result<Vec<u32>> {
     if pos.len() != batch * n * 2 {
-        return Err(Error::shape("nearest_clusters", "pos", [batch, n, 2], pos.len()));
+        return Err(Error::shape(
+            "nearest_clusters",
+            "pos",
+            [batch, n, 2],
+            pos.len(),
+        ));
     }
     if means.len() != batch * k * 2 {
-        return Err(Error::shape("nearest_clusters", "means", [batch, k, 2], means.len()));
+        return Err(Error::shape(
+            "nearest_clusters",
+            "means",
+            [batch, k, 2],
+            means.len(),
+        ));
     }
     if nnc == 0 || nnc > k {
         return Err(Error::InvalidArgument(format!(
@@ -114,36 +124,34 @@ pub fn nearest_clusters(
         )));
     }
     let mut out = vec![0u32; batch * n * nnc];
-    out.par_chunks_mut(nnc)
-        .enumerate()
-        .for_each_init(
-            || vec![(0.0f64, 0u32); nnc],
-            |best, (row, dst)| {
-                let img = row / n;
-                let p = [pos[2 * row] as f64, pos[2 * row + 1] as f64];
-                let img_means = &means[img * k * 2..(img + 1) * k * 2];
-                let mut filled = 0;
-                for (c, m) in img_means.chunks_exact(2).enumerate() {
-                    let dx = p[0] - m[0] as f64;
-                    let dy = p[1] - m[1] as f64;
-                    let d = dx * dx + dy * dy;
-                    if filled == nnc && d >= best[nnc - 1].0 {
-                        continue;
-                    }
-                    // Insert after every entry at most as far: ties keep the lower index first.
-                    let mut at = filled.min(nnc - 1);
-                    while at > 0 && best[at - 1].0 > d {
-                        best[at] = best[at - 1];
-                        at -= 1;
-                    }
-                    best[at] = (d, c as u32);
-                    filled = (filled + 1).min(nnc);
+    out.par_chunks_mut(nnc).enumerate().for_each_init(
+        || vec![(0.0f64, 0u32); nnc],
+        |best, (row, dst)| {
+            let img = row / n;
+            let p = [pos[2 * row] as f64, pos[2 * row + 1] as f64];
+            let img_means = &means[img * k * 2..(img + 1) * k * 2];
+            let mut filled = 0;
+            for (c, m) in img_means.chunks_exact(2).enumerate() {
+                let dx = p[0] - m[0] as f64;
+                let dy = p[1] - m[1] as f64;
+                let d = dx * dx + dy * dy;
+                if filled == nnc && d >= best[nnc - 1].0 {
+                    continue;
                 }
-                for (o, b) in dst.iter_mut().zip(best.iter()) {
-                    *o = b.1;
+                // Insert after every entry at most as far: ties keep the lower index first.
+                let mut at = filled.min(nnc - 1);
+                while at > 0 && best[at - 1].0 > d {
+                    best[at] = best[at - 1];
+                    at -= 1;
                 }
-            },
-        );
+                best[at] = (d, c as u32);
+                filled = (filled + 1).min(nnc);
+            }
+            for (o, b) in dst.iter_mut().zip(best.iter()) {
+                *o = b.1;
+            }
+        },
+    );
     Ok(out)
 }
 
@@ -175,7 +183,9 @@ mod tests {
 
     #[test]
     fn matches_brute_force_on_a_grid_with_many_ties() {
-        let pos: Vec<f32> = (0..60).flat_map(|t| [(t % 10) as f32, (t / 10) as f32]).collect();
+        let pos: Vec<f32> = (0..60)
+            .flat_map(|t| [(t % 10) as f32, (t / 10) as f32])
+            .collect();
         let means: Vec<f32> = (0..12)
             .flat_map(|c| [(c % 4) as f32 * 2.5, (c / 4) as f32 * 2.0])
             .collect();
@@ -183,7 +193,11 @@ mod tests {
             let got = nearest_clusters(&pos, &means, 1, 60, 12, nnc).unwrap();
             for t in 0..60 {
                 let want = reference([pos[2 * t], pos[2 * t + 1]], &means, nnc);
-                assert_eq!(&got[t * nnc..(t + 1) * nnc], &want[..], "token {t}, nnc {nnc}");
+                assert_eq!(
+                    &got[t * nnc..(t + 1) * nnc],
+                    &want[..],
+                    "token {t}, nnc {nnc}"
+                );
             }
         }
     }

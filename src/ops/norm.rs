@@ -40,8 +40,13 @@ impl LayerNorm {
     /// [`Error::Shape`] when `x` is not a whole number of rows.
     pub fn forward_in_place(&self, x: &mut [f32]) -> Result<()> {
         let c = self.dim();
-        if c == 0 || x.len() % c != 0 || self.bias.len() != c {
-            return Err(Error::shape("layer_norm", "x", format!("rows×{c}"), x.len()));
+        if c == 0 || !x.len().is_multiple_of(c) || self.bias.len() != c {
+            return Err(Error::shape(
+                "layer_norm",
+                "x",
+                format!("rows×{c}"),
+                x.len(),
+            ));
         }
         let (w, b) = (&self.weight[..], &self.bias[..]);
         let rows_per_task = (4096 / c).max(1);
@@ -86,8 +91,13 @@ impl BatchNorm {
     /// [`Error::Shape`] when `x` is not a whole number of pixels.
     pub fn forward_channels_last(&self, x: &mut [f32]) -> Result<()> {
         let c = self.weight.len();
-        if c == 0 || x.len() % c != 0 {
-            return Err(Error::shape("batch_norm", "x", format!("pixels×{c}"), x.len()));
+        if c == 0 || !x.len().is_multiple_of(c) {
+            return Err(Error::shape(
+                "batch_norm",
+                "x",
+                format!("pixels×{c}"),
+                x.len(),
+            ));
         }
         let scale: Vec<f32> = (0..c)
             .map(|i| self.weight[i] / (self.running_var[i] + EPS).sqrt())
@@ -116,7 +126,9 @@ mod tests {
             weight: F32Buffer::owned(vec![1.0; 4]),
             bias: F32Buffer::owned(vec![0.0; 4]),
         };
-        let y = ln.forward(&[1.0, 2.0, 3.0, 4.0, -1.0, -1.0, -1.0, -1.0]).unwrap();
+        let y = ln
+            .forward(&[1.0, 2.0, 3.0, 4.0, -1.0, -1.0, -1.0, -1.0])
+            .unwrap();
         let s = (1.25f32 + 1e-5).sqrt();
         let want = [-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s, 0.0, 0.0, 0.0, 0.0];
         for (a, b) in y.iter().zip(want) {

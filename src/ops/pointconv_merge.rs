@@ -56,7 +56,11 @@ pub fn pointconv_merge(inp: &MergeInputs<'_>) -> Result<Vec<f32>> {
     check("importance", inp.importance.len(), b * n)?;
     check("weight_rows", inp.weight_rows.len(), b * n * inp.nbhd.size)?;
     let table_rows = inp.weight_table.len() / INNER_CHANNELS;
-    check("weight_table", inp.weight_table.len(), table_rows * INNER_CHANNELS)?;
+    check(
+        "weight_table",
+        inp.weight_table.len(),
+        table_rows * INNER_CHANNELS,
+    )?;
     if inp.weight_rows.iter().any(|&r| r as usize >= table_rows) {
         return Err(Error::InvalidArgument(format!(
             "pointconv_merge: weight rows must be below {table_rows}"
@@ -70,7 +74,7 @@ pub fn pointconv_merge(inp: &MergeInputs<'_>) -> Result<Vec<f32>> {
             [inp.nbhd.images, inp.nbhd.tokens],
         ));
     }
-    if inp.centres.len() % b.max(1) != 0 || inp.centres.iter().any(|&i| i as usize >= n) {
+    if !inp.centres.len().is_multiple_of(b.max(1)) || inp.centres.iter().any(|&i| i as usize >= n) {
         return Err(Error::InvalidArgument(
             "pointconv_merge: centres must be b×n' indices below n".into(),
         ));
@@ -90,9 +94,18 @@ pub fn pointconv_merge(inp: &MergeInputs<'_>) -> Result<Vec<f32>> {
 ///
 /// # Errors
 /// [`Error::Shape`] when the layers are not 5 → 4 and LayerNorm(4).
-pub fn weight_net_table(offsets: &OffsetTable, linear: &Linear, norm: &LayerNorm) -> Result<Vec<f32>> {
+pub fn weight_net_table(
+    offsets: &OffsetTable,
+    linear: &Linear,
+    norm: &LayerNorm,
+) -> Result<Vec<f32>> {
     if linear.out_dim != INNER_CHANNELS || norm.dim() != INNER_CHANNELS {
-        return Err(Error::shape("weight_net", "linear", [INNER_CHANNELS, 5], [linear.out_dim, linear.in_dim]));
+        return Err(Error::shape(
+            "weight_net",
+            "linear",
+            [INNER_CHANNELS, 5],
+            [linear.out_dim, linear.in_dim],
+        ));
     }
     let mut table = offsets.apply(linear)?;
     let rows = offsets.len();
@@ -173,7 +186,9 @@ mod tests {
             tokens: 3,
             size: 3,
             idx: vec![0, 1, 0, 0, 1, 0, 0, 1, 0],
-            mask: Some(vec![true, true, false, true, true, false, true, true, false]),
+            mask: Some(vec![
+                true, true, false, true, true, false, true, true, false,
+            ]),
         };
         let offsets = OffsetTable::new(1, 3, None);
         // weight net: inner channel 0 = dx, others 1 (4×offsets).

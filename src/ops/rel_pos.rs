@@ -56,7 +56,10 @@ impl OffsetTable {
         let rows = table.len();
         let mut features = vec![0.0f32; 5 * rows];
         for (r, (dx, dy)) in table.offsets().enumerate() {
-            for (k, f) in rel_pos_features(dx as f32, dy as f32).into_iter().enumerate() {
+            for (k, f) in rel_pos_features(dx as f32, dy as f32)
+                .into_iter()
+                .enumerate()
+            {
                 features[k * rows + r] = f;
             }
         }
@@ -76,15 +79,22 @@ impl OffsetTable {
     /// [`Error::Shape`] when `layer` does not map 5 inputs.
     pub fn apply(&self, layer: &Linear) -> Result<Vec<f32>> {
         if layer.in_dim != 5 || layer.weight.len() != 5 * layer.out_dim {
-            return Err(Error::shape("rel_pos_table", "weight", [layer.out_dim, 5], layer.weight.len()));
+            return Err(Error::shape(
+                "rel_pos_table",
+                "weight",
+                [layer.out_dim, 5],
+                layer.weight.len(),
+            ));
         }
         let rows = self.len();
         let mut out = vec![0.0f32; layer.out_dim * rows];
-        out.par_chunks_mut(rows).enumerate().for_each(|(o, column)| {
-            let w = &layer.weight[o * 5..(o + 1) * 5];
-            let b = layer.bias.as_ref().map_or(0.0, |b| b[o]);
-            linear_column(&self.features, w, b, column);
-        });
+        out.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(o, column)| {
+                let w = &layer.weight[o * 5..(o + 1) * 5];
+                let b = layer.bias.as_ref().map_or(0.0, |b| b[o]);
+                linear_column(&self.features, w, b, column);
+            });
         Ok(out)
     }
 
@@ -127,27 +137,41 @@ impl OffsetTable {
 ///
 /// # Errors
 /// [`Error::Shape`] when `pos` is not b×n×2 or `nbhd` is not over n tokens.
-pub fn neighbour_rows(offsets: &OffsetTable, pos: &[f32], nbhd: &Neighbourhood, batch: usize) -> Result<Vec<u32>> {
+pub fn neighbour_rows(
+    offsets: &OffsetTable,
+    pos: &[f32],
+    nbhd: &Neighbourhood,
+    batch: usize,
+) -> Result<Vec<u32>> {
     let (n, m) = (nbhd.tokens, nbhd.size);
     if pos.len() != batch * n * 2 {
-        return Err(Error::shape("neighbour_rows", "pos", [batch, n, 2], pos.len()));
+        return Err(Error::shape(
+            "neighbour_rows",
+            "pos",
+            [batch, n, 2],
+            pos.len(),
+        ));
     }
     if nbhd.images != 1 && nbhd.images != batch {
         return Err(Error::shape("neighbour_rows", "nbhd", batch, nbhd.images));
     }
     if nbhd.idx.iter().any(|&j| j as usize >= n) {
-        return Err(Error::InvalidArgument(format!("neighbour_rows: neighbour indices must be below n = {n}")));
+        return Err(Error::InvalidArgument(format!(
+            "neighbour_rows: neighbour indices must be below n = {n}"
+        )));
     }
     let mut rows = vec![0u32; batch * n * m];
-    rows.par_chunks_mut(m.max(1)).enumerate().for_each(|(row, out)| {
-        let (img, i) = (row / n, row % n);
-        let pos = &pos[img * n * 2..(img + 1) * n * 2];
-        let here = [pos[2 * i], pos[2 * i + 1]];
-        for (o, &j) in out.iter_mut().zip(nbhd.of(img, i)) {
-            let j = j as usize;
-            *o = offsets.row_between(here, [pos[2 * j], pos[2 * j + 1]]) as u32;
-        }
-    });
+    rows.par_chunks_mut(m.max(1))
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (img, i) = (row / n, row % n);
+            let pos = &pos[img * n * 2..(img + 1) * n * 2];
+            let here = [pos[2 * i], pos[2 * i + 1]];
+            for (o, &j) in out.iter_mut().zip(nbhd.of(img, i)) {
+                let j = j as usize;
+                *o = offsets.row_between(here, [pos[2 * j], pos[2 * j + 1]]) as u32;
+            }
+        });
     Ok(rows)
 }
 
@@ -189,7 +213,9 @@ mod tests {
     fn apply_evaluates_the_layer_on_every_offset() {
         let t = OffsetTable::new(3, 2, None);
         let layer = Linear {
-            weight: crate::io::F32Buffer::owned(vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0]),
+            weight: crate::io::F32Buffer::owned(vec![
+                1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0,
+            ]),
             bias: Some(crate::io::F32Buffer::owned(vec![0.5, -1.0])),
             in_dim: 5,
             out_dim: 2,

@@ -115,16 +115,25 @@ pub fn select_tokens(
     ds_rate: f64,
 ) -> Result<Selection> {
     if pos.len() != batch * n * 2 {
-        return Err(Error::shape("select_tokens", "pos", [batch, n, 2], pos.len()));
+        return Err(Error::shape(
+            "select_tokens",
+            "pos",
+            [batch, n, 2],
+            pos.len(),
+        ));
     }
     if importance.len() != batch * n {
-        return Err(Error::shape("select_tokens", "importance", [batch, n], importance.len()));
+        return Err(Error::shape(
+            "select_tokens",
+            "importance",
+            [batch, n],
+            importance.len(),
+        ));
     }
     let keep = (n as f64 * ds_rate) as usize;
     let coarse = (2 * stride) as u64;
-    let is_reserve = |p: &[f32]| {
-        (p[0] as u64).is_multiple_of(coarse) && (p[1] as u64).is_multiple_of(coarse)
-    };
+    let is_reserve =
+        |p: &[f32]| (p[0] as u64).is_multiple_of(coarse) && (p[1] as u64).is_multiple_of(coarse);
 
     let per_image: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
         .into_par_iter()
@@ -145,7 +154,10 @@ pub fn select_tokens(
 
     let reserve = per_image.first().map_or(0, |(_, r)| r.len());
     let sampled = per_image.first().map_or(0, |(s, _)| s.len());
-    if per_image.iter().any(|(s, r)| r.len() != reserve || s.len() != sampled) {
+    if per_image
+        .iter()
+        .any(|(s, r)| r.len() != reserve || s.len() != sampled)
+    {
         return Err(Error::InvalidArgument(
             "select_tokens: images of one batch must have the same reserve-grid tokens".into(),
         ));
@@ -206,7 +218,9 @@ mod tests {
     #[test]
     fn keeps_reserve_and_exactly_keep_tokens_with_stable_ties() {
         // 4×4 grid at stride 2: reserve = tokens with both coordinates divisible by 4.
-        let pos: Vec<f32> = (0..16).flat_map(|t| [(t % 4) as f32, (t / 4) as f32]).collect();
+        let pos: Vec<f32> = (0..16)
+            .flat_map(|t| [(t % 4) as f32, (t / 4) as f32])
+            .collect();
         let importance = vec![0.5; 16];
         let sel = select_tokens(&pos, &importance, 1, 16, 2, (4, 4), 4.0, 0.25).unwrap();
         assert_eq!((sel.kept, sel.reserve, sel.sampled), (4, 1, 3));
@@ -216,8 +230,17 @@ mod tests {
 
     #[test]
     fn tiny_inputs_keep_only_reserve_tokens() {
-        let sel = select_tokens(&[0.0, 0.0, 1.0, 0.0], &[0.9, 0.1], 1, 2, 2, (1, 2), 4.0, 0.25)
-            .unwrap();
+        let sel = select_tokens(
+            &[0.0, 0.0, 1.0, 0.0],
+            &[0.9, 0.1],
+            1,
+            2,
+            2,
+            (1, 2),
+            4.0,
+            0.25,
+        )
+        .unwrap();
         assert_eq!(sel.order, [0]);
         assert_eq!((sel.kept, sel.sampled), (1, 0));
     }

@@ -30,9 +30,13 @@ pub fn exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // 2^n: the biased exponent n + 127 in the exponent field.
-    let biased = shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
     let scale = f32::from_bits(biased << 23);
     if x_in < -87.0 { 0.0 } else { p * scale }
 }
@@ -89,7 +93,9 @@ pub fn max(v: &[f32]) -> f32 {
             acc[l] = pick(acc[l], c[l]);
         }
     }
-    acc.into_iter().chain(tail.iter().copied()).fold(f32::NEG_INFINITY, pick)
+    acc.into_iter()
+        .chain(tail.iter().copied())
+        .fold(f32::NEG_INFINITY, pick)
 }
 
 /// Sum of squared deviations from `mean`, vectorisable.
@@ -113,7 +119,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; LANES];
     let ca = a.chunks_exact(LANES);
     let cb = b.chunks_exact(LANES);
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..LANES {
             acc[l] += x[l] * y[l];

@@ -32,7 +32,10 @@ pub fn case_dir(case: &str) -> Option<PathBuf> {
         return Some(shared);
     }
     if std::env::var(REQUIRE_SHARED).is_ok_and(|v| v == "1") {
-        panic!("golden case {case} not found in {} and {REQUIRE_SHARED}=1", shared.display());
+        panic!(
+            "golden case {case} not found in {} and {REQUIRE_SHARED}=1",
+            shared.display()
+        );
     }
     eprintln!("SKIPPED: golden case {case} not found (set {REQUIRE_SHARED}=1 to make this fail)");
     None
@@ -96,7 +99,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &Tensor<f32>) {
         .zip(want.data())
         .enumerate()
         .map(|(i, (g, w))| ((g - w).abs(), i))
-        .fold((0.0f32, 0), |a, b| if b.0 > a.0 || b.0.is_nan() { b } else { a });
+        .fold(
+            (0.0f32, 0),
+            |a, b| if b.0 > a.0 || b.0.is_nan() { b } else { a },
+        );
     assert!(
         worst <= 1e-4 * scale,
         "{what}: max |diff| {worst:e} at {at} (got {}, want {}), tolerance {:e}",
@@ -110,6 +116,9 @@ pub fn assert_close(what: &str, got: &[f32], want: &Tensor<f32>) {
 pub fn assert_exact<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
-        panic!("{what}: first difference at {i}: got {:?}, want {:?}", got[i], want[i]);
+        panic!(
+            "{what}: first difference at {i}: got {:?}, want {:?}",
+            got[i], want[i]
+        );
     }
 }

@@ -1,0 +1,297 @@
+//! The `autofocus` command: each subcommand end to end, and its errors as one
+//! readable line with a non-zero exit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use autofocus::io::{SafetensorsFile, write_safetensors};
+use autofocus::{AnyTensor, Tensor};
+
+fn autofocus(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_autofocus"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a failure reported as a single `error: …` line containing `needle`.
+fn assert_error_line(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "unexpected success: {}", stdout(o));
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{err}"
+    );
+}
+
+fn data(name: &str) -> String {
+    common::data_dir().join(name).display().to_string()
+}
+
+fn images() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/images");
+    ["chelsea.png", "coffee.png", "rocket.jpg"]
+        .iter()
+        .map(|f| dir.join(f).display().to_string())
+        .collect()
+}
+
+fn tmp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+#[test]
+fn classify_prints_the_top_classes_of_each_image() {
+    let weights = data("tiny-128.weights.safetensors");
+    let mut args = vec!["classify", "--weights", &weights];
+    let imgs = images();
+    args.extend(imgs.iter().map(String::as_str));
+    let out = autofocus(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for img in &imgs {
+        assert!(text.contains(img.as_str()), "{text}");
+    }
+    assert_eq!(
+        text.lines().filter(|l| l.contains('%')).count(),
+        15,
+        "{text}"
+    );
+
+    args.extend(["--json", "--top", "3"]);
+    let out = autofocus(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let results = json.as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    let top = results[0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 3);
+    let p: Vec<f64> = top
+        .iter()
+        .map(|t| t["probability"].as_f64().unwrap())
+        .collect();
+    assert!(p[0] >= p[1] && p[1] >= p[2] && p[0] <= 1.0);
+}
+
+#[test]
+fn classify_reports_unreadable_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = tmp(&dir, "not-an-image.png");
+    std::fs::write(&fake, b"hello").unwrap();
+    let weights = data("tiny-128.weights.safetensors");
+    let out = autofocus(&["classify", "--weights", &weights, fake.to_str().unwrap()]);
+    assert_error_line(&out, "not-an-image.png");
+}
+
+#[test]
+fn infer_writes_logits_and_stage_outputs_matching_the_golden() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = tmp(&dir, "out.safetensors");
+    let (weights, input) = (
+        data("tiny-128.weights.safetensors"),
+        data("tiny-128.golden.safetensors"),
+    );
+    let out_str = out_path.to_str().unwrap();
+    let args = [
+        "infer",
+        "--weights",
+        &weights,
+        "--input",
+        &input,
+        "--out",
+        out_str,
+        "--stages",
+    ];
+    let out = autofocus(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let case = common::Case::load("tiny-128").unwrap();
+    let written = SafetensorsFile::open(&out_path).unwrap();
+    common::assert_close(
+        "logits",
+        written.tensor_f32("logits").unwrap().data(),
+        &case.f32("logits"),
+    );
+    for s in 0..4 {
+        let key = format!("stage{s}.out.feat");
+        common::assert_close(
+            &key,
+            written.tensor_f32(&key).unwrap().data(),
+            &case.f32(&key),
+        );
+        let key = format!("stage{s}.out.pos");
+        assert_eq!(written.tensor_f32(&key).unwrap(), case.f32(&key), "{key}");
+    }
+    // An existing output is not overwritten without --force, an input never.
+    let before = std::fs::read(&out_path).unwrap();
+    assert_error_line(&autofocus(&args), "--force");
+    assert_eq!(std::fs::read(&out_path).unwrap(), before);
+    let clobber = [
+        "infer",
+        "--weights",
+        &weights,
+        "--input",
+        &input,
+        "--out",
+        &input,
+        "--force",
+    ];
+    assert_error_line(&autofocus(&clobber), "input");
+}
+
+#[test]
+fn infer_names_a_bad_input_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = data("tiny-128.weights.safetensors");
+    let wrong = tmp(&dir, "wrong.safetensors");
+    let image = Tensor::new(vec![2, 64, 64], vec![0.0; 2 * 64 * 64]).unwrap();
+    write_safetensors(
+        &wrong,
+        &[("input.image".into(), AnyTensor::F32(image))],
+        Default::default(),
+    )
+    .unwrap();
+    let out_path = tmp(&dir, "o.safetensors");
+    let out = autofocus(&[
+        "infer",
+        "--weights",
+        &weights,
+        "--input",
+        wrong.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_error_line(&out, "input.image");
+    assert!(!out_path.exists());
+    let other = tmp(&dir, "other.safetensors");
+    let t = Tensor::new(vec![1], vec![0.0]).unwrap();
+    write_safetensors(
+        &other,
+        &[("x".into(), AnyTensor::F32(t))],
+        Default::default(),
+    )
+    .unwrap();
+    let out = autofocus(&[
+        "infer",
+        "--weights",
+        &weights,
+        "--input",
+        other.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_error_line(&out, "input.image");
+}
+
+#[test]
+fn convert_reads_the_pth_and_stores_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = tmp(&dir, "tiny.json");
+    let golden =
+        SafetensorsFile::open(common::data_dir().join("tiny-128.weights.safetensors")).unwrap();
+    std::fs::write(&config_path, golden.metadata("config").unwrap()).unwrap();
+    let converted = tmp(&dir, "tiny.safetensors");
+    let pth = data("tiny-128.pth");
+    let out = autofocus(&[
+        "convert",
+        &pth,
+        converted.to_str().unwrap(),
+        "--config",
+        config_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("optimizer"),
+        "skipped entries reported: {}",
+        stderr(&out)
+    );
+    // No --config needed afterwards; results are the golden ones.
+    let result = tmp(&dir, "logits.safetensors");
+    let input = data("tiny-128.golden.safetensors");
+    let out = autofocus(&[
+        "infer",
+        "--weights",
+        converted.to_str().unwrap(),
+        "--input",
+        &input,
+        "--out",
+        result.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let case = common::Case::load("tiny-128").unwrap();
+    let logits = SafetensorsFile::open(&result)
+        .unwrap()
+        .tensor_f32("logits")
+        .unwrap();
+    common::assert_close("logits after convert", logits.data(), &case.f32("logits"));
+
+    // A config the tensors do not fit is refused before anything is written.
+    let refused = tmp(&dir, "refused.safetensors");
+    let out = autofocus(&[
+        "convert",
+        &pth,
+        refused.to_str().unwrap(),
+        "--config",
+        "aff_mini",
+    ]);
+    assert_error_line(&out, "patch_embed.proj1.weight");
+    assert!(!refused.exists());
+}
+
+#[test]
+fn bench_ends_with_one_json_line() {
+    let config = r#"{"num_classes": 10, "embed_dim": [16, 32, 64, 96], "depths": [1, 1, 2, 1], "num_heads": [1, 2, 4, 8], "mlp_ratio": 2.0, "cluster_size": 8, "nbhd_size": [48, 48, 48, 49], "ds_rate": 0.25, "img_size": 96}"#;
+    let out = autofocus(&[
+        "bench", "--config", config, "--batch", "2", "--iters", "2", "--warmup", "0", "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let last = text.lines().last().unwrap();
+    let json: serde_json::Value = serde_json::from_str(last).unwrap();
+    for key in [
+        "config",
+        "batch",
+        "size",
+        "device",
+        "dtype",
+        "ms_per_batch",
+        "images_per_s",
+    ] {
+        assert!(json.get(key).is_some(), "{key} missing: {last}");
+    }
+    assert_eq!(json["batch"], 2);
+    assert_eq!(json["size"], 96);
+    let out = autofocus(&["bench", "--config", "aff_mini", "--device", "cuda"]);
+    assert_error_line(&out, "cuda");
+}
+
+#[test]
+fn bad_arguments_give_one_line_errors() {
+    let out = autofocus(&[
+        "classify",
+        "--weights",
+        "/nonexistent/w.safetensors",
+        "x.png",
+    ]);
+    assert_error_line(&out, "/nonexistent/w.safetensors");
+    let out = autofocus(&["bench", "--config", "aff_gigantic"]);
+    assert_error_line(&out, "aff_gigantic");
+    for sub in ["infer", "classify", "bench", "convert"] {
+        let out = autofocus(&[sub, "--help"]);
+        assert!(
+            out.status.success() && stdout(&out).contains("Usage"),
+            "{sub} --help"
+        );
+    }
+}
