@@ -174,7 +174,7 @@ fn corrupt_and_truncated_files_are_errors_not_panics() {
         (
             "garbage.safetensors",
             (0..4096u32)
-                .map(|i| ((i * 2654435761u32) >> 24) as u8)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
                 .collect(),
         ),
     ] {
