@@ -169,30 +169,29 @@ fn attend_one(
         let kt = &keys_t[(img * h + t) * d * n..(img * h + t + 1) * d * n];
         let (logits, blank) = scratch.split_at_mut(m);
         score(qt, kt, n, nbrs, logits);
+        // Bias, mask and the running maximum in one pass.
         let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
-        for (l, &row) in logits.iter_mut().zip(rows) {
+        let mut max = f32::NEG_INFINITY;
+        for (slot, (l, &row)) in logits.iter_mut().zip(rows).enumerate() {
             *l += bias[row as usize];
-        }
-        if let Some(mask) = mask {
-            for (l, &valid) in logits.iter_mut().zip(mask) {
-                *l += if valid { 0.0 } else { MASKED_LOGIT };
+            if mask.is_some_and(|mask| !mask[slot]) {
+                *l += MASKED_LOGIT;
             }
+            max = vector_math::max_nan(max, *l);
         }
         blank[0] = vector_math::dot(qt, &inp.blank_k[t * d..(t + 1) * d]);
+        max = vector_math::max_nan(max, blank[0]);
 
-        // Softmax over the neighbours and the blank token.
-        let max = vector_math::max(scratch);
-        for l in scratch.iter_mut() {
-            *l = vector_math::exp(*l - max);
-        }
-        let inv_sum = 1.0 / vector_math::sum(scratch);
-        for l in scratch.iter_mut() {
-            *l *= inv_sum;
-        }
+        // Softmax over the neighbours and the blank token, normalised after
+        // the weighted sum (d multiplies instead of m + 1).
+        let inv_sum = 1.0 / vector_math::exp_sum(scratch, max);
         let ot = &mut out[t * d..(t + 1) * d];
         // Value of token j: kv[j·2c + t·2d + d ..][..d].
         weighted_sum(&scratch[..m], nbrs, &kv[t * 2 * d + d..], 2 * c, ot);
         vector_math::axpy(scratch[m], &inp.blank_v[t * d..(t + 1) * d], ot);
+        for o in ot.iter_mut() {
+            *o *= inv_sum;
+        }
     }
 }
 

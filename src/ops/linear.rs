@@ -1,6 +1,8 @@
 //! Linear layers `y = x·Wᵀ + b` on token rows, backed by the `gemm` crate
 //! (runtime-dispatched AVX2/AVX-512 kernels, rayon-parallel).
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::io::F32Buffer;
 
@@ -15,6 +17,95 @@ pub struct Linear {
 
 /// Below this many multiply-adds a GEMM runs on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// From this many rows on, a GEMM uses gemm's own threading.
+const GEMM_THREADING_MIN_ROWS: usize = 1024;
+
+/// Fewest rows or columns in one thread's part of a GEMM.
+const MIN_PART: usize = 16;
+
+/// An output matrix that parts of one GEMM write concurrently, each its own
+/// columns: a raw pointer, because disjoint column blocks of a row-major
+/// matrix cannot be expressed as disjoint slices.
+#[derive(Clone, Copy)]
+struct OutMatrix {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl OutMatrix {
+    fn new(y: &mut [f32]) -> Self {
+        Self {
+            ptr: y.as_mut_ptr(),
+            len: y.len(),
+        }
+    }
+}
+
+// SAFETY: an `OutMatrix` is only shared between GEMM parts that write
+// disjoint columns (see `Linear::forward_into`), while the slice it was made
+// from is mutably borrowed and so untouched by anyone else.
+unsafe impl Send for OutMatrix {}
+unsafe impl Sync for OutMatrix {}
+
+/// `y[:, cols] (+)= x · W[cols]ᵀ` for `x` rows×k and `y` rows×n, on this thread.
+/// Adds to `y` (holding the bias) when `accumulate`, overwrites it otherwise.
+fn gemm_part(
+    x: &[f32],
+    k: usize,
+    w: &[f32],
+    y: OutMatrix,
+    dims: (usize, usize),
+    cols: std::ops::Range<usize>,
+    accumulate: bool,
+) {
+    gemm_call(x, k, w, y, dims, cols, accumulate, gemm::Parallelism::None);
+}
+
+/// [`gemm_part`] with the given threading.
+#[allow(clippy::too_many_arguments)]
+fn gemm_call(
+    x: &[f32],
+    k: usize,
+    w: &[f32],
+    y: OutMatrix,
+    (rows, n): (usize, usize),
+    cols: std::ops::Range<usize>,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
+    assert!(x.len() >= rows * k && y.len >= rows * n && w.len() >= cols.end * k && cols.end <= n);
+    if rows == 0 || cols.is_empty() {
+        return;
+    }
+    // SAFETY: the assertion above bounds every access: x is rows×k (row
+    // stride k); the rows `cols` of W (n×k) are read as the k×|cols| matrix
+    // Wᵀ (row stride 1, column stride k); y is rows×n (row stride n), of
+    // which columns `cols` are written. x, W and y do not overlap.
+    unsafe {
+        gemm::gemm(
+            rows,
+            cols.len(),
+            k,
+            y.ptr.add(cols.start),
+            1,
+            n as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr().add(cols.start * k),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
 
 impl Linear {
     /// `y = x·Wᵀ + b` for `rows` rows of `x` (rows × in); returns rows × out.
@@ -59,36 +150,34 @@ impl Linear {
             }
             return Ok(());
         }
-        let parallelism = if rows * n * k >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        let threads = rayon::current_num_threads();
+        let read_dst = self.bias.is_some();
+        if rows * n * k < PARALLEL_MIN_MACS || threads == 1 {
+            gemm_part(x, k, &self.weight, OutMatrix::new(y), (rows, n), 0..n, read_dst);
+            return Ok(());
+        }
+        if rows >= GEMM_THREADING_MIN_ROWS {
+            // Tall products: gemm's own threading shares packed weights best.
+            let y = OutMatrix::new(y);
+            gemm_call(x, k, &self.weight, y, (rows, n), 0..n, read_dst, gemm::Parallelism::Rayon(threads));
+        } else if rows >= n {
+            // Skinny products (batch-1 inference): one single-threaded GEMM
+            // per thread over a part of the larger output dimension, measured
+            // faster here than gemm's threading.
+            let part_rows = rows.div_ceil(threads).max(MIN_PART);
+            y.par_chunks_mut(part_rows * n)
+                .zip(x.par_chunks(part_rows * k))
+                .for_each(|(y, x)| {
+                    gemm_part(x, k, &self.weight, OutMatrix::new(y), (x.len() / k, n), 0..n, read_dst)
+                });
         } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: the lengths were checked above: x is rows×k (row stride k),
-        // W is n×k read as its transpose k×n (row stride 1, column stride k),
-        // y is rows×n (row stride n). The three buffers do not overlap.
-        unsafe {
-            gemm::gemm(
-                rows,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                self.bias.is_some(),
-                x.as_ptr(),
-                1,
-                k as isize,
-                self.weight.as_ptr(),
-                k as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
+            let part_cols = n.div_ceil(threads).max(MIN_PART);
+            let columns: Vec<std::ops::Range<usize>> =
+                (0..n).step_by(part_cols).map(|c| c..(c + part_cols).min(n)).collect();
+            let y = OutMatrix::new(y);
+            columns
+                .into_par_iter()
+                .for_each(|cols| gemm_part(x, k, &self.weight, y, (rows, n), cols, read_dst));
         }
         Ok(())
     }

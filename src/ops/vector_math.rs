@@ -80,22 +80,46 @@ pub fn sum(v: &[f32]) -> f32 {
     reduce(acc) + tail.iter().sum::<f32>()
 }
 
+/// The larger of `a` and `x`, NaN if either is (unlike `f32::max`, which
+/// drops NaN).
+#[inline(always)]
+pub fn max_nan(a: f32, x: f32) -> f32 {
+    if x > a || x.is_nan() { x } else { a }
+}
+
 /// Largest element (`-inf` for an empty slice; NaN propagates), vectorisable.
 #[inline(always)]
 pub fn max(v: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = v.chunks_exact(LANES);
     let tail = chunks.remainder();
-    // Not `f32::max`, which drops NaN and does not vectorise as well.
-    let pick = |a: f32, x: f32| if x > a || x.is_nan() { x } else { a };
     for c in chunks {
         for l in 0..LANES {
-            acc[l] = pick(acc[l], c[l]);
+            acc[l] = max_nan(acc[l], c[l]);
         }
     }
     acc.into_iter()
         .chain(tail.iter().copied())
-        .fold(f32::NEG_INFINITY, pick)
+        .fold(f32::NEG_INFINITY, max_nan)
+}
+
+/// Replaces each `v` by `e^(v − shift)` and returns their sum, vectorisable.
+#[inline(always)]
+pub fn exp_sum(v: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = v.chunks_exact_mut(LANES);
+    for c in chunks.by_ref() {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - shift);
+            acc[l] += c[l];
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - shift);
+        tail += *x;
+    }
+    reduce(acc) + tail
 }
 
 /// Sum of squared deviations from `mean`, vectorisable.
@@ -215,6 +239,11 @@ mod tests {
         assert_eq!(max(&v), biggest);
         assert!(max(&[1.0, f32::NAN, 3.0]).is_nan());
         assert_eq!(max(&[]), f32::NEG_INFINITY);
+        let mut e = v.clone();
+        let total = exp_sum(&mut e, 0.5);
+        let want: f64 = v.iter().map(|&x| (x as f64 - 0.5).exp()).sum();
+        assert!((total as f64 - want).abs() < 1e-5 * want);
+        assert!((e[3] as f64 - (v[3] as f64 - 0.5).exp()).abs() < 1e-6);
         let m = (s / 37.0) as f32;
         let q: f64 = v.iter().map(|&x| ((x - m) as f64).powi(2)).sum();
         assert!((sum_sq_dev(&v, m) as f64 - q).abs() < 1e-5);
