@@ -6,7 +6,6 @@ use crate::io::F32Buffer;
 use crate::ops::activation::gelu;
 use crate::ops::cluster_attention::{AttentionInputs, cluster_attention};
 use crate::ops::neighbourhood::Neighbourhood;
-use crate::ops::rel_pos::OffsetTable;
 use crate::profile;
 
 /// What the blocks of a stage share: neighbourhoods and relative offsets.
@@ -15,7 +14,6 @@ pub struct StageGeometry<'a> {
     pub batch: usize,
     pub tokens: usize,
     pub nbhd: &'a Neighbourhood,
-    pub offsets: &'a OffsetTable,
     /// b×n×m offset-table row of every neighbour slot.
     pub bias_rows: &'a [u32],
 }
@@ -25,8 +23,9 @@ impl AttentionWeights {
         self.pos_embed.out_dim
     }
 
-    /// The cluster attention of `y` (b×n×c, already normalised), after `proj`.
-    fn forward(&self, y: &[f32], geo: &StageGeometry<'_>) -> Result<Vec<f32>> {
+    /// The cluster attention of `y` (b×n×c, already normalised), after
+    /// `proj`, with the block's position-bias table (heads×rows).
+    fn forward(&self, y: &[f32], geo: &StageGeometry<'_>, bias_table: &[f32]) -> Result<Vec<f32>> {
         let rows = geo.batch * geo.tokens;
         let c = self.q.out_dim;
         let heads = self.heads();
@@ -40,15 +39,13 @@ impl AttentionWeights {
             }
             (q, self.kv.forward(y, rows)?)
         };
-        // P_t(f) for every offset, heads innermost.
-        let bias_table = profile::timed("attn.bias_table", || geo.offsets.apply(&self.pos_embed))?;
         let _t = profile::scope("attn.cluster_attention");
         let attended = cluster_attention(&AttentionInputs {
             q: &q,
             kv: &kv,
             nbhd: geo.nbhd,
             bias_rows: geo.bias_rows,
-            bias_table: &bias_table,
+            bias_table,
             blank_k: &self.blank_k,
             blank_v: &self.blank_v,
             batch: geo.batch,
@@ -77,14 +74,15 @@ fn add_scaled(x: &mut [f32], delta: &[f32], gamma: Option<&F32Buffer>) {
 }
 
 impl BlockWeights {
-    /// Runs the block on `x` (b×n×c, in the stage's token order) in place.
+    /// Runs the block on `x` (b×n×c, in the stage's token order) in place,
+    /// with its position-bias table (heads×rows, see [`super::tables::bias_table`]).
     ///
     /// # Errors
     /// Shape errors from the ops when `x` or the geometry disagree.
-    pub fn forward(&self, x: &mut [f32], geo: &StageGeometry<'_>) -> Result<()> {
+    pub fn forward(&self, x: &mut [f32], geo: &StageGeometry<'_>, bias_table: &[f32]) -> Result<()> {
         let rows = geo.batch * geo.tokens;
         let normed = profile::timed("layer_norm", || self.norm1.forward(x))?;
-        let attended = self.attn.forward(&normed, geo)?;
+        let attended = self.attn.forward(&normed, geo, bias_table)?;
         profile::timed("residual", || {
             add_scaled(x, &attended, self.gamma1.as_ref())
         });

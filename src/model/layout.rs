@@ -4,6 +4,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::tables::PositionTables;
+use super::weights::ModelWeights;
 use crate::error::Result;
 use crate::ops::clustering::{Clustering, grid_positions, round_half_even, space_filling_cluster};
 use crate::ops::neighbourhood::{Neighbourhood, nearest_clusters};
@@ -124,13 +126,15 @@ impl StageLayout {
 }
 
 /// What depends only on the stage-0 grid `(h, w)`: the relative-offset
-/// table, and stage 0's layout (stage 0 sees the full grid for every image,
-/// so its clustering and neighbourhoods depend on `(h, w)` alone).
+/// table, stage 0's layout (stage 0 sees the full grid for every image, so
+/// its clustering and neighbourhoods depend on `(h, w)` alone), and the
+/// per-offset tables of the owning model's weights.
 #[derive(Debug)]
 pub struct GridGeometry {
     pub grid: (usize, usize),
     pub offsets: OffsetTable,
     stage0: OnceLock<Arc<ClusterLayout>>,
+    tables: OnceLock<Option<PositionTables>>,
 }
 
 impl GridGeometry {
@@ -140,7 +144,16 @@ impl GridGeometry {
             grid,
             offsets: OffsetTable::new(grid.0, grid.1, clamp),
             stage0: OnceLock::new(),
+            tables: OnceLock::new(),
         }
+    }
+
+    /// The model's per-offset tables for this grid, built on first use;
+    /// `None` when too large to keep (see [`PositionTables::build`]).
+    pub fn tables(&self, weights: &ModelWeights) -> Option<&PositionTables> {
+        self.tables
+            .get_or_init(|| PositionTables::build(weights, &self.offsets))
+            .as_ref()
     }
 
     /// The layout of the full grid, built on first use.

@@ -1,14 +1,17 @@
 //! One stage: layout → blocks → (importance, selection, PointConv merge).
 
+use std::borrow::Cow;
+
 use super::AutoFocusFormer;
 use super::block::StageGeometry;
 use super::layout::{Attention, ClusterLayout, StageLayout};
+use super::tables::{bias_table, merge_table};
 use super::trace::{Trace, f32_tensor, i32_tensor, record};
 use crate::error::{Error, Result};
 use crate::ops::activation::sigmoid;
 use crate::ops::clustering::grid_positions;
 use crate::ops::neighbourhood::Neighbourhood;
-use crate::ops::pointconv_merge::{MergeInputs, pointconv_merge, weight_net_table};
+use crate::ops::pointconv_merge::{MergeInputs, pointconv_merge};
 use crate::ops::rel_pos::neighbour_rows;
 use crate::ops::token_selection::select_tokens;
 use crate::profile;
@@ -198,10 +201,16 @@ impl AutoFocusFormer {
             batch: layout.batch,
             tokens: layout.tokens,
             nbhd: layout.nbhd(),
-            offsets: &layout.geometry.offsets,
             bias_rows: &layout.bias_rows,
         };
-        block.forward(feat, &geo)
+        let cached = layout.geometry.tables(&self.weights).map(|t| t.bias[s][j].as_slice());
+        let table = match cached {
+            Some(table) => Cow::Borrowed(table),
+            None => Cow::Owned(profile::timed("attn.bias_table", || {
+                bias_table(block, &layout.geometry.offsets)
+            })?),
+        };
+        block.forward(feat, &geo, &table)
     }
 
     /// Importance, token selection and PointConv merge at the end of stage
@@ -269,9 +278,11 @@ impl AutoFocusFormer {
         );
 
         // The weight net GELU(LN(Linear(f))) for every offset.
-        let _t = profile::scope("merge.weight_table");
-        let weight_table = weight_net_table(offsets, &w.weight_net, &w.weight_norm)?;
-        drop(_t);
+        let cached = layout.geometry.tables(&self.weights).and_then(|t| t.weight_net[s].as_deref());
+        let weight_table = match cached {
+            Some(table) => Cow::Borrowed(table),
+            None => Cow::Owned(profile::timed("merge.weight_table", || merge_table(w, offsets))?),
+        };
         let _t = profile::scope("merge.pointconv");
         let mut merged = pointconv_merge(&MergeInputs {
             feat: &tokens.feat,
