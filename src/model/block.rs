@@ -79,7 +79,12 @@ impl BlockWeights {
     ///
     /// # Errors
     /// Shape errors from the ops when `x` or the geometry disagree.
-    pub fn forward(&self, x: &mut [f32], geo: &StageGeometry<'_>, bias_table: &[f32]) -> Result<()> {
+    pub fn forward(
+        &self,
+        x: &mut [f32],
+        geo: &StageGeometry<'_>,
+        bias_table: &[f32],
+    ) -> Result<()> {
         let rows = geo.batch * geo.tokens;
         let normed = profile::timed("layer_norm", || self.norm1.forward(x))?;
         let attended = self.attn.forward(&normed, geo, bias_table)?;

@@ -203,7 +203,10 @@ impl AutoFocusFormer {
             nbhd: layout.nbhd(),
             bias_rows: &layout.bias_rows,
         };
-        let cached = layout.geometry.tables(&self.weights).map(|t| t.bias[s][j].as_slice());
+        let cached = layout
+            .geometry
+            .tables(&self.weights)
+            .map(|t| t.bias[s][j].as_slice());
         let table = match cached {
             Some(table) => Cow::Borrowed(table),
             None => Cow::Owned(profile::timed("attn.bias_table", || {
@@ -278,10 +281,15 @@ impl AutoFocusFormer {
         );
 
         // The weight net GELU(LN(Linear(f))) for every offset.
-        let cached = layout.geometry.tables(&self.weights).and_then(|t| t.weight_net[s].as_deref());
+        let cached = layout
+            .geometry
+            .tables(&self.weights)
+            .and_then(|t| t.weight_net[s].as_deref());
         let weight_table = match cached {
             Some(table) => Cow::Borrowed(table),
-            None => Cow::Owned(profile::timed("merge.weight_table", || merge_table(w, offsets))?),
+            None => Cow::Owned(profile::timed("merge.weight_table", || {
+                merge_table(w, offsets)
+            })?),
         };
         let _t = profile::scope("merge.pointconv");
         let mut merged = pointconv_merge(&MergeInputs {

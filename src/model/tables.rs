@@ -60,13 +60,23 @@ impl PositionTables {
         let bias = weights
             .stages
             .iter()
-            .map(|st| st.blocks.par_iter().map(|b| bias_table(b, offsets)).collect::<Result<Vec<_>>>())
+            .map(|st| {
+                st.blocks
+                    .par_iter()
+                    .map(|b| bias_table(b, offsets))
+                    .collect::<Result<Vec<_>>>()
+            })
             .collect::<Result<Vec<_>>>()
             .ok()?;
         let weight_net = weights
             .stages
             .iter()
-            .map(|st| st.merge.as_ref().map(|m| merge_table(m, offsets)).transpose())
+            .map(|st| {
+                st.merge
+                    .as_ref()
+                    .map(|m| merge_table(m, offsets))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>>>()
             .ok()?;
         Some(Self { bias, weight_net })

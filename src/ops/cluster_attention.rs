@@ -106,10 +106,20 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
     out.par_chunks_mut(c * ROWS_PER_TASK)
         .enumerate()
         .for_each_init(
-            || vec![0.0f32; m + 1],
-            |logits, (task, out)| attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, logits),
+            || Scratch {
+                logits: vec![0.0f32; m + 1],
+                plan: ScorePlan::default(),
+            },
+            |scratch, (task, out)| attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, scratch),
         );
     Ok(out)
+}
+
+/// Per-task buffers: the logits (+ blank) of one query and head, and the
+/// query's scoring plan.
+struct Scratch {
+    logits: Vec<f32>,
+    plan: ScorePlan,
 }
 
 /// Keys per image and head, dimension-major: `[img][t][e][j] = k_j[t·d + e]`.
@@ -137,12 +147,12 @@ fn attend_rows(
     keys_t: &[f32],
     first_row: usize,
     out: &mut [f32],
-    logits: &mut [f32],
+    scratch: &mut Scratch,
 ) {
     let c = inp.heads * inp.head_dim;
     for (r, o) in out.chunks_exact_mut(c).enumerate() {
         let row = first_row + r;
-        attend_one(inp, keys_t, row / inp.tokens, row % inp.tokens, logits, o);
+        attend_one(inp, keys_t, row / inp.tokens, row % inp.tokens, scratch, o);
     }
 }
 
@@ -152,7 +162,7 @@ fn attend_one(
     keys_t: &[f32],
     img: usize,
     i: usize,
-    scratch: &mut [f32],
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
@@ -164,81 +174,103 @@ fn attend_one(
     let m = nbrs.len();
     let rows = &inp.bias_rows[(img * n + i) * m..(img * n + i + 1) * m];
     let table_rows = inp.bias_table.len() / h;
+    scratch.plan.build(nbrs);
+    let scratch_logits = &mut scratch.logits;
     for t in 0..h {
         let qt = &q[t * d..(t + 1) * d];
         let kt = &keys_t[(img * h + t) * d * n..(img * h + t + 1) * d * n];
-        let (logits, blank) = scratch.split_at_mut(m);
-        score(qt, kt, n, nbrs, logits);
-        // Bias, mask and the running maximum in one pass.
+        let (logits, blank) = scratch_logits.split_at_mut(m);
+        score(&scratch.plan, qt, kt, n, nbrs, logits);
         let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
-        let mut max = f32::NEG_INFINITY;
-        for (slot, (l, &row)) in logits.iter_mut().zip(rows).enumerate() {
-            *l += bias[row as usize];
-            if mask.is_some_and(|mask| !mask[slot]) {
-                *l += MASKED_LOGIT;
+        for (l, &row) in logits.iter_mut().zip(rows) {
+            // SAFETY: `cluster_attention` checked every bias row against the
+            // table's row count; unchecked, this gather vectorises.
+            *l += unsafe { *bias.get_unchecked(row as usize) };
+        }
+        if let Some(mask) = mask {
+            for (l, &valid) in logits.iter_mut().zip(mask) {
+                *l += if valid { 0.0 } else { MASKED_LOGIT };
             }
-            max = vector_math::max_nan(max, *l);
         }
         blank[0] = vector_math::dot(qt, &inp.blank_k[t * d..(t + 1) * d]);
-        max = vector_math::max_nan(max, blank[0]);
+        let max = vector_math::max(scratch_logits);
 
         // Softmax over the neighbours and the blank token, normalised after
         // the weighted sum (d multiplies instead of m + 1).
-        let inv_sum = 1.0 / vector_math::exp_sum(scratch, max);
+        let inv_sum = 1.0 / vector_math::exp_sum(scratch_logits, max);
         let ot = &mut out[t * d..(t + 1) * d];
         // Value of token j: kv[j·2c + t·2d + d ..][..d].
-        weighted_sum(&scratch[..m], nbrs, &kv[t * 2 * d + d..], 2 * c, ot);
-        vector_math::axpy(scratch[m], &inp.blank_v[t * d..(t + 1) * d], ot);
+        weighted_sum(&scratch_logits[..m], nbrs, &kv[t * 2 * d + d..], 2 * c, ot);
+        vector_math::axpy(scratch_logits[m], &inp.blank_v[t * d..(t + 1) * d], ot);
         for o in ot.iter_mut() {
             *o *= inv_sum;
         }
     }
 }
 
-/// `logits[slot] = q · k_{nbrs[slot]}` from dimension-major keys `kt` (d×n).
-///
-/// Blocks of [`SLOT_BLOCK`] contiguous neighbours (a cluster's members) are
-/// scored [`BLOCK_GROUP`] at a time, their sums held in registers across the
-/// key dimensions; other slots (padding, odd sizes) are gathered one by one.
-#[inline(always)]
-fn score(q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], logits: &mut [f32]) {
-    let mut starts = [0usize; BLOCK_GROUP];
-    let mut slots = [0usize; BLOCK_GROUP];
-    let mut grouped = 0;
-    let mut slot = 0;
-    while slot < nbrs.len() {
-        let block = &nbrs[slot..nbrs.len().min(slot + SLOT_BLOCK)];
-        let first = block[0] as usize;
-        if block.len() == SLOT_BLOCK
-            && block
-                .iter()
-                .enumerate()
-                .all(|(u, &j)| j as usize == first + u)
-        {
-            starts[grouped] = first;
-            slots[grouped] = slot;
-            grouped += 1;
-            if grouped == BLOCK_GROUP {
-                score_group(q, kt, n, &starts, &slots, grouped, logits);
-                grouped = 0;
-            }
-        } else {
-            for (u, &j) in block.iter().enumerate() {
-                let mut acc = 0.0f32;
-                for (e, &qe) in q.iter().enumerate() {
-                    acc = qe.mul_add(kt[e * n + j as usize], acc);
+/// How one query's neighbour slots are scored, the same for every head:
+/// blocks of [`SLOT_BLOCK`] contiguous neighbours (a cluster's members) in
+/// groups of [`BLOCK_GROUP`], whose sums stay in registers across the key
+/// dimensions, and the other slots (padding, odd sizes) one by one.
+#[derive(Default)]
+struct ScorePlan {
+    /// (first token of each block, its first slot, blocks used).
+    groups: Vec<([usize; BLOCK_GROUP], [usize; BLOCK_GROUP], usize)>,
+    singles: Vec<usize>,
+}
+
+impl ScorePlan {
+    #[inline(always)]
+    fn build(&mut self, nbrs: &[u32]) {
+        self.groups.clear();
+        self.singles.clear();
+        let mut group = ([0usize; BLOCK_GROUP], [0usize; BLOCK_GROUP], 0usize);
+        let mut slot = 0;
+        while slot < nbrs.len() {
+            let block = &nbrs[slot..nbrs.len().min(slot + SLOT_BLOCK)];
+            let first = block[0] as usize;
+            let contiguous = block.len() == SLOT_BLOCK
+                && block
+                    .iter()
+                    .enumerate()
+                    .all(|(u, &j)| j as usize == first + u);
+            if contiguous {
+                group.0[group.2] = first;
+                group.1[group.2] = slot;
+                group.2 += 1;
+                if group.2 == BLOCK_GROUP {
+                    self.groups.push(group);
+                    group.2 = 0;
                 }
-                logits[slot + u] = acc;
+            } else {
+                self.singles.extend(slot..slot + block.len());
             }
+            slot += block.len();
         }
-        slot += block.len();
+        if group.2 > 0 {
+            // Unused entries score the first block again; their results are dropped.
+            for g in group.2..BLOCK_GROUP {
+                group.0[g] = group.0[0];
+            }
+            self.groups.push(group);
+        }
     }
-    if grouped > 0 {
-        // Unused group entries score block 0 again; their results are dropped.
-        for g in grouped..BLOCK_GROUP {
-            starts[g] = starts[0];
+}
+
+/// `logits[slot] = q · k_{nbrs[slot]}` from dimension-major keys `kt` (d×n),
+/// following `plan`.
+#[inline(always)]
+fn score(plan: &ScorePlan, q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], logits: &mut [f32]) {
+    for (starts, slots, count) in &plan.groups {
+        score_group(q, kt, n, starts, slots, *count, logits);
+    }
+    for &slot in &plan.singles {
+        let j = nbrs[slot] as usize;
+        let mut acc = 0.0f32;
+        for (e, &qe) in q.iter().enumerate() {
+            acc = qe.mul_add(kt[e * n + j], acc);
         }
-        score_group(q, kt, n, &starts, &slots, grouped, logits);
+        logits[slot] = acc;
     }
 }
 

@@ -48,8 +48,7 @@ impl OutMatrix {
 unsafe impl Send for OutMatrix {}
 unsafe impl Sync for OutMatrix {}
 
-/// `y[:, cols] (+)= x · W[cols]ᵀ` for `x` rows×k and `y` rows×n, on this thread.
-/// Adds to `y` (holding the bias) when `accumulate`, overwrites it otherwise.
+/// `y[:, cols] += x · W[cols]ᵀ` for `x` rows×k and `y` rows×n, on this thread.
 fn gemm_part(
     x: &[f32],
     k: usize,
@@ -57,13 +56,11 @@ fn gemm_part(
     y: OutMatrix,
     dims: (usize, usize),
     cols: std::ops::Range<usize>,
-    accumulate: bool,
 ) {
-    gemm_call(x, k, w, y, dims, cols, accumulate, gemm::Parallelism::None);
+    gemm_call(x, k, w, y, dims, cols, gemm::Parallelism::None);
 }
 
 /// [`gemm_part`] with the given threading.
-#[allow(clippy::too_many_arguments)]
 fn gemm_call(
     x: &[f32],
     k: usize,
@@ -71,7 +68,6 @@ fn gemm_call(
     y: OutMatrix,
     (rows, n): (usize, usize),
     cols: std::ops::Range<usize>,
-    accumulate: bool,
     parallelism: gemm::Parallelism,
 ) {
     assert!(x.len() >= rows * k && y.len >= rows * n && w.len() >= cols.end * k && cols.end <= n);
@@ -90,7 +86,7 @@ fn gemm_call(
             y.ptr.add(cols.start),
             1,
             n as isize,
-            accumulate,
+            true,
             x.as_ptr(),
             1,
             k as isize,
@@ -113,8 +109,13 @@ impl Linear {
     /// # Errors
     /// [`Error::Shape`] when `x` is not rows × in.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut y = vec![0.0f32; rows * self.out_dim];
-        self.forward_into(x, rows, &mut y)?;
+        self.check(x, rows, rows * self.out_dim)?;
+        // Start from the bias rows rather than zeros: one pass fewer.
+        let mut y = match &self.bias {
+            Some(b) => b.repeat(rows),
+            None => vec![0.0f32; rows * self.out_dim],
+        };
+        self.accumulate(x, rows, &mut y);
         Ok(y)
     }
 
@@ -123,43 +124,57 @@ impl Linear {
     /// # Errors
     /// [`Error::Shape`] when `x` or `y` has the wrong length.
     pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        self.check(x, rows, y.len())?;
+        match &self.bias {
+            Some(b) => y
+                .chunks_exact_mut(self.out_dim)
+                .for_each(|row| row.copy_from_slice(b)),
+            None => y.fill(0.0),
+        }
+        self.accumulate(x, rows, y);
+        Ok(())
+    }
+
+    fn check(&self, x: &[f32], rows: usize, y_len: usize) -> Result<()> {
         let (k, n) = (self.in_dim, self.out_dim);
         if x.len() != rows * k {
             return Err(Error::shape("linear", "x", [rows, k], x.len()));
         }
-        if y.len() != rows * n {
-            return Err(Error::shape("linear", "y", [rows, n], y.len()));
+        if y_len != rows * n {
+            return Err(Error::shape("linear", "y", [rows, n], y_len));
         }
         if self.weight.len() != n * k {
             return Err(Error::shape("linear", "weight", [n, k], self.weight.len()));
         }
-        if let Some(b) = &self.bias {
-            if b.len() != n {
-                return Err(Error::shape("linear", "bias", [n], b.len()));
-            }
-            for row in y.chunks_exact_mut(n) {
-                row.copy_from_slice(b);
-            }
+        if let Some(b) = self.bias.as_ref().filter(|b| b.len() != n) {
+            return Err(Error::shape("linear", "bias", [n], b.len()));
         }
-        if rows == 0 || n == 0 {
-            return Ok(());
-        }
-        if k == 0 {
-            if self.bias.is_none() {
-                y.fill(0.0);
-            }
-            return Ok(());
+        Ok(())
+    }
+
+    /// `y += x·Wᵀ` (shapes checked by the caller).
+    fn accumulate(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let (k, n) = (self.in_dim, self.out_dim);
+        if rows == 0 || n == 0 || k == 0 {
+            return;
         }
         let threads = rayon::current_num_threads();
-        let read_dst = self.bias.is_some();
         if rows * n * k < PARALLEL_MIN_MACS || threads == 1 {
-            gemm_part(x, k, &self.weight, OutMatrix::new(y), (rows, n), 0..n, read_dst);
-            return Ok(());
+            gemm_part(x, k, &self.weight, OutMatrix::new(y), (rows, n), 0..n);
+            return;
         }
         if rows >= GEMM_THREADING_MIN_ROWS {
             // Tall products: gemm's own threading shares packed weights best.
             let y = OutMatrix::new(y);
-            gemm_call(x, k, &self.weight, y, (rows, n), 0..n, read_dst, gemm::Parallelism::Rayon(threads));
+            gemm_call(
+                x,
+                k,
+                &self.weight,
+                y,
+                (rows, n),
+                0..n,
+                gemm::Parallelism::Rayon(threads),
+            );
         } else if rows >= n {
             // Skinny products (batch-1 inference): one single-threaded GEMM
             // per thread over a part of the larger output dimension, measured
@@ -168,18 +183,26 @@ impl Linear {
             y.par_chunks_mut(part_rows * n)
                 .zip(x.par_chunks(part_rows * k))
                 .for_each(|(y, x)| {
-                    gemm_part(x, k, &self.weight, OutMatrix::new(y), (x.len() / k, n), 0..n, read_dst)
+                    gemm_part(
+                        x,
+                        k,
+                        &self.weight,
+                        OutMatrix::new(y),
+                        (x.len() / k, n),
+                        0..n,
+                    )
                 });
         } else {
             let part_cols = n.div_ceil(threads).max(MIN_PART);
-            let columns: Vec<std::ops::Range<usize>> =
-                (0..n).step_by(part_cols).map(|c| c..(c + part_cols).min(n)).collect();
+            let columns: Vec<std::ops::Range<usize>> = (0..n)
+                .step_by(part_cols)
+                .map(|c| c..(c + part_cols).min(n))
+                .collect();
             let y = OutMatrix::new(y);
             columns
                 .into_par_iter()
-                .for_each(|cols| gemm_part(x, k, &self.weight, y, (rows, n), cols, read_dst));
+                .for_each(|cols| gemm_part(x, k, &self.weight, y, (rows, n), cols));
         }
-        Ok(())
     }
 }
 

@@ -1,6 +1,8 @@
 //! Patch embedding (spec §2): conv3×3/2 → BatchNorm → GELU → conv3×3/2 →
 //! tokens (row-major) → LayerNorm. Convolutions run as im2col + GEMM.
 
+use rayon::prelude::*;
+
 use super::activation::gelu;
 use super::linear::Linear;
 use super::norm::{BatchNorm, LayerNorm};
@@ -22,19 +24,23 @@ pub struct PatchEmbed {
     pub norm: LayerNorm,
 }
 
-/// im2col of a 3×3/2/1 convolution. `at(ci, y, x)` reads the input (zero
-/// outside); returns `oh·ow × ci·9` patches in PyTorch's weight order.
+/// im2col of a 3×3/2/1 convolution over an input whose channel `ci` at
+/// `(y, x)` is `input[ci·channel_stride + (y·iw + x)·pixel_stride]` (zero
+/// outside): returns `oh·ow × ci·9` patches in PyTorch's weight order
+/// `(ci, ky, kx)`. Output rows are filled in parallel.
 fn im2col(
+    input: &[f32],
     channels: usize,
     (ih, iw): (usize, usize),
-    at: impl Fn(usize, usize, usize) -> f32,
+    (channel_stride, pixel_stride): (usize, usize),
 ) -> Vec<f32> {
     let (oh, ow) = (conv_out(ih), conv_out(iw));
-    let mut cols = vec![0.0f32; oh * ow * channels * 9];
-    for oy in 0..oh {
-        for ox in 0..ow {
-            let patch = &mut cols[(oy * ow + ox) * channels * 9..][..channels * 9];
-            for ci in 0..channels {
+    let width = channels * 9;
+    let mut cols = vec![0.0f32; oh * ow * width];
+    cols.par_chunks_mut(ow * width)
+        .enumerate()
+        .for_each(|(oy, row)| {
+            for (ox, patch) in row.chunks_exact_mut(width).enumerate() {
                 for ky in 0..3 {
                     let y = (2 * oy + ky).wrapping_sub(1);
                     if y >= ih {
@@ -42,14 +48,17 @@ fn im2col(
                     }
                     for kx in 0..3 {
                         let x = (2 * ox + kx).wrapping_sub(1);
-                        if x < iw {
-                            patch[ci * 9 + ky * 3 + kx] = at(ci, y, x);
+                        if x >= iw {
+                            continue;
+                        }
+                        let pixel = (y * iw + x) * pixel_stride;
+                        for ci in 0..channels {
+                            patch[ci * 9 + ky * 3 + kx] = input[ci * channel_stride + pixel];
                         }
                     }
                 }
             }
-        }
-    }
+        });
     cols
 }
 
@@ -79,13 +88,12 @@ impl PatchEmbed {
         let dim = self.proj2.out_dim;
         let mut tokens = Vec::with_capacity(batch * h2 * w2 * dim);
         for img in image.chunks_exact(3 * height * width) {
-            let cols = im2col(3, (height, width), |c, y, x| {
-                img[(c * height + y) * width + x]
-            });
+            // The image is channel-major; the hidden map channels-last.
+            let cols = im2col(img, 3, (height, width), (height * width, 1));
             let mut hidden = self.proj1.forward(&cols, h1 * w1)?; // h1·w1 × mid, channels last
             self.bn.forward_channels_last(&mut hidden)?;
             gelu(&mut hidden);
-            let cols = im2col(mid, (h1, w1), |c, y, x| hidden[(y * w1 + x) * mid + c]);
+            let cols = im2col(&hidden, mid, (h1, w1), (1, mid));
             tokens.extend(self.proj2.forward(&cols, h2 * w2)?);
         }
         self.norm.forward_in_place(&mut tokens)?;

@@ -126,6 +126,7 @@ fn merge_rows(inp: &MergeInputs<'_>, first_row: usize, kept: usize, out: &mut [f
     }
 }
 
+/// Accumulates centre `i`'s merged features into `u` (zeroed by the caller).
 #[inline(always)]
 fn merge_one(inp: &MergeInputs<'_>, img: usize, i: usize, u: &mut [f32]) {
     let (n, c) = (inp.tokens, inp.channels);
@@ -136,7 +137,6 @@ fn merge_one(inp: &MergeInputs<'_>, img: usize, i: usize, u: &mut [f32]) {
     let m = nbrs.len();
     let rows = &inp.weight_rows[(img * n + i) * m..(img * n + i + 1) * m];
     let mask = inp.nbhd.mask_of(img, i);
-    u.fill(0.0);
     for (slot, &j) in nbrs.iter().enumerate() {
         let j = j as usize;
         let valid = mask.is_none_or(|m| m[slot]);
