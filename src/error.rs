@@ -133,6 +133,28 @@ fn weights_message(path: &Path, problems: &[TensorProblem], fitting: &[String]) 
     msg
 }
 
+/// Checks that buffer `tensor` of `op` holds the elements of `shape`.
+///
+/// # Errors
+/// [`Error::Shape`] naming the op, the tensor, the shape and the length found.
+pub fn check_len(
+    op: &'static str,
+    tensor: &'static str,
+    shape: &[usize],
+    len: usize,
+) -> Result<()> {
+    if shape.iter().product::<usize>() == len {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            op,
+            tensor,
+            expected: format!("{shape:?}"),
+            found: format!("{len} elements"),
+        })
+    }
+}
+
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

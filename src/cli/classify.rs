@@ -14,12 +14,8 @@ const IMAGENET_CLASSES: &str = include_str!("../../data/imagenet_classes.txt");
 /// Arguments of `autofocus classify`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Weights: safetensors (or a .pth checkpoint).
-    #[arg(long)]
-    weights: PathBuf,
-    /// Preset name, JSON, or JSON file; default: the weights' `config` metadata.
-    #[arg(long)]
-    config: Option<String>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     /// PNG or JPEG files.
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -36,9 +32,6 @@ pub struct Args {
     /// (default: crop, except for 384-pixel models, as published).
     #[arg(long)]
     no_crop: bool,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,8 +82,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch == 0 {
         return Err(Error::InvalidArgument("--batch must be at least 1".into()));
     }
-    super::set_threads(args.threads)?;
-    let model = super::load_model(&args.weights, args.config.as_deref())?;
+    let model = args.model.load()?;
     let mut pre = Preprocess::for_config(model.config());
     if args.no_crop {
         pre.crop = false;

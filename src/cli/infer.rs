@@ -9,12 +9,8 @@ use autofocus::{Error, Result, Trace, TraceLevel};
 /// Arguments of `autofocus infer`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Weights: safetensors (or a .pth checkpoint).
-    #[arg(long)]
-    weights: PathBuf,
-    /// Preset name, JSON, or JSON file; default: the weights' `config` metadata.
-    #[arg(long)]
-    config: Option<String>,
+    #[command(flatten)]
+    model: super::ModelArgs,
     /// safetensors file holding `input.image`, b×3×H×W f32, already normalised.
     #[arg(long)]
     input: PathBuf,
@@ -24,19 +20,15 @@ pub struct Args {
     /// Also write each stage's `stage{s}.out.pos` and `stage{s}.out.feat`.
     #[arg(long)]
     stages: bool,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
     /// Overwrite `--out` if it exists.
     #[arg(long)]
     force: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    super::check_output(&args.out, &[&args.weights, &args.input], args.force)?;
+    super::check_output(&args.out, &[&args.model.weights, &args.input], args.force)?;
     super::check_output_dir(&args.out)?;
-    super::set_threads(args.threads)?;
-    let model = super::load_model(&args.weights, args.config.as_deref())?;
+    let model = args.model.load()?;
     let input = SafetensorsFile::open(&args.input)?;
     let image = input.tensor_f32("input.image")?;
     if image.shape().len() != 4 || image.shape()[1] != 3 {

@@ -41,6 +41,30 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Which model to load, and with how many threads to run it (shared by the
+/// commands that run a checkpoint).
+#[derive(Debug, clap::Args)]
+struct ModelArgs {
+    /// Weights: safetensors (or a .pth checkpoint).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Preset name, JSON, or JSON file; default: the weights' `config` metadata.
+    #[arg(long)]
+    config: Option<String>,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl ModelArgs {
+    /// Sets the thread count, then loads the model.
+    fn load(&self) -> Result<AutoFocusFormer> {
+        set_threads(self.threads)?;
+        let config = self.config.as_deref().map(AffConfig::resolve).transpose()?;
+        AutoFocusFormer::load(&self.weights, config)
+    }
+}
+
 /// Uses `threads` rayon workers for everything that follows (0: one per core).
 fn set_threads(threads: usize) -> Result<()> {
     if threads == 0 {
@@ -50,12 +74,6 @@ fn set_threads(threads: usize) -> Result<()> {
         .num_threads(threads)
         .build_global()
         .map_err(|e| Error::InvalidArgument(format!("--threads {threads}: {e}")))
-}
-
-/// Loads a model, with `--config` (preset, JSON, or JSON file) when given.
-fn load_model(weights: &Path, config: Option<&str>) -> Result<AutoFocusFormer> {
-    let config = config.map(AffConfig::resolve).transpose()?;
-    AutoFocusFormer::load(weights, config)
 }
 
 /// Refuses to write `out` when it exists (unless `force`) or when it is one

@@ -7,7 +7,7 @@ use super::block::StageGeometry;
 use super::layout::{Attention, ClusterLayout, StageLayout};
 use super::tables::{bias_table, merge_table};
 use super::trace::{Trace, f32_tensor, i32_tensor, record};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 use crate::ops::activation::sigmoid;
 use crate::ops::clustering::grid_positions;
 use crate::ops::neighbourhood::Neighbourhood;
@@ -35,13 +35,8 @@ impl Tokens {
     /// [`Error::Shape`] naming the buffer that does not.
     pub fn validate(&self) -> Result<()> {
         let (b, n, c) = (self.batch, self.tokens, self.channels);
-        if self.pos.len() != b * n * 2 {
-            return Err(Error::shape("tokens", "pos", [b, n, 2], self.pos.len()));
-        }
-        if self.feat.len() != b * n * c {
-            return Err(Error::shape("tokens", "feat", [b, n, c], self.feat.len()));
-        }
-        Ok(())
+        check_len("tokens", "pos", &[b, n, 2], self.pos.len())?;
+        check_len("tokens", "feat", &[b, n, c], self.feat.len())
     }
 }
 

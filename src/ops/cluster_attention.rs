@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::neighbourhood::Neighbourhood;
 use super::vector_math;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 
 /// Logit added to padded neighbourhood slots (added, not −∞, as published).
 pub const MASKED_LOGIT: f32 = -100.0;
@@ -65,40 +65,25 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
     let c = h * d;
     let nbhd = inp.nbhd;
     let m = nbhd.size;
-    let check = |tensor: &'static str, len: usize, want: usize| {
-        if len == want {
-            Ok(())
-        } else {
-            Err(Error::shape("cluster_attention", tensor, want, len))
-        }
-    };
-    check("q", inp.q.len(), b * n * c)?;
-    check("kv", inp.kv.len(), b * n * 2 * c)?;
-    check("blank_k", inp.blank_k.len(), c)?;
-    check("blank_v", inp.blank_v.len(), c)?;
-    check("bias_rows", inp.bias_rows.len(), b * n * m)?;
+    const OP: &str = "cluster_attention";
+    check_len(OP, "q", &[b, n, c], inp.q.len())?;
+    check_len(OP, "kv", &[b, n, 2 * c], inp.kv.len())?;
+    check_len(OP, "blank_k", &[c], inp.blank_k.len())?;
+    check_len(OP, "blank_v", &[c], inp.blank_v.len())?;
+    check_len(OP, "bias_rows", &[b, n, m], inp.bias_rows.len())?;
+    nbhd.check(OP, b, n)?;
     if h == 0 || !inp.bias_table.len().is_multiple_of(h) {
         return Err(Error::shape(
-            "cluster_attention",
+            OP,
             "bias_table",
             "heads×rows",
             inp.bias_table.len(),
         ));
     }
     let table_rows = inp.bias_table.len() / h;
-    if nbhd.tokens != n || (nbhd.images != 1 && nbhd.images != b) {
-        return Err(Error::shape(
-            "cluster_attention",
-            "nbhd",
-            [b, n],
-            [nbhd.images, nbhd.tokens],
-        ));
-    }
-    if nbhd.idx.iter().any(|&j| j as usize >= n)
-        || inp.bias_rows.iter().any(|&r| r as usize >= table_rows)
-    {
+    if inp.bias_rows.iter().any(|&r| r as usize >= table_rows) {
         return Err(Error::InvalidArgument(format!(
-            "cluster_attention: neighbour indices must be below n = {n} and bias rows below {table_rows}"
+            "{OP}: bias rows must be below the table's {table_rows}"
         )));
     }
     let keys_t = transpose_keys(inp.kv, b, n, h, d);

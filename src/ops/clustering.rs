@@ -6,7 +6,7 @@
 //! The keys are computed in f32 with every operation rounded as the published
 //! model rounds it and sorted stably, so the clusters match it bit for bit.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 
 /// The clustering of a batch of token sets.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,14 +190,7 @@ pub fn space_filling_cluster(
     grid: (usize, usize),
 ) -> Result<Clustering> {
     let (h, w) = grid;
-    if pos.len() != batch * n * 2 {
-        return Err(Error::shape(
-            "space_filling_cluster",
-            "pos",
-            [batch, n, 2],
-            pos.len(),
-        ));
-    }
+    check_len("space_filling_cluster", "pos", &[batch, n, 2], pos.len())?;
     if cluster_size == 0 || h == 0 || w == 0 || n == 0 {
         return Err(Error::InvalidArgument(format!(
             "space_filling_cluster: needs s > 0, a non-empty grid and tokens (s = {cluster_size}, grid {h}×{w}, n = {n})"

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Result, check_len};
 use crate::io::F32Buffer;
 
 /// A linear layer with weight `out × in` (PyTorch layout) and optional bias.
@@ -137,17 +137,11 @@ impl Linear {
 
     fn check(&self, x: &[f32], rows: usize, y_len: usize) -> Result<()> {
         let (k, n) = (self.in_dim, self.out_dim);
-        if x.len() != rows * k {
-            return Err(Error::shape("linear", "x", [rows, k], x.len()));
-        }
-        if y_len != rows * n {
-            return Err(Error::shape("linear", "y", [rows, n], y_len));
-        }
-        if self.weight.len() != n * k {
-            return Err(Error::shape("linear", "weight", [n, k], self.weight.len()));
-        }
-        if let Some(b) = self.bias.as_ref().filter(|b| b.len() != n) {
-            return Err(Error::shape("linear", "bias", [n], b.len()));
+        check_len("linear", "x", &[rows, k], x.len())?;
+        check_len("linear", "y", &[rows, n], y_len)?;
+        check_len("linear", "weight", &[n, k], self.weight.len())?;
+        if let Some(b) = &self.bias {
+            check_len("linear", "bias", &[n], b.len())?;
         }
         Ok(())
     }

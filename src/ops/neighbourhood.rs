@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 
 /// Who each token attends to: `m` neighbour indices per token, with a
 /// validity mask when padded cluster slots are among them.
@@ -65,6 +65,32 @@ impl Neighbourhood {
         }
     }
 
+    /// Checks that these neighbourhoods fit `batch` images of `n` tokens
+    /// and index only those tokens.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] or [`Error::InvalidArgument`] naming `op`.
+    pub fn check(&self, op: &'static str, batch: usize, n: usize) -> Result<()> {
+        if self.tokens != n || (self.images != 1 && self.images != batch) {
+            return Err(Error::shape(
+                op,
+                "nbhd",
+                [batch, n],
+                [self.images, self.tokens],
+            ));
+        }
+        check_len(op, "nbhd.idx", &[self.images, n, self.size], self.idx.len())?;
+        if let Some(mask) = &self.mask {
+            check_len(op, "nbhd.mask", &[self.images, n, self.size], mask.len())?;
+        }
+        if self.idx.iter().any(|&j| j as usize >= n) {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: neighbour indices must be below n = {n}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The neighbour indices of token `i` of image `img`.
     #[inline]
     pub fn of(&self, img: usize, i: usize) -> &[u32] {
@@ -102,22 +128,8 @@ pub fn nearest_clusters(
     k: usize,
     nnc: usize,
 ) -> Result<Vec<u32>> {
-    if pos.len() != batch * n * 2 {
-        return Err(Error::shape(
-            "nearest_clusters",
-            "pos",
-            [batch, n, 2],
-            pos.len(),
-        ));
-    }
-    if means.len() != batch * k * 2 {
-        return Err(Error::shape(
-            "nearest_clusters",
-            "means",
-            [batch, k, 2],
-            means.len(),
-        ));
-    }
+    check_len("nearest_clusters", "pos", &[batch, n, 2], pos.len())?;
+    check_len("nearest_clusters", "means", &[batch, k, 2], means.len())?;
     if nnc == 0 || nnc > k {
         return Err(Error::InvalidArgument(format!(
             "nearest_clusters: nnc = {nnc} must be in 1..={k}"

@@ -13,7 +13,7 @@ use super::neighbourhood::Neighbourhood;
 use super::norm::{EPS, LayerNorm};
 use super::rel_pos::OffsetTable;
 use super::vector_math;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 
 /// Inner channels of the PointConv weight net.
 pub const INNER_CHANNELS: usize = 4;
@@ -45,39 +45,32 @@ pub struct MergeInputs<'a> {
 /// [`Error::Shape`] when the inputs disagree.
 pub fn pointconv_merge(inp: &MergeInputs<'_>) -> Result<Vec<f32>> {
     let (b, n, c) = (inp.batch, inp.tokens, inp.channels);
-    let check = |tensor: &'static str, len: usize, want: usize| {
-        if len == want {
-            Ok(())
-        } else {
-            Err(Error::shape("pointconv_merge", tensor, want, len))
-        }
-    };
-    check("feat", inp.feat.len(), b * n * c)?;
-    check("importance", inp.importance.len(), b * n)?;
-    check("weight_rows", inp.weight_rows.len(), b * n * inp.nbhd.size)?;
+    const OP: &str = "pointconv_merge";
+    check_len(OP, "feat", &[b, n, c], inp.feat.len())?;
+    check_len(OP, "importance", &[b, n], inp.importance.len())?;
+    check_len(
+        OP,
+        "weight_rows",
+        &[b, n, inp.nbhd.size],
+        inp.weight_rows.len(),
+    )?;
+    inp.nbhd.check(OP, b, n)?;
     let table_rows = inp.weight_table.len() / INNER_CHANNELS;
-    check(
+    check_len(
+        OP,
         "weight_table",
+        &[INNER_CHANNELS, table_rows],
         inp.weight_table.len(),
-        table_rows * INNER_CHANNELS,
     )?;
     if inp.weight_rows.iter().any(|&r| r as usize >= table_rows) {
         return Err(Error::InvalidArgument(format!(
-            "pointconv_merge: weight rows must be below {table_rows}"
+            "{OP}: weight rows must be below the table's {table_rows}"
         )));
     }
-    if inp.nbhd.tokens != n || (inp.nbhd.images != 1 && inp.nbhd.images != b) {
-        return Err(Error::shape(
-            "pointconv_merge",
-            "nbhd",
-            [b, n],
-            [inp.nbhd.images, inp.nbhd.tokens],
-        ));
-    }
     if !inp.centres.len().is_multiple_of(b.max(1)) || inp.centres.iter().any(|&i| i as usize >= n) {
-        return Err(Error::InvalidArgument(
-            "pointconv_merge: centres must be b×n' indices below n".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: centres must be b×n' indices below n = {n}"
+        )));
     }
     let kept = inp.centres.len() / b.max(1);
     let width = INNER_CHANNELS * c;

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use super::linear::Linear;
 use super::neighbourhood::Neighbourhood;
 use super::vector_math;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 
 /// The five features of offset `(dx, dy)` (neighbour minus query):
 /// `(dx, dy, d, dy/d, dx/d)` with `d = sqrt(dx² + dy²)`, the last two 0 when `d = 0`.
@@ -144,22 +144,8 @@ pub fn neighbour_rows(
     batch: usize,
 ) -> Result<Vec<u32>> {
     let (n, m) = (nbhd.tokens, nbhd.size);
-    if pos.len() != batch * n * 2 {
-        return Err(Error::shape(
-            "neighbour_rows",
-            "pos",
-            [batch, n, 2],
-            pos.len(),
-        ));
-    }
-    if nbhd.images != 1 && nbhd.images != batch {
-        return Err(Error::shape("neighbour_rows", "nbhd", batch, nbhd.images));
-    }
-    if nbhd.idx.iter().any(|&j| j as usize >= n) {
-        return Err(Error::InvalidArgument(format!(
-            "neighbour_rows: neighbour indices must be below n = {n}"
-        )));
-    }
+    check_len("neighbour_rows", "pos", &[batch, n, 2], pos.len())?;
+    nbhd.check("neighbour_rows", batch, n)?;
     let mut rows = vec![0u32; batch * n * m];
     rows.par_chunks_mut(m.max(1))
         .enumerate()

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 
 /// The tokens a merge keeps, per image, in their new order.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,22 +114,8 @@ pub fn select_tokens(
     alpha: f32,
     ds_rate: f64,
 ) -> Result<Selection> {
-    if pos.len() != batch * n * 2 {
-        return Err(Error::shape(
-            "select_tokens",
-            "pos",
-            [batch, n, 2],
-            pos.len(),
-        ));
-    }
-    if importance.len() != batch * n {
-        return Err(Error::shape(
-            "select_tokens",
-            "importance",
-            [batch, n],
-            importance.len(),
-        ));
-    }
+    check_len("select_tokens", "pos", &[batch, n, 2], pos.len())?;
+    check_len("select_tokens", "importance", &[batch, n], importance.len())?;
     let keep = (n as f64 * ds_rate) as usize;
     let coarse = (2 * stride) as u64;
     let is_reserve =
