@@ -15,6 +15,7 @@
 pub mod activation;
 pub mod cluster_attention;
 pub mod clustering;
+pub mod grid_search;
 pub mod linear;
 pub mod neighbourhood;
 pub mod norm;

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::grid_search::OccupancyGrid;
 use crate::error::{Error, Result, check_len};
 
 /// The tokens a merge keeps, per image, in their new order.
@@ -20,75 +21,39 @@ pub struct Selection {
     pub order: Vec<u32>,
 }
 
-/// Nearest-other-token squared distance of every token of one image, found by
-/// scanning square rings around it on the `h × w` occupancy grid.
-fn nearest_other_dist2(pos: &[f32], grid: (usize, usize)) -> Vec<Option<u64>> {
-    let (h, w) = grid;
-    let n = pos.len() / 2;
-    let mut occupied = vec![false; h * w];
-    let cell = |t: usize| (pos[2 * t] as i64, pos[2 * t + 1] as i64);
-    for t in 0..n {
-        let (x, y) = cell(t);
-        occupied[y as usize * w + x as usize] = true;
-    }
-    let max_ring = h.max(w) as i64;
-    (0..n)
-        .map(|t| {
-            let (x, y) = cell(t);
-            let mut best: Option<u64> = None;
-            for r in 1..=max_ring {
-                // Every cell of ring r is at least r away: stop once r² ≥ best.
-                if best.is_some_and(|b| (r * r) as u64 >= b) {
-                    break;
-                }
-                for (cx, cy) in ring(x, y, r) {
-                    if cx < 0 || cy < 0 || cx >= w as i64 || cy >= h as i64 {
-                        continue;
-                    }
-                    if occupied[cy as usize * w + cx as usize] {
-                        let d = ((cx - x) * (cx - x) + (cy - y) * (cy - y)) as u64;
-                        best = Some(best.map_or(d, |b| b.min(d)));
-                    }
-                }
-            }
-            best
-        })
-        .collect()
-}
-
-/// The cells at Chebyshev distance exactly `r` from `(x, y)`.
-fn ring(x: i64, y: i64, r: i64) -> impl Iterator<Item = (i64, i64)> {
-    let top_bottom = (-r..=r).flat_map(move |dx| [(x + dx, y - r), (x + dx, y + r)]);
-    let sides = (-r + 1..r).flat_map(move |dy| [(x - r, y + dy), (x + r, y + dy)]);
-    top_bottom.chain(sides)
-}
-
 /// The grid prior of spec §7 for one image: at stride 2, 1 where both
 /// coordinates are even; later, 1 where both are divisible by
 /// `ada = 2^(e+1)`, `e` the smallest integer with `4^e ≥ δ²`, `δ` the
 /// distance to the nearest other token (0 for a lone token).
-pub fn grid_prior(pos: &[f32], stride: usize, grid: (usize, usize)) -> Vec<f32> {
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for a position outside the grid.
+pub fn grid_prior(pos: &[f32], stride: usize, grid: (usize, usize)) -> Result<Vec<f32>> {
     let n = pos.len() / 2;
     let divisible = |t: usize, by: u64| {
         (pos[2 * t] as u64).is_multiple_of(by) && (pos[2 * t + 1] as u64).is_multiple_of(by)
     };
     if stride == 2 {
-        return (0..n).map(|t| divisible(t, 2) as u32 as f32).collect();
+        return Ok((0..n).map(|t| divisible(t, 2) as u32 as f32).collect());
     }
-    nearest_other_dist2(pos, grid)
-        .into_iter()
-        .enumerate()
-        .map(|(t, d2)| match d2 {
-            None => 0.0,
-            Some(d2) => {
-                let mut e = 0u32;
-                while 4u64.pow(e) < d2 {
-                    e += 1;
+    let occupancy = OccupancyGrid::new(pos, grid)?;
+    let mut nearest = Vec::with_capacity(1);
+    Ok((0..n)
+        .map(|t| {
+            let cell = (pos[2 * t] as usize, pos[2 * t + 1] as usize);
+            occupancy.nearest(cell, 1, Some(t as u32), &mut nearest);
+            match nearest.first() {
+                None => 0.0,
+                Some(&(d2, _)) => {
+                    let mut e = 0u32;
+                    while 4u64.pow(e) < d2 {
+                        e += 1;
+                    }
+                    divisible(t, 2u64 << e) as u32 as f32
                 }
-                divisible(t, 2u64 << e) as u32 as f32
             }
         })
-        .collect()
+        .collect())
 }
 
 /// Selects the tokens a merge keeps, for `batch` images of `n` tokens.
@@ -123,10 +88,10 @@ pub fn select_tokens(
 
     let per_image: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
         .into_par_iter()
-        .map(|img| {
+        .map(|img| -> Result<(Vec<u32>, Vec<u32>)> {
             let pos = &pos[img * n * 2..(img + 1) * n * 2];
             let p = &importance[img * n..(img + 1) * n];
-            let prior = grid_prior(pos, stride, grid);
+            let prior = grid_prior(pos, stride, grid)?;
             let (reserve, mut candidates): (Vec<u32>, Vec<u32>) =
                 (0..n as u32).partition(|&t| is_reserve(&pos[2 * t as usize..]));
             let score: Vec<f32> = (0..n).map(|t| prior[t] + alpha * p[t]).collect();
@@ -134,9 +99,9 @@ pub fn select_tokens(
             candidates.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]));
             let sample = keep.saturating_sub(reserve.len()).min(candidates.len());
             candidates.truncate(sample);
-            (candidates, reserve)
+            Ok((candidates, reserve))
         })
-        .collect();
+        .collect::<Result<_>>()?;
 
     let reserve = per_image.first().map_or(0, |(_, r)| r.len());
     let sampled = per_image.first().map_or(0, |(s, _)| s.len());
@@ -165,39 +130,14 @@ pub fn select_tokens(
 mod tests {
     use super::*;
 
-    fn brute_force_dist2(pos: &[f32]) -> Vec<Option<u64>> {
-        let n = pos.len() / 2;
-        (0..n)
-            .map(|i| {
-                (0..n)
-                    .filter(|&j| j != i)
-                    .map(|j| {
-                        let dx = (pos[2 * i] - pos[2 * j]) as i64;
-                        let dy = (pos[2 * i + 1] - pos[2 * j + 1]) as i64;
-                        (dx * dx + dy * dy) as u64
-                    })
-                    .min()
-            })
-            .collect()
-    }
-
-    #[test]
-    fn ring_search_matches_brute_force() {
-        let pos: Vec<f32> = [(0, 0), (4, 0), (9, 9), (3, 7), (12, 2), (6, 6), (0, 13)]
-            .iter()
-            .flat_map(|&(x, y)| [x as f32, y as f32])
-            .collect();
-        assert_eq!(nearest_other_dist2(&pos, (14, 13)), brute_force_dist2(&pos));
-        assert_eq!(nearest_other_dist2(&[2.0, 3.0], (5, 5)), vec![None]);
-    }
-
     #[test]
     fn grid_prior_uses_the_adaptive_stride() {
         // δ² = 1 → ada 2; δ² = 4 → ada 4; δ² = 5 → e = 2, ada 8.
         let pos = [0.0, 0.0, 1.0, 0.0, 8.0, 8.0, 10.0, 9.0, 4.0, 4.0, 6.0, 4.0];
-        let g = grid_prior(&pos, 4, (16, 16));
+        let g = grid_prior(&pos, 4, (16, 16)).unwrap();
         assert_eq!(g, [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
-        let g2 = grid_prior(&pos, 2, (16, 16));
+        assert_eq!(grid_prior(&[2.0, 3.0], 4, (5, 5)).unwrap(), [0.0]);
+        let g2 = grid_prior(&pos, 2, (16, 16)).unwrap();
         assert_eq!(g2, [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]);
     }
 
