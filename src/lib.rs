@@ -32,5 +32,5 @@ pub mod tensor;
 
 pub use config::AffConfig;
 pub use error::{Error, Result};
-pub use model::{AutoFocusFormer, ModelKind, Trace, TraceLevel};
+pub use model::{AutoFocusFormer, BackboneFeatures, ModelKind, Trace, TraceLevel};
 pub use tensor::{AnyTensor, Tensor};

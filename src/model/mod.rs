@@ -29,8 +29,66 @@ use self::trace::{f32_tensor, i32_tensor, record};
 use crate::config::AffConfig;
 use crate::error::{Error, Result};
 use crate::io::{TensorSource, open_weights};
+use crate::ops::dense::{DenseOptions, to_dense};
 use crate::ops::rel_pos::SEGMENTATION_OFFSET_CLAMP;
 use crate::tensor::Tensor;
+
+/// The multi-scale output of a segmentation backbone.
+#[derive(Debug, Clone)]
+pub struct BackboneFeatures {
+    /// The stage-0 token grid `(h, w)`, after padding the input to a multiple of 4.
+    pub grid: (usize, usize),
+    /// Per stage (`res2`, `res3`, …): the tokens after the stage's blocks,
+    /// before merging, normalised; positions in stage-0 token units.
+    pub stages: Vec<Tokens>,
+}
+
+impl BackboneFeatures {
+    /// Stage `s`'s features on the pixel grid of stage 0: b×c×h×w, empty
+    /// cells filled by inverse-distance weighting (see [`to_dense`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a stage out of range or bad options.
+    pub fn to_dense(&self, s: usize, options: DenseOptions) -> Result<Tensor> {
+        let t = self.stages.get(s).ok_or_else(|| {
+            Error::InvalidArgument(format!("no stage {s} (there are {})", self.stages.len()))
+        })?;
+        let dense = to_dense(
+            &t.pos,
+            &t.feat,
+            (t.batch, t.tokens, t.channels),
+            self.grid,
+            options,
+        )?;
+        Tensor::new(vec![t.batch, t.channels, self.grid.0, self.grid.1], dense)
+    }
+}
+
+/// Zero-pads b×3×H×W images right and bottom to sides that are multiples of
+/// `multiple` (as the published segmentation backbone does).
+///
+/// # Errors
+/// [`Error::Shape`] for a tensor that is not b×c×H×W.
+pub fn pad_to_multiple(images: &Tensor, multiple: usize) -> Result<Tensor> {
+    let &[b, c, h, w] = images.shape() else {
+        return Err(Error::shape("pad", "image", "[b, c, H, W]", images.shape()));
+    };
+    let (ph, pw) = (h.next_multiple_of(multiple), w.next_multiple_of(multiple));
+    if (ph, pw) == (h, w) {
+        return Ok(images.clone());
+    }
+    let mut out = vec![0.0f32; b * c * ph * pw];
+    for (src, dst) in images
+        .data()
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(ph * pw))
+    {
+        for (src_row, dst_row) in src.chunks_exact(w).zip(dst.chunks_exact_mut(pw)) {
+            dst_row[..w].copy_from_slice(src_row);
+        }
+    }
+    Tensor::new(vec![b, c, ph, pw], out)
+}
 
 /// An AutoFocusFormer ready to run on the CPU.
 ///
@@ -259,6 +317,62 @@ impl AutoFocusFormer {
             || f32_tensor(&[b, head.out_dim], &logits),
         );
         Tensor::new(vec![b, head.out_dim], logits)
+    }
+
+    /// The multi-scale features of a segmentation backbone (spec §10) for
+    /// normalised images (b×3×H×W, zero-padded right and bottom to a multiple
+    /// of 4 first): per stage, the tokens after its blocks (before merging),
+    /// normalised by the stage's output norm, with their positions.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for a classification model; [`Error::Shape`]
+    /// for a malformed input.
+    pub fn features(&self, images: &Tensor) -> Result<BackboneFeatures> {
+        self.features_traced(images, None)
+    }
+
+    /// [`features`](Self::features), recording intermediates into `trace`
+    /// (also `res{2..}`, `res{2..}_pos` and `spatial_shape`, the names the
+    /// published backbone gives its outputs).
+    ///
+    /// # Errors
+    /// As [`features`](Self::features).
+    pub fn features_traced(
+        &self,
+        images: &Tensor,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<BackboneFeatures> {
+        let Head::Backbone { norms } = &self.weights.head else {
+            return Err(Error::Unsupported(
+                "features need a segmentation backbone (a checkpoint with norm0..norm3); this is a classifier".into(),
+            ));
+        };
+        let padded = pad_to_multiple(images, 4)?;
+        let (tokens, grid) = self.embed(&padded, trace.as_deref_mut())?;
+        let results = self.run_stages(tokens, grid, trace.as_deref_mut())?;
+        let mut stages = Vec::with_capacity(results.len());
+        for (s, (result, norm)) in results.into_iter().zip(norms).enumerate() {
+            let mut out = result.before_merge;
+            norm.forward_in_place(&mut out.feat)?;
+            let (b, n, c) = (out.batch, out.tokens, out.channels);
+            record(
+                &mut trace,
+                || format!("res{}", s + 2),
+                || f32_tensor(&[b, n, c], &out.feat),
+            );
+            record(
+                &mut trace,
+                || format!("res{}_pos", s + 2),
+                || f32_tensor(&[b, n, 2], &out.pos),
+            );
+            stages.push(out);
+        }
+        record(
+            &mut trace,
+            || "spatial_shape".into(),
+            || i32_tensor(&[2], [grid.0 as i32, grid.1 as i32]),
+        );
+        Ok(BackboneFeatures { grid, stages })
     }
 
     /// Classifies a batch of normalised images (b×3×H×W): returns b×classes logits.

@@ -10,11 +10,14 @@
 //! | [`cluster_attention`] | §6 | fused neighbourhood attention |
 //! | [`token_selection`] | §7 | grid prior, reserve, stable top-k |
 //! | [`pointconv_merge`] | §7 | PointConv over the centres' neighbourhoods |
+//! | [`dense`] | | tokens back onto the pixel grid |
+//! | [`grid_search`] | | nearest tokens on the grid |
 //! | [`linear`], [`norm`], [`activation`] | | dense layers |
 
 pub mod activation;
 pub mod cluster_attention;
 pub mod clustering;
+pub mod dense;
 pub mod grid_search;
 pub mod linear;
 pub mod neighbourhood;
