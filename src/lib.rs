@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod error;
+pub mod focus;
 pub mod io;
 pub mod model;
 pub mod ops;

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use autofocus::io::{SafetensorsFile, write_safetensors};
-use autofocus::{Error, Result, Trace, TraceLevel};
+use autofocus::io::write_safetensors;
+use autofocus::{Result, Trace, TraceLevel};
 
 /// Arguments of `autofocus infer`.
 #[derive(Debug, clap::Args)]
@@ -29,15 +29,7 @@ pub fn run(args: Args) -> Result<()> {
     super::check_output(&args.out, &[&args.model.weights, &args.input], args.force)?;
     super::check_output_dir(&args.out)?;
     let model = args.model.load()?;
-    let input = SafetensorsFile::open(&args.input)?;
-    let image = input.tensor_f32("input.image")?;
-    if image.shape().len() != 4 || image.shape()[1] != 3 {
-        return Err(Error::InputTensor {
-            path: args.input.clone(),
-            name: "input.image".into(),
-            reason: format!("expected shape [b, 3, H, W], found {:?}", image.shape()),
-        });
-    }
+    let image = super::read_input_image(&args.input)?;
     let mut trace = args.stages.then(|| Trace::new(TraceLevel::StageOutputs));
     let logits = model.forward_traced(&image, trace.as_mut())?;
     let mut tensors = vec![("logits".to_string(), logits.into())];

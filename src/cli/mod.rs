@@ -3,13 +3,16 @@
 mod bench;
 mod classify;
 mod convert;
+mod features;
+mod focus;
 mod infer;
 
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use autofocus::{AffConfig, AutoFocusFormer, Error, Result};
+use autofocus::io::SafetensorsFile;
+use autofocus::{AffConfig, AutoFocusFormer, Error, Result, Tensor};
 
 /// AutoFocusFormer inference, exact to the published model.
 #[derive(Debug, Parser)]
@@ -29,6 +32,10 @@ enum Command {
     Bench(bench::Args),
     /// Convert a PyTorch .pth checkpoint to safetensors.
     Convert(convert::Args),
+    /// Write a segmentation backbone's multi-scale features (res2..res5).
+    Features(features::Args),
+    /// Draw where the model kept its tokens, one panel per stage.
+    Focus(focus::Args),
 }
 
 /// Runs the parsed command.
@@ -38,6 +45,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Classify(a) => classify::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Features(a) => features::run(a),
+        Command::Focus(a) => focus::run(a),
     }
 }
 
@@ -63,6 +72,19 @@ impl ModelArgs {
         let config = self.config.as_deref().map(AffConfig::resolve).transpose()?;
         AutoFocusFormer::load(&self.weights, config)
     }
+}
+
+/// Reads `input.image` (b×3×H×W f32, normalised) from a safetensors file.
+fn read_input_image(path: &Path) -> Result<Tensor> {
+    let image = SafetensorsFile::open(path)?.tensor_f32("input.image")?;
+    if image.shape().len() != 4 || image.shape()[1] != 3 {
+        return Err(Error::InputTensor {
+            path: path.to_path_buf(),
+            name: "input.image".into(),
+            reason: format!("expected shape [b, 3, H, W], found {:?}", image.shape()),
+        });
+    }
+    Ok(image)
 }
 
 /// Uses `threads` rayon workers for everything that follows (0: one per core).
