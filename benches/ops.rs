@@ -109,6 +109,7 @@ fn attention(c: &mut Criterion) {
         let bias_table = offsets.apply(&linear(5, heads)).unwrap();
         let inp = AttentionInputs {
             q: &q,
+            q_scale: 1.0 / (d as f32).sqrt(),
             kv: &kv,
             nbhd: &layout.nbhd,
             bias_rows: &layout.bias_rows,

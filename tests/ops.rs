@@ -159,8 +159,10 @@ fn cluster_attention_matches_the_reference() {
             let pos_embed = linear(&mut rng, 5, heads);
             let bias_table = offsets.apply(&pos_embed).unwrap();
             let rows = neighbour_rows(&offsets, pos, nbhd, b).unwrap();
+            let q_scale = 1.0 / (d as f32).sqrt();
             let got = cluster_attention(&AttentionInputs {
                 q: &q,
+                q_scale,
                 kv: &kv,
                 nbhd,
                 bias_rows: &rows,
@@ -179,8 +181,9 @@ fn cluster_attention_matches_the_reference() {
                         .map(|k| f[k] as f64 * pos_embed.weight[t * 5 + k] as f64)
                         .sum::<f64>()
             };
+            let scaled: Vec<f32> = q.iter().map(|v| v * q_scale).collect();
             let want = attention_reference(
-                &q,
+                &scaled,
                 &kv,
                 pos,
                 nbhd,

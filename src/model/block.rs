@@ -3,8 +3,8 @@
 use super::weights::{AttentionWeights, BlockWeights};
 use crate::error::Result;
 use crate::io::F32Buffer;
-use crate::ops::activation::gelu;
 use crate::ops::cluster_attention::{AttentionInputs, cluster_attention};
+use crate::ops::linear::Epilogue;
 use crate::ops::neighbourhood::Neighbourhood;
 use crate::profile;
 
@@ -30,18 +30,13 @@ impl AttentionWeights {
         let c = self.q.out_dim;
         let heads = self.heads();
         let head_dim = c / heads;
-        let (q, kv) = {
-            let _t = profile::scope("attn.qkv");
-            let mut q = self.q.forward(y, rows)?;
-            let scale = (head_dim as f64).powf(-0.5) as f32;
-            for v in &mut q {
-                *v *= scale;
-            }
-            (q, self.kv.forward(y, rows)?)
-        };
+        let (q, kv) = profile::timed("attn.qkv", || -> Result<_> {
+            Ok((self.q.forward(y, rows)?, self.kv.forward(y, rows)?))
+        })?;
         let _t = profile::scope("attn.cluster_attention");
         let attended = cluster_attention(&AttentionInputs {
             q: &q,
+            q_scale: (head_dim as f64).powf(-0.5) as f32,
             kv: &kv,
             nbhd: geo.nbhd,
             bias_rows: geo.bias_rows,
@@ -92,8 +87,9 @@ impl BlockWeights {
             add_scaled(x, &attended, self.gamma1.as_ref())
         });
         let normed = profile::timed("layer_norm", || self.norm2.forward(x))?;
-        let mut hidden = profile::timed("mlp.fc1", || self.fc1.forward(&normed, rows))?;
-        profile::timed("mlp.gelu", || gelu(&mut hidden));
+        let hidden = profile::timed("mlp.fc1+gelu", || {
+            self.fc1.forward_with(&normed, rows, Epilogue::Gelu)
+        })?;
         let mlp = profile::timed("mlp.fc2", || self.fc2.forward(&hidden, rows))?;
         profile::timed("residual", || add_scaled(x, &mlp, self.gamma2.as_ref()));
         Ok(())

@@ -10,11 +10,12 @@ const CHUNK: usize = 1 << 14;
 
 /// Applies the exact GELU ([`vector_math::gelu`]) in place, in parallel.
 pub fn gelu(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).for_each(gelu_chunk);
+    x.par_chunks_mut(CHUNK).for_each(gelu_serial);
 }
 
+/// Applies the exact GELU in place on the calling thread.
 #[multiversion(targets = "simd")]
-fn gelu_chunk(x: &mut [f32]) {
+pub fn gelu_serial(x: &mut [f32]) {
     for v in x {
         *v = vector_math::gelu(*v);
     }

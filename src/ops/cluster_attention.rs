@@ -25,8 +25,10 @@ pub const MASKED_LOGIT: f32 = -100.0;
 /// Inputs of [`cluster_attention`].
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionInputs<'a> {
-    /// b×n×c queries, already scaled by `head_dim^-0.5`; head `t` at `t·c_`.
+    /// b×n×c queries, head `t` at `t·c_`, multiplied by `q_scale` on use.
     pub q: &'a [f32],
+    /// The query scale, `head_dim^-0.5` (fused here rather than a pass over `q`).
+    pub q_scale: f32,
     /// b×n×2c keys and values: head `t`'s key at `t·2c_`, its value at `t·2c_ + c_`.
     pub kv: &'a [f32],
     pub nbhd: &'a Neighbourhood,
@@ -94,6 +96,7 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
             || Scratch {
                 logits: vec![0.0f32; m + 1],
                 plan: ScorePlan::default(),
+                query: vec![0.0f32; d],
             },
             |scratch, (task, out)| attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, scratch),
         );
@@ -105,6 +108,8 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
 struct Scratch {
     logits: Vec<f32>,
     plan: ScorePlan,
+    /// One head's scaled query.
+    query: Vec<f32>,
 }
 
 /// Keys per image and head, dimension-major: `[img][t][e][j] = k_j[t·d + e]`.
@@ -162,7 +167,10 @@ fn attend_one(
     scratch.plan.build(nbrs);
     let scratch_logits = &mut scratch.logits;
     for t in 0..h {
-        let qt = &q[t * d..(t + 1) * d];
+        for (s, &v) in scratch.query.iter_mut().zip(&q[t * d..(t + 1) * d]) {
+            *s = v * inp.q_scale;
+        }
+        let qt = &scratch.query[..];
         let kt = &keys_t[(img * h + t) * d * n..(img * h + t + 1) * d * n];
         let (logits, blank) = scratch_logits.split_at_mut(m);
         score(&scratch.plan, qt, kt, n, nbrs, logits);
@@ -336,6 +344,7 @@ mod tests {
     ) -> AttentionInputs<'a> {
         AttentionInputs {
             q: &[1.0],
+            q_scale: 1.0,
             kv,
             nbhd,
             bias_rows: &[0],

@@ -3,8 +3,20 @@
 
 use rayon::prelude::*;
 
+use super::activation::gelu_serial;
+
 use crate::error::{Result, check_len};
 use crate::io::F32Buffer;
+
+/// What a linear layer applies to its output, fused into the GEMM so each
+/// thread finishes its part while it is still in cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y = x·Wᵀ + b`.
+    None,
+    /// `y = GELU(x·Wᵀ + b)` (the exact erf GELU).
+    Gelu,
+}
 
 /// A linear layer with weight `out × in` (PyTorch layout) and optional bias.
 #[derive(Debug, Clone)]
@@ -47,6 +59,14 @@ impl OutMatrix {
 // from is mutably borrowed and so untouched by anyone else.
 unsafe impl Send for OutMatrix {}
 unsafe impl Sync for OutMatrix {}
+
+/// Applies `epilogue` to `y` in place.
+fn apply(epilogue: Epilogue, y: &mut [f32]) {
+    match epilogue {
+        Epilogue::None => {}
+        Epilogue::Gelu => gelu_serial(y),
+    }
+}
 
 /// `y[:, cols] += x · W[cols]ᵀ` for `x` rows×k and `y` rows×n, on this thread.
 fn gemm_part(
@@ -109,13 +129,21 @@ impl Linear {
     /// # Errors
     /// [`Error::Shape`] when `x` is not rows × in.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        self.forward_with(x, rows, Epilogue::None)
+    }
+
+    /// [`forward`](Self::forward) followed by `epilogue`, fused.
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) when `x` is not rows × in.
+    pub fn forward_with(&self, x: &[f32], rows: usize, epilogue: Epilogue) -> Result<Vec<f32>> {
         self.check(x, rows, rows * self.out_dim)?;
         // Start from the bias rows rather than zeros: one pass fewer.
         let mut y = match &self.bias {
             Some(b) => b.repeat(rows),
             None => vec![0.0f32; rows * self.out_dim],
         };
-        self.accumulate(x, rows, &mut y);
+        self.accumulate(x, rows, &mut y, epilogue);
         Ok(y)
     }
 
@@ -131,7 +159,7 @@ impl Linear {
                 .for_each(|row| row.copy_from_slice(b)),
             None => y.fill(0.0),
         }
-        self.accumulate(x, rows, y);
+        self.accumulate(x, rows, y, Epilogue::None);
         Ok(())
     }
 
@@ -146,8 +174,8 @@ impl Linear {
         Ok(())
     }
 
-    /// `y += x·Wᵀ` (shapes checked by the caller).
-    fn accumulate(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+    /// `y = epilogue(y + x·Wᵀ)` (shapes checked by the caller).
+    fn accumulate(&self, x: &[f32], rows: usize, y: &mut [f32], epilogue: Epilogue) {
         let (k, n) = (self.in_dim, self.out_dim);
         if rows == 0 || n == 0 || k == 0 {
             return;
@@ -155,20 +183,18 @@ impl Linear {
         let threads = rayon::current_num_threads();
         if rows * n * k < PARALLEL_MIN_MACS || threads == 1 {
             gemm_part(x, k, &self.weight, OutMatrix::new(y), (rows, n), 0..n);
+            apply(epilogue, y);
             return;
         }
         if rows >= GEMM_THREADING_MIN_ROWS {
             // Tall products: gemm's own threading shares packed weights best.
-            let y = OutMatrix::new(y);
-            gemm_call(
-                x,
-                k,
-                &self.weight,
-                y,
-                (rows, n),
-                0..n,
-                gemm::Parallelism::Rayon(threads),
-            );
+            let out = OutMatrix::new(y);
+            let parallelism = gemm::Parallelism::Rayon(threads);
+            gemm_call(x, k, &self.weight, out, (rows, n), 0..n, parallelism);
+            if epilogue != Epilogue::None {
+                y.par_chunks_mut(n * 64)
+                    .for_each(|part| apply(epilogue, part));
+            }
         } else if rows >= n {
             // Skinny products (batch-1 inference): one single-threaded GEMM
             // per thread over a part of the larger output dimension, measured
@@ -177,14 +203,9 @@ impl Linear {
             y.par_chunks_mut(part_rows * n)
                 .zip(x.par_chunks(part_rows * k))
                 .for_each(|(y, x)| {
-                    gemm_part(
-                        x,
-                        k,
-                        &self.weight,
-                        OutMatrix::new(y),
-                        (x.len() / k, n),
-                        0..n,
-                    )
+                    let part_rows = x.len() / k;
+                    gemm_part(x, k, &self.weight, OutMatrix::new(y), (part_rows, n), 0..n);
+                    apply(epilogue, y);
                 });
         } else {
             let part_cols = n.div_ceil(threads).max(MIN_PART);
@@ -192,10 +213,14 @@ impl Linear {
                 .step_by(part_cols)
                 .map(|c| c..(c + part_cols).min(n))
                 .collect();
-            let y = OutMatrix::new(y);
+            let out = OutMatrix::new(y);
             columns
                 .into_par_iter()
-                .for_each(|cols| gemm_part(x, k, &self.weight, y, (rows, n), cols));
+                .for_each(|cols| gemm_part(x, k, &self.weight, out, (rows, n), cols));
+            if epilogue != Epilogue::None {
+                y.par_chunks_mut(n * 64)
+                    .for_each(|part| apply(epilogue, part));
+            }
         }
     }
 }
@@ -244,6 +269,11 @@ mod tests {
                     "{rows}×{k}×{n}: {g} vs {w}"
                 );
             }
+            // The fused GELU epilogue equals GELU applied afterwards.
+            let fused = lin.forward_with(&x, rows, Epilogue::Gelu).unwrap();
+            let mut after = got.clone();
+            crate::ops::activation::gelu(&mut after);
+            assert_eq!(fused, after, "{rows}×{k}×{n}");
         }
     }
 

@@ -103,20 +103,31 @@ pub fn max(v: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, max_nan)
 }
 
-/// Replaces each `v` by `e^(v − shift)` and returns their sum, vectorisable.
+/// Below this, `e^(v − max)` is dropped from a softmax: the terms are under
+/// 1e-26 of the largest (invisible in f32), and their products with the
+/// values could be subnormal, which costs a hundred cycles each.
+const SOFTMAX_CUTOFF: f32 = -60.0;
+
+/// Replaces each `v` by `e^(v − shift)` (0 when `v − shift < −60`) and
+/// returns their sum, vectorisable. With `shift` the maximum, these are the
+/// unnormalised softmax weights.
 #[inline(always)]
 pub fn exp_sum(v: &mut [f32], shift: f32) -> f32 {
+    let weight = |x: f32| {
+        let d = x - shift;
+        if d < SOFTMAX_CUTOFF { 0.0 } else { exp(d) }
+    };
     let mut acc = [0.0f32; LANES];
     let mut chunks = v.chunks_exact_mut(LANES);
     for c in chunks.by_ref() {
         for l in 0..LANES {
-            c[l] = exp(c[l] - shift);
+            c[l] = weight(c[l]);
             acc[l] += c[l];
         }
     }
     let mut tail = 0.0;
     for x in chunks.into_remainder() {
-        *x = exp(*x - shift);
+        *x = weight(*x);
         tail += *x;
     }
     reduce(acc) + tail
@@ -244,6 +255,10 @@ mod tests {
         let want: f64 = v.iter().map(|&x| (x as f64 - 0.5).exp()).sum();
         assert!((total as f64 - want).abs() < 1e-5 * want);
         assert!((e[3] as f64 - (v[3] as f64 - 0.5).exp()).abs() < 1e-6);
+        let mut far = [0.0f32, -59.0, -61.0, -1000.0];
+        exp_sum(&mut far, 0.0);
+        assert_eq!((far[0], far[2], far[3]), (1.0, 0.0, 0.0));
+        assert!(far[1] > 0.0);
         let m = (s / 37.0) as f32;
         let q: f64 = v.iter().map(|&x| ((x - m) as f64).powi(2)).sum();
         assert!((sum_sq_dev(&v, m) as f64 - q).abs() < 1e-5);
