@@ -15,7 +15,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::neighbourhood::Neighbourhood;
+use super::neighbourhood::{Neighbourhood, all_below};
 use super::vector_math;
 use crate::error::{Error, Result, check_len};
 
@@ -83,7 +83,7 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
         ));
     }
     let table_rows = inp.bias_table.len() / h;
-    if inp.bias_rows.iter().any(|&r| r as usize >= table_rows) {
+    if !all_below(inp.bias_rows, table_rows) {
         return Err(Error::InvalidArgument(format!(
             "{OP}: bias rows must be below the table's {table_rows}"
         )));

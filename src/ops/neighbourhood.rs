@@ -8,6 +8,16 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result, check_len};
 
+/// True when every index is below `bound` (a vectorised maximum: these
+/// checks run on every op call, over every neighbour slot).
+pub fn all_below(indices: &[u32], bound: usize) -> bool {
+    indices
+        .iter()
+        .copied()
+        .max()
+        .is_none_or(|m| (m as usize) < bound)
+}
+
 /// Who each token attends to: `m` neighbour indices per token, with a
 /// validity mask when padded cluster slots are among them.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,7 +93,7 @@ impl Neighbourhood {
         if let Some(mask) = &self.mask {
             check_len(op, "nbhd.mask", &[self.images, n, self.size], mask.len())?;
         }
-        if self.idx.iter().any(|&j| j as usize >= n) {
+        if !all_below(&self.idx, n) {
             return Err(Error::InvalidArgument(format!(
                 "{op}: neighbour indices must be below n = {n}"
             )));

@@ -9,7 +9,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::linear::Linear;
-use super::neighbourhood::Neighbourhood;
+use super::neighbourhood::{Neighbourhood, all_below};
 use super::norm::{EPS, LayerNorm};
 use super::rel_pos::OffsetTable;
 use super::vector_math;
@@ -62,12 +62,12 @@ pub fn pointconv_merge(inp: &MergeInputs<'_>) -> Result<Vec<f32>> {
         &[INNER_CHANNELS, table_rows],
         inp.weight_table.len(),
     )?;
-    if inp.weight_rows.iter().any(|&r| r as usize >= table_rows) {
+    if !all_below(inp.weight_rows, table_rows) {
         return Err(Error::InvalidArgument(format!(
             "{OP}: weight rows must be below the table's {table_rows}"
         )));
     }
-    if !inp.centres.len().is_multiple_of(b.max(1)) || inp.centres.iter().any(|&i| i as usize >= n) {
+    if !inp.centres.len().is_multiple_of(b.max(1)) || !all_below(inp.centres, n) {
         return Err(Error::InvalidArgument(format!(
             "{OP}: centres must be b×n' indices below n = {n}"
         )));
