@@ -154,44 +154,32 @@ fn infer_writes_logits_and_stage_outputs_matching_the_golden() {
 fn infer_names_a_bad_input_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let weights = data("tiny-128.weights.safetensors");
-    let wrong = tmp(&dir, "wrong.safetensors");
-    let image = Tensor::new(vec![2, 64, 64], vec![0.0; 2 * 64 * 64]).unwrap();
-    write_safetensors(
-        &wrong,
-        &[("input.image".into(), AnyTensor::F32(image))],
-        Default::default(),
-    )
-    .unwrap();
     let out_path = tmp(&dir, "o.safetensors");
-    let out = autofocus(&[
-        "infer",
-        "--weights",
-        &weights,
-        "--input",
-        wrong.to_str().unwrap(),
-        "--out",
-        out_path.to_str().unwrap(),
-    ]);
-    assert_error_line(&out, "input.image");
-    assert!(!out_path.exists());
-    let other = tmp(&dir, "other.safetensors");
-    let t = Tensor::new(vec![1], vec![0.0]).unwrap();
-    write_safetensors(
-        &other,
-        &[("x".into(), AnyTensor::F32(t))],
-        Default::default(),
-    )
-    .unwrap();
-    let out = autofocus(&[
-        "infer",
-        "--weights",
-        &weights,
-        "--input",
-        other.to_str().unwrap(),
-        "--out",
-        out_path.to_str().unwrap(),
-    ]);
-    assert_error_line(&out, "input.image");
+    // A 3-d image, and a file without `input.image`.
+    let cases = [
+        (
+            "wrong.safetensors",
+            "input.image",
+            Tensor::new(vec![2, 64, 64], vec![0.0; 2 * 64 * 64]),
+        ),
+        ("other.safetensors", "x", Tensor::new(vec![1], vec![0.0])),
+    ];
+    for (file, name, tensor) in cases {
+        let input = tmp(&dir, file);
+        let tensors = [(name.to_string(), AnyTensor::F32(tensor.unwrap()))];
+        write_safetensors(&input, &tensors, Default::default()).unwrap();
+        let args = [
+            "infer",
+            "--weights",
+            &weights,
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+        ];
+        assert_error_line(&autofocus(&args), "input.image");
+        assert!(!out_path.exists());
+    }
 }
 
 #[test]

@@ -1,10 +1,8 @@
 //! `autofocus features`: a segmentation backbone's multi-scale features.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use autofocus::io::image::{decode, normalise};
-use autofocus::io::write_safetensors;
 use autofocus::{AnyTensor, Error, Result, Tensor};
 
 /// Arguments of `autofocus features`.
@@ -82,12 +80,5 @@ pub fn run(args: Args) -> Result<()> {
         "spatial_shape".into(),
         Tensor::new(vec![2], vec![h as i32, w as i32])?.into(),
     ));
-    let metadata = HashMap::from([("config".to_string(), model.config().to_json())]);
-    write_safetensors(&args.out, &tensors, metadata)?;
-    eprintln!(
-        "wrote {} tensor(s) to {}",
-        tensors.len(),
-        args.out.display()
-    );
-    Ok(())
+    super::write_tensors(&args.out, &tensors, model.config())
 }

@@ -1,9 +1,7 @@
 //! `autofocus infer`: normalised images in, logits (and stage outputs) out.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use autofocus::io::write_safetensors;
 use autofocus::{Result, Trace, TraceLevel};
 
 /// Arguments of `autofocus infer`.
@@ -36,12 +34,5 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(trace) = trace {
         tensors.extend(trace.into_tensors());
     }
-    let metadata = HashMap::from([("config".to_string(), model.config().to_json())]);
-    write_safetensors(&args.out, &tensors, metadata)?;
-    eprintln!(
-        "wrote {} tensor(s) to {}",
-        tensors.len(),
-        args.out.display()
-    );
-    Ok(())
+    super::write_tensors(&args.out, &tensors, model.config())
 }

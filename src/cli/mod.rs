@@ -7,12 +7,13 @@ mod features;
 mod focus;
 mod infer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use autofocus::io::SafetensorsFile;
-use autofocus::{AffConfig, AutoFocusFormer, Error, Result, Tensor};
+use autofocus::io::{SafetensorsFile, write_safetensors};
+use autofocus::{AffConfig, AnyTensor, AutoFocusFormer, Error, Result, Tensor};
 
 /// AutoFocusFormer inference, exact to the published model.
 #[derive(Debug, Parser)]
@@ -72,6 +73,14 @@ impl ModelArgs {
         let config = self.config.as_deref().map(AffConfig::resolve).transpose()?;
         AutoFocusFormer::load(&self.weights, config)
     }
+}
+
+/// Writes a command's output tensors, with the model's config as metadata.
+fn write_tensors(out: &Path, tensors: &[(String, AnyTensor)], config: &AffConfig) -> Result<()> {
+    let metadata = HashMap::from([("config".to_string(), config.to_json())]);
+    write_safetensors(out, tensors, metadata)?;
+    eprintln!("wrote {} tensor(s) to {}", tensors.len(), out.display());
+    Ok(())
 }
 
 /// Reads `input.image` (b×3×H×W f32, normalised) from a safetensors file.
