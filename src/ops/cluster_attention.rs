@@ -88,6 +88,9 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
             "{OP}: bias rows must be below the table's {table_rows}"
         )));
     }
+    if b * n * c == 0 {
+        return Ok(Vec::new());
+    }
     let keys_t = transpose_keys(inp.kv, b, n, h, d);
     let mut out = vec![0.0f32; b * n * c];
     out.par_chunks_mut(c * ROWS_PER_TASK)
@@ -368,6 +371,20 @@ mod tests {
         let bias = [3f32.ln()];
         let out = cluster_attention(&one_token(&nbhd, &bias, &[0.0, 4.0])).unwrap();
         assert!((out[0] - 3.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn empty_inputs_give_empty_outputs() {
+        let nbhd = Neighbourhood::global(0);
+        let inp = AttentionInputs {
+            q: &[],
+            kv: &[],
+            bias_rows: &[],
+            batch: 1,
+            tokens: 0,
+            ..one_token(&nbhd, &[0.0], &[])
+        };
+        assert!(cluster_attention(&inp).unwrap().is_empty());
     }
 
     #[test]

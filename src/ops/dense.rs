@@ -49,7 +49,7 @@ pub fn to_dense(
     }
     let plane = h * w;
     let mut out = vec![0.0f32; batch * c * plane];
-    if n == 0 || plane == 0 {
+    if n == 0 || c == 0 || plane == 0 {
         return Ok(out);
     }
     for (img, dense) in out.chunks_exact_mut(c * plane).enumerate() {
@@ -155,6 +155,14 @@ mod tests {
         assert_eq!(&out[3..5], &[4.0, 8.0]);
         let want = (8.0 + 4.0 / 64.0) / (1.0 + 1.0 / 64.0);
         assert!((out[5] - want).abs() < 1e-6, "{} vs {want}", out[5]);
+    }
+
+    #[test]
+    fn zero_channels_or_tokens_give_zero_maps() {
+        let none = to_dense(&[0.0, 0.0], &[], (1, 1, 0), (2, 2), DenseOptions::default()).unwrap();
+        assert!(none.is_empty());
+        let empty = to_dense(&[], &[], (1, 0, 3), (2, 2), DenseOptions::default()).unwrap();
+        assert_eq!(empty, vec![0.0; 12]);
     }
 
     #[test]

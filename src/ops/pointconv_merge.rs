@@ -75,6 +75,9 @@ pub fn pointconv_merge(inp: &MergeInputs<'_>) -> Result<Vec<f32>> {
     let kept = inp.centres.len() / b.max(1);
     let width = INNER_CHANNELS * c;
     let mut out = vec![0.0f32; b * kept * width];
+    if out.is_empty() {
+        return Ok(out);
+    }
     const ROWS_PER_TASK: usize = 8;
     out.par_chunks_mut(width * ROWS_PER_TASK)
         .enumerate()
@@ -204,5 +207,17 @@ mod tests {
         let u = pointconv_merge(&inp).unwrap();
         // ic 0: 0·0.5·x0 + 1·0.25·x1 = (0.5, 5); ic 1..3: 0.5·x0 + 0.25·x1 = (1, 10).
         assert_eq!(u, [0.5, 5.0, 1.0, 10.0, 1.0, 10.0, 1.0, 10.0]);
+        // No centres: nothing to merge.
+        let none = MergeInputs {
+            centres: &[],
+            ..inp
+        };
+        assert!(pointconv_merge(&none).unwrap().is_empty());
+        // A centre index out of range is an error, not a panic.
+        let bad = MergeInputs {
+            centres: &[3],
+            ..inp
+        };
+        assert!(pointconv_merge(&bad).is_err());
     }
 }
