@@ -368,17 +368,7 @@ pub fn fitting_presets(source: &dyn TensorSource, kind: ModelKind, prefix: &str)
         .iter()
         .filter(|name| {
             let config = AffConfig::preset(name).expect("listed presets exist");
-            let mut want = expected_tensors(&config, kind);
-            if kind == ModelKind::Classifier {
-                // A checkpoint fine-tuned to another class count still fits the preset.
-                let classes = found.get("head.bias").and_then(|s| s.first().copied());
-                if let Some(classes) = classes {
-                    let features = config.embed_dim[3];
-                    want.insert("head.weight".into(), vec![classes, features]);
-                    want.insert("head.bias".into(), vec![classes]);
-                }
-            }
-            want == found
+            expected_tensors(&config, kind) == found
         })
         .map(|s| s.to_string())
         .collect()
