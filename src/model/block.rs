@@ -70,7 +70,7 @@ fn add_scaled(x: &mut [f32], delta: &[f32], gamma: Option<&F32Buffer>) {
 
 impl BlockWeights {
     /// Runs the block on `x` (b×n×c, in the stage's token order) in place,
-    /// with its position-bias table (heads×rows, see [`super::tables::bias_table`]).
+    /// with its position-bias table (heads×rows, see [`super::bias_table`]).
     ///
     /// # Errors
     /// Shape errors from the ops when `x` or the geometry disagree.

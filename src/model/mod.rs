@@ -18,7 +18,7 @@ use std::path::Path;
 pub use self::block::StageGeometry;
 pub use self::layout::{Attention, ClusterLayout, GridCache, GridGeometry, StageLayout};
 pub use self::stage::{StageResult, Tokens};
-pub use self::tables::PositionTables;
+pub use self::tables::{PositionTables, bias_table, merge_table};
 pub use self::trace::{Trace, TraceLevel};
 pub use self::weights::{
     AttentionWeights, BlockWeights, Head, MergeWeights, ModelKind, ModelWeights, StageWeights,

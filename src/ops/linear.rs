@@ -127,7 +127,7 @@ impl Linear {
     /// `y = x·Wᵀ + b` for `rows` rows of `x` (rows × in); returns rows × out.
     ///
     /// # Errors
-    /// [`Error::Shape`] when `x` is not rows × in.
+    /// [`Error::Shape`](crate::Error::Shape) when `x` is not rows × in.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         self.forward_with(x, rows, Epilogue::None)
     }
@@ -150,7 +150,7 @@ impl Linear {
     /// Like [`forward`](Self::forward), writing into `y` (rows × out).
     ///
     /// # Errors
-    /// [`Error::Shape`] when `x` or `y` has the wrong length.
+    /// [`Error::Shape`](crate::Error::Shape) when `x` or `y` has the wrong length.
     pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
         self.check(x, rows, y.len())?;
         match &self.bias {
