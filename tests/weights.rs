@@ -163,6 +163,17 @@ fn the_error_names_the_preset_the_file_fits() {
 }
 
 #[test]
+fn aligned_f32_weights_are_read_in_place_from_the_mapped_file() {
+    let file = SafetensorsFile::open(tiny_weights()).unwrap();
+    for name in file.names() {
+        let values = file.f32(&name).unwrap();
+        assert!(values.is_mapped(), "{name} was copied");
+    }
+    let model = AutoFocusFormer::load(tiny_weights(), None).unwrap();
+    assert!(model.weights().stages[2].blocks[1].fc1.weight.is_mapped());
+}
+
+#[test]
 fn corrupt_and_truncated_files_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(tiny_weights()).unwrap();
