@@ -71,8 +71,8 @@ impl AutoFocusFormer {
         tokens.validate()?;
         let (b, n) = (tokens.batch, tokens.tokens);
         let nbhd_size = config.nbhd_size[s];
+        let geometry = self.geometry(grid);
         if nbhd_size >= n {
-            let geometry = self.geometry(grid);
             let nbhd = Neighbourhood::global(n);
             let bias_rows = neighbour_rows(&geometry.offsets, &tokens.pos, &nbhd, b)?;
             return Ok(StageLayout {
@@ -92,7 +92,6 @@ impl AutoFocusFormer {
                 .chunks_exact(2 * n)
                 .all(|img| img == full.as_slice())
         };
-        let geometry = self.geometry(grid);
         let layout = if on_grid {
             geometry.grid_layout(s_c, nbhd_size)?
         } else {
