@@ -1,10 +1,264 @@
-//! Build script.
+//! Build script: compiles `kernels/*.cu` twice.
 //!
-//! The CUDA backend (a later milestone) compiles `kernels/*.cu` here into
-//! embedded fatbins. Until it lands the crate is CPU-only, and this script
-//! only tells cargo what to watch.
+//! 1. As C++ with the CPU emulator (`kernels/emulator/`), always, so that
+//!    `cargo test` runs every kernel without a GPU.
+//! 2. With nvcc, when one is found (`NVCC`, then `CUDA_HOME`/`CUDA_PATH`,
+//!    then `PATH`), into fatbins with sm_80 and sm_90 machine code plus
+//!    compute_90 PTX (`CUDA_COMPUTE_CAP=90` narrows it to one target), never
+//!    with fast math. Without nvcc the crate builds CPU-only with a warning;
+//!    `AUTOFOCUS_REQUIRE_CUDA=1` makes that an error.
+//!
+//! Both are described to the crate by `$OUT_DIR/kernels.rs`: every kernel's
+//! name and source file, the embedded fatbins, and the emulator's entry points.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn main() {
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let kernel_dir = Path::new("kernels");
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=kernels");
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "CUDA_COMPUTE_CAP",
+        "NVCC_CCBIN",
+        "AUTOFOCUS_REQUIRE_CUDA",
+        "PATH",
+    ] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    watch(kernel_dir);
+
+    let sources = cu_sources(kernel_dir);
+    let kernels: Vec<(String, String)> = sources
+        .iter()
+        .flat_map(|path| {
+            let stem = file_stem(path);
+            let text = fs::read_to_string(path).expect("read kernel source");
+            kernel_names(&text)
+                .into_iter()
+                .map(move |name| (name, stem.clone()))
+        })
+        .collect();
+
+    build_emulator(&sources, &out_dir);
+    let images = build_fatbins(&sources, &out_dir);
+    fs::write(
+        out_dir.join("kernels.rs"),
+        generated_rust(&kernels, &images),
+    )
+    .expect("write kernels.rs");
+}
+
+/// Every file under `dir`, so an edited header rebuilds the kernels.
+fn watch(dir: &Path) {
+    for entry in fs::read_dir(dir).expect("kernels/ exists").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            watch(&path);
+        } else {
+            println!("cargo::rerun-if-changed={}", path.display());
+        }
+    }
+}
+
+fn cu_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut sources: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("kernels/ exists")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    sources
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem().unwrap().to_string_lossy().into_owned()
+}
+
+/// Kernel names defined by `AF_KERNEL(name, ...)` and
+/// `AF_KERNEL_ALL_TYPES(name, ...)` (which stamps `name_{f32,f16,bf16}`).
+fn kernel_names(source: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for line in source.lines() {
+        let line = line.trim_start();
+        let (all_types, rest) = if let Some(rest) = line.strip_prefix("AF_KERNEL_ALL_TYPES(") {
+            (true, rest)
+        } else if let Some(rest) = line.strip_prefix("AF_KERNEL(") {
+            (false, rest)
+        } else {
+            continue;
+        };
+        let name = rest.split(',').next().unwrap().trim().to_string();
+        if all_types {
+            names.extend(["f32", "f16", "bf16"].map(|t| format!("{name}_{t}")));
+        } else {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// The kernels as C++ on the CPU: one static library with the fiber
+/// scheduler and every `.cu` (included from a generated `.cpp`, as the C++
+/// compiler will not take a `.cu` file by name).
+fn build_emulator(sources: &[PathBuf], out_dir: &Path) {
+    let kernel_dir = fs::canonicalize("kernels").expect("kernels/ exists");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .include(&kernel_dir)
+        // Each f32 operation rounds on its own, as `__f*_rn` on the GPU.
+        .flag_if_supported("-ffp-contract=off")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(true)
+        .file(kernel_dir.join("emulator/emulator.cpp"))
+        .file(kernel_dir.join("emulator/layout.cpp"));
+    for source in sources {
+        let wrapper = out_dir.join(format!("emulated_{}.cpp", file_stem(source)));
+        let absolute = fs::canonicalize(source).expect("kernel source exists");
+        fs::write(&wrapper, format!("#include \"{}\"\n", absolute.display()))
+            .expect("write emulator wrapper");
+        build.file(wrapper);
+    }
+    build.compile("autofocus_kernel_emulator");
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(nvcc) = env::var_os("NVCC") {
+        return Some(PathBuf::from(nvcc));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var) {
+            let candidate = Path::new(&home).join("bin").join("nvcc");
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|dir| dir.join("nvcc"))
+        .find(|p| p.is_file())
+}
+
+/// Compiles each `.cu` into `$OUT_DIR/<stem>.fatbin`; returns (stem, path)
+/// of each, or nothing without nvcc.
+fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Vec<(String, PathBuf)> {
+    let required = env::var("AUTOFOCUS_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let Some(nvcc) = find_nvcc() else {
+        if required {
+            panic!(
+                "AUTOFOCUS_REQUIRE_CUDA=1 but no nvcc was found (set NVCC or CUDA_HOME, or put nvcc on PATH)"
+            );
+        }
+        println!(
+            "cargo::warning=nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH): building without CUDA kernels, CPU only"
+        );
+        return Vec::new();
+    };
+    let targets: Vec<String> = match env::var("CUDA_COMPUTE_CAP") {
+        Ok(cap) if !cap.trim().is_empty() => {
+            let cap = cap.trim().replace('.', "");
+            vec![
+                format!("arch=compute_{cap},code=sm_{cap}"),
+                format!("arch=compute_{cap},code=compute_{cap}"),
+            ]
+        }
+        _ => vec![
+            "arch=compute_80,code=sm_80".into(),
+            "arch=compute_90,code=sm_90".into(),
+            "arch=compute_90,code=compute_90".into(),
+        ],
+    };
+    let results: Vec<Result<(String, PathBuf), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .iter()
+            .map(|source| {
+                let (nvcc, targets) = (&nvcc, &targets);
+                scope.spawn(move || compile_fatbin(nvcc, targets, source, out_dir))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut images = Vec::new();
+    for result in results {
+        match result {
+            Ok(image) => images.push(image),
+            Err(message) => panic!("{message}"),
+        }
+    }
+    images
+}
+
+fn compile_fatbin(
+    nvcc: &Path,
+    targets: &[String],
+    source: &Path,
+    out_dir: &Path,
+) -> Result<(String, PathBuf), String> {
+    let stem = file_stem(source);
+    let output = out_dir.join(format!("{stem}.fatbin"));
+    let mut command = Command::new(nvcc);
+    command
+        .arg("--fatbin")
+        .args(["-O3", "-std=c++17", "-Ikernels"])
+        .arg("-o")
+        .arg(&output);
+    for target in targets {
+        command.arg("-gencode").arg(target);
+    }
+    if let Some(ccbin) = env::var_os("NVCC_CCBIN") {
+        command.arg("-ccbin").arg(ccbin);
+    }
+    command.arg(source);
+    let result = command
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
+    if !result.status.success() {
+        return Err(format!(
+            "nvcc failed on {}:\n{}{}",
+            source.display(),
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        ));
+    }
+    Ok((stem, output))
+}
+
+fn generated_rust(kernels: &[(String, String)], images: &[(String, PathBuf)]) -> String {
+    let mut rust = String::from("// Generated by build.rs.\n\n");
+    rust += "/// Every kernel: (name, source file stem in `kernels/`).\n";
+    rust += "pub const KERNELS: &[(&str, &str)] = &[\n";
+    for (name, stem) in kernels {
+        writeln!(rust, "    ({name:?}, {stem:?}),").unwrap();
+    }
+    rust += "];\n\n/// Fatbin per source file stem; empty when built without nvcc.\n";
+    rust += "pub const IMAGES: &[(&str, &[u8])] = &[\n";
+    for (stem, path) in images {
+        writeln!(
+            rust,
+            "    ({stem:?}, include_bytes!({:?})),",
+            path.display()
+        )
+        .unwrap();
+    }
+    rust += "];\n\nunsafe extern \"C\" {\n";
+    for (name, _) in kernels {
+        writeln!(rust, "    fn af_emu_{name}(launch: *const EmulatedLaunch, params: *const core::ffi::c_void, error: *mut core::ffi::c_char, error_len: usize) -> core::ffi::c_int;").unwrap();
+    }
+    rust += "}\n\n/// The emulator's entry point of kernel `name`.\n";
+    rust += "pub fn emulated(name: &str) -> Option<EmulatedKernel> {\n    match name {\n";
+    for (name, _) in kernels {
+        writeln!(rust, "        {name:?} => Some(af_emu_{name}),").unwrap();
+    }
+    rust += "        _ => None,\n    }\n}\n";
+    rust
 }

@@ -104,6 +104,10 @@ pub enum Error {
     /// An argument out of its valid range.
     #[error("{0}")]
     InvalidArgument(String),
+
+    /// A device (GPU or its emulator) failed to run an op.
+    #[error("{op}: {reason}")]
+    Device { op: String, reason: String },
 }
 
 fn weights_message(path: &Path, problems: &[TensorProblem], fitting: &[String]) -> String {
@@ -169,6 +173,14 @@ impl Error {
         Self::Format {
             path: path.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// A device failure in `op`.
+    pub fn device(op: impl Into<String>, reason: impl fmt::Display) -> Self {
+        Self::Device {
+            op: op.into(),
+            reason: reason.to_string(),
         }
     }
 

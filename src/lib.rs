@@ -25,6 +25,7 @@
 pub mod config;
 pub mod error;
 pub mod focus;
+pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;

@@ -19,6 +19,8 @@ use super::neighbourhood::{Neighbourhood, all_below};
 use super::vector_math;
 use crate::error::{Error, Result, check_len};
 
+pub mod gpu;
+
 /// Logit added to padded neighbourhood slots (added, not −∞, as published).
 pub const MASKED_LOGIT: f32 = -100.0;
 

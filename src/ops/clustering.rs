@@ -8,6 +8,8 @@
 
 use crate::error::{Error, Result, check_len};
 
+pub mod gpu;
+
 /// The clustering of a batch of token sets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Clustering {
@@ -130,7 +132,7 @@ impl AnchorGrid {
 /// Beyond the published code, which needs three anchors: with two, the
 /// extrapolation uses the one step there is; with a single anchor, the step
 /// is one cell along x (where the snake would go next).
-fn prev_next(centres: &[[f32; 2]], cell: [f32; 2]) -> (Vec<[f32; 2]>, Vec<[f32; 2]>) {
+pub(crate) fn prev_next(centres: &[[f32; 2]], cell: [f32; 2]) -> (Vec<[f32; 2]>, Vec<[f32; 2]>) {
     let len = centres.len();
     let sub = |a: [f32; 2], b: [f32; 2]| [a[0] - b[0], a[1] - b[1]];
     let add = |a: [f32; 2], b: [f32; 2]| [a[0] + b[0], a[1] + b[1]];

@@ -8,6 +8,8 @@ use rayon::prelude::*;
 use super::grid_search::OccupancyGrid;
 use crate::error::{Error, Result, check_len};
 
+pub mod gpu;
+
 /// How empty cells are filled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DenseOptions {

@@ -8,6 +8,8 @@ use super::activation::gelu_serial;
 use crate::error::{Result, check_len};
 use crate::io::F32Buffer;
 
+pub mod gpu;
+
 /// What a linear layer applies to its output, fused into the GEMM so each
 /// thread finishes its part while it is still in cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result, check_len};
 
+pub mod gpu;
+
 /// True when every index is below `bound` (a vectorised maximum: these
 /// checks run on every op call, over every neighbour slot).
 pub fn all_below(indices: &[u32], bound: usize) -> bool {

@@ -8,6 +8,8 @@ use super::vector_math;
 use crate::error::{Error, Result};
 use crate::io::F32Buffer;
 
+pub mod gpu;
+
 /// The epsilon of every normalisation in AFF.
 pub const EPS: f32 = 1e-5;
 

@@ -15,6 +15,8 @@ use super::rel_pos::OffsetTable;
 use super::vector_math;
 use crate::error::{Error, Result, check_len};
 
+pub mod gpu;
+
 /// Inner channels of the PointConv weight net.
 pub const INNER_CHANNELS: usize = 4;
 

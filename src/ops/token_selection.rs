@@ -6,6 +6,8 @@ use rayon::prelude::*;
 use super::grid_search::OccupancyGrid;
 use crate::error::{Error, Result, check_len};
 
+pub mod gpu;
+
 /// The tokens a merge keeps, per image, in their new order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {

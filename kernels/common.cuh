@@ -1,0 +1,151 @@
+// Shared by every kernel: the element types, the kernel-definition macro
+// (CUDA and CPU emulator alike), warp reductions, and the parameter structs.
+#pragma once
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#else
+#include "emulator/emulator.h"
+#endif
+
+#include "params.h"
+
+// ---------------------------------------------------------------- types ----
+// Storage types: f32, f16, bf16. Arithmetic is always f32.
+#ifdef __CUDACC__
+typedef __half af_f16;
+typedef __nv_bfloat16 af_bf16;
+__device__ __forceinline__ float to_f32(af_f16 v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(af_bf16 v) { return __bfloat162float(v); }
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ af_f16 from_f32<af_f16>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ af_bf16 from_f32<af_bf16>(float v) { return __float2bfloat16_rn(v); }
+#else
+// Bit patterns with round-to-nearest-even conversions, as the GPU rounds.
+struct af_f16 { uint16_t bits; };
+struct af_bf16 { uint16_t bits; };
+inline float to_f32(af_bf16 v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float to_f32(af_f16 v) {
+  uint32_t sign = uint32_t(v.bits & 0x8000u) << 16;
+  uint32_t exp = (v.bits >> 10) & 0x1fu, man = v.bits & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400u));
+    u = sign | uint32_t(112 - e) << 23 | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <class T>
+T from_f32(float v);
+template <>
+inline af_bf16 from_f32<af_bf16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return af_bf16{uint16_t((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return af_bf16{uint16_t(u >> 16)};
+}
+template <>
+inline af_f16 from_f32<af_f16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return af_f16{uint16_t(sign | 0x7e00u)};
+  if (a >= 0x477ff000u) return af_f16{uint16_t(sign | 0x7c00u)};  // rounds to inf
+  if (a < 0x38800000u) {  // subnormal half (or zero): round at 2^-24
+    float m = std::fabs(v) * 16777216.0f;  // exact scaling
+    float r = std::nearbyint(m);            // ties to even (default mode)
+    return af_f16{uint16_t(sign | uint16_t(r))};
+  }
+  uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
+  return af_f16{uint16_t(sign | ((rounded - 0x38000000u) >> 13))};
+}
+#endif
+__device__ __forceinline__ float to_f32(float v) { return v; }
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+
+// ------------------------------------------------------------- kernels ----
+// AF_KERNEL(name, Params, body) defines `extern "C" __global__ void name(const
+// Params p)` and, in the emulator build, `af_emu_<name>` that runs it on the
+// CPU. Every kernel takes one parameter struct from params.h by value.
+#ifdef __CUDACC__
+#define AF_KERNEL(name, Params, ...) \
+  extern "C" __global__ void name(const Params p) { __VA_ARGS__; }
+#define AF_DYNAMIC_SHARED(T, var)                                   \
+  extern __shared__ __align__(16) unsigned char af_dynamic_shared[]; \
+  T* var = reinterpret_cast<T*>(af_dynamic_shared)
+#else
+struct af_emu_launch;
+extern "C" int af_emu_run(const af_emu_launch*, void (*)(const void*), const void*,
+                          char*, size_t);
+#define AF_KERNEL(name, Params, ...)                                           \
+  static void name(const Params p) { __VA_ARGS__; }                           \
+  extern "C" int af_emu_##name(const af_emu_launch* cfg, const void* params,  \
+                               char* error, size_t error_len) {               \
+    return af_emu_run(                                                        \
+        cfg, [](const void* raw) { name(*static_cast<const Params*>(raw)); }, \
+        params, error, error_len);                                            \
+  }
+#define AF_DYNAMIC_SHARED(T, var) T* var = reinterpret_cast<T*>(af_emu::dynamic_shared())
+#endif
+
+// One kernel per storage type: name_f32, name_f16, name_bf16.
+#define AF_KERNEL_ALL_TYPES(name, Params, impl)   \
+  AF_KERNEL(name##_f32, Params, impl<float>(p))   \
+  AF_KERNEL(name##_f16, Params, impl<af_f16>(p))  \
+  AF_KERNEL(name##_bf16, Params, impl<af_bf16>(p))
+
+// ---------------------------------------------------------- reductions ----
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset /= 2)
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Exact GELU, as torch.nn.GELU().
+__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+
+// The relative-position features of spec §5 for offset (dx, dy).
+__device__ __forceinline__ void rel_pos_features(float dx, float dy, float f[5]) {
+  float d = sqrtf(__fadd_rn(__fmul_rn(dy, dy), __fmul_rn(dx, dx)));
+  f[0] = dx;
+  f[1] = dy;
+  f[2] = d;
+  f[3] = d == 0.0f ? 0.0f : __fdiv_rn(dy, d);
+  f[4] = d == 0.0f ? 0.0f : __fdiv_rn(dx, d);
+}
+
+// An index from a buffer, clamped into [0, bound): a bad index gives wrong
+// values but never an access outside the buffer (the safe Rust wrappers
+// cannot check indices that live on the device).
+__device__ __forceinline__ int clamp_index(int i, int bound) { return i < 0 ? 0 : (i >= bound ? bound - 1 : i); }
+
+// Offset from `from` to `to`, clamped to ±clamp per axis (segmentation mode).
+__device__ __forceinline__ float clamped_offset(float from, float to, float clamp) {
+  float d = to - from;
+  return fminf(fmaxf(d, -clamp), clamp);
+}

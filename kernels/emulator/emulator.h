@@ -1,0 +1,115 @@
+// The CUDA execution model on the CPU, so that `cargo test` runs the same
+// kernels/*.cu without a GPU (compiled as C++ by build.rs through `cc`).
+//
+// Each launch runs its blocks one after another on the calling thread; the
+// threads of a block are fibers (ucontext) switched cooperatively at
+// __syncthreads and warp intrinsics. Consequences the kernels can rely on:
+// - `__shared__` variables are `static` (one block is live at a time);
+// - a fiber is never interrupted between two barriers, so atomics are plain
+//   read-modify-writes;
+// - a barrier some threads never reach is reported as an error, not a hang.
+#pragma once
+
+#include <math.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+extern thread_local dim3 threadIdx;
+extern thread_local dim3 blockIdx;
+extern thread_local dim3 blockDim;
+extern thread_local dim3 gridDim;
+constexpr int warpSize = 32;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static
+
+namespace af_emu {
+// Waits until every live thread of the block has arrived.
+void block_barrier();
+// Waits until every live thread of the calling thread's warp has arrived.
+void warp_barrier();
+// This thread's lane and the exchange slots of its warp.
+unsigned lane();
+uint64_t* warp_slots();
+// The launch's dynamic shared memory (zeroed at each block start).
+void* dynamic_shared();
+
+template <class T>
+T exchange(T v, unsigned src_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a wide type");
+  uint64_t* slots = warp_slots();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  slots[lane()] = bits;
+  warp_barrier();
+  uint64_t got = slots[src_lane % 32];
+  warp_barrier();
+  T out;
+  std::memcpy(&out, &got, sizeof(T));
+  return out;
+}
+}  // namespace af_emu
+
+inline void __syncthreads() { af_emu::block_barrier(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { af_emu::warp_barrier(); }
+
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int = 32) {
+  return af_emu::exchange(v, af_emu::lane() ^ unsigned(lane_mask));
+}
+template <class T>
+T __shfl_sync(unsigned, T v, int src_lane, int = 32) {
+  return af_emu::exchange(v, unsigned(src_lane));
+}
+template <class T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
+  unsigned src = af_emu::lane() + delta;
+  return af_emu::exchange(v, src < 32 ? src : af_emu::lane());
+}
+
+// Fibers never interleave inside these: plain read-modify-writes are atomic.
+template <class T>
+T atomicAdd(T* address, T v) {
+  T old = *address;
+  *address = old + v;
+  return old;
+}
+template <class T>
+T atomicMax(T* address, T v) {
+  T old = *address;
+  *address = old < v ? v : old;
+  return old;
+}
+
+// Correctly rounded single operations (the host compiles with
+// -ffp-contract=off, so plain operators already round each step).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __int_as_float(int v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+inline int __float_as_int(float v) {
+  int i;
+  std::memcpy(&i, &v, 4);
+  return i;
+}
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }

@@ -1,0 +1,170 @@
+// Parameter structs of every kernel, one per kernel family, passed by value.
+// Mirrored field for field by the #[repr(C)] structs of src/gpu/params.rs; a
+// test checks that sizes agree. Pointers are device addresses (host addresses
+// in the emulator). `T` marks the storage type of the kernel instance (f32,
+// f16 or bf16); shapes trail every indexed buffer.
+#pragma once
+
+#ifdef __CUDACC__
+#include <stdint.h>
+#else
+#include <cstdint>
+#endif
+
+// out = act(x · weightᵀ + bias), or residual + gamma ∘ act(...) with a residual.
+struct LinearParams {
+  const void* x;         // T, rows × in_dim
+  const void* weight;    // T, out_dim × in_dim
+  const void* bias;      // T, out_dim, or null
+  const void* residual;  // T, rows × out_dim, or null (may alias out)
+  const float* gamma;    // out_dim layer scale, or null (with a residual only)
+  void* out;             // T, rows × out_dim
+  int32_t rows, in_dim, out_dim;
+  int32_t gelu;          // 1: GELU before the residual
+};
+
+// torch.nn.LayerNorm over the last dimension (biased variance).
+struct LayerNormParams {
+  const void* x;         // T, rows × dim
+  const float* weight;   // dim
+  const float* bias;     // dim
+  void* out;             // T, rows × dim (may alias x)
+  int32_t rows, dim;
+  float eps;
+};
+
+// importance = sigmoid(x · weight + bias), kept in f32.
+struct ImportanceParams {
+  const void* x;         // T, rows × dim
+  const float* weight;   // dim
+  void* out;             // f32, rows
+  int32_t rows, dim;
+  float bias;
+};
+
+// Mean over tokens: out[img][c] = mean_i x[img][i][c].
+struct MeanTokensParams {
+  const void* x;         // T, batch × tokens × channels
+  void* out;             // T, batch × channels
+  int32_t batch, tokens, channels;
+};
+
+// out[img][r] = in[img][index[img][r]] (rows of `width` elements).
+struct GatherRowsParams {
+  const void* in;         // T, batch × in_rows × width
+  const int32_t* index;   // batch × out_rows, each < in_rows
+  void* out;              // T, batch × out_rows × width
+  int32_t batch, in_rows, out_rows, width;
+};
+
+// Fused cluster attention (spec §6): logits q·k + P(f) − 100·[masked],
+// blank token, softmax and the weighted sum of values, per query and head.
+struct AttentionParams {
+  const void* q;             // T, batch × tokens × heads·head_dim (unscaled)
+  const void* kv;            // T, batch × tokens × 2·heads·head_dim
+  const int32_t* nbhd;       // nbhd_images × tokens × m, or null: global (m = tokens)
+  const uint8_t* mask;       // nbhd_images × tokens × m, or null: all valid
+  const float* pos;          // batch × tokens × 2
+  const float* pos_weight;   // heads × 5: pos_embed weight
+  const float* pos_bias;     // heads
+  const float* blank_k;      // heads·head_dim
+  const float* blank_v;      // heads·head_dim
+  void* out;                 // T, batch × tokens × heads·head_dim
+  int32_t batch, tokens, m, heads, head_dim, nbhd_images;
+  float q_scale;
+  float offset_clamp;        // offsets are clamped to ±this (segmentation: 511)
+};
+
+// Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,
+// and the batch's largest ratio.
+struct ClusterRatioParams {
+  const float* pos;          // count × 2
+  const float* prev;         // anchors × 2, snake order
+  const float* next;         // anchors × 2
+  int32_t* rank;             // count
+  float* ratio;              // count
+  uint32_t* max_ratio;       // 1: bits of the largest ratio (zeroed before)
+  int32_t count, pw, ph;
+  float cell_w, cell_h;
+};
+
+// Clustering step 2 (spec §3.5): key = rank · (max + 1) + ratio.
+struct ClusterKeysParams {
+  const int32_t* rank;       // count
+  const float* ratio;        // count
+  const uint32_t* max_ratio; // 1
+  float* keys;               // count
+  int32_t count;
+};
+
+// Stable ascending sort of each image's keys: order[img][r] = index of the
+// r-th smallest key, equal keys in index order.
+struct StableSortParams {
+  const float* keys;         // batch × n
+  int32_t* order;            // batch × n
+  int32_t batch, n;
+};
+
+// Cluster means of consecutive runs of `size` tokens (valid members only).
+struct ClusterMeansParams {
+  const float* pos;          // batch × n × 2, clustered order
+  float* means;              // batch × clusters × 2
+  int32_t batch, n, size, clusters;
+};
+
+// The nnc nearest cluster means of every token (exact, ties to the lower
+// cluster), written as neighbour lists of their members (spec §4).
+struct NeighbourhoodParams {
+  const float* pos;          // batch × n × 2
+  const float* means;        // batch × clusters × 2
+  int32_t* nbhd;             // batch × n × nnc·size
+  uint8_t* mask;             // batch × n × nnc·size, or null when n = clusters·size
+  int32_t batch, n, clusters, nnc, size;
+};
+
+// Token selection keys (spec §7): −(grid prior + alpha · importance), or +inf
+// for reserve tokens, so a stable ascending sort gives the new order.
+struct SelectionKeysParams {
+  const float* pos;          // batch × n × 2
+  const float* importance;   // batch × n
+  float* keys;               // batch × n
+  int32_t* reserve_count;    // batch, zeroed before: reserve tokens per image
+  int32_t batch, n, stride;
+  float alpha;
+};
+
+// The kept tokens: the first `sampled` of the sorted order, then the
+// `reserve` tokens at its end.
+struct SelectionOrderParams {
+  const int32_t* sorted;     // batch × n
+  int32_t* order;            // batch × (sampled + reserve)
+  int32_t batch, n, sampled, reserve;
+};
+
+// PointConv merge (spec §7): u[i][ic·C + c] = Σ_j w_ij[ic] · p_j · mask_ij · x_j[c],
+// w_ij = GELU(LN(Linear(5 → 4)(f_ij))) computed from the positions.
+struct MergeParams {
+  const void* feat;          // T, batch × n × channels
+  const float* importance;   // batch × n
+  const int32_t* nbhd;       // nbhd_images × n × m, or null: global (m = n)
+  const uint8_t* mask;       // nbhd_images × n × m, or null
+  const int32_t* centres;    // batch × kept
+  const float* pos;          // batch × n × 2
+  const float* net_weight;   // 4 × 5
+  const float* net_bias;     // 4
+  const float* norm_weight;  // 4
+  const float* norm_bias;    // 4
+  void* out;                 // T, batch × kept × 4·channels
+  int32_t batch, n, m, nbhd_images, kept, channels;
+  float offset_clamp, eps;
+};
+
+// Tokens onto the h × w grid; empty cells by inverse-distance weighting of
+// the k nearest tokens (ties to the lower index).
+struct DenseParams {
+  const float* pos;          // batch × n × 2
+  const void* feat;          // T, batch × n × channels
+  void* out;                 // T, batch × channels × h × w
+  int32_t batch, n, channels, h, w, k;
+  float power;
+};

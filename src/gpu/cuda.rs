@@ -1,0 +1,165 @@
+//! The GPU backend: cudarc's driver API with the library loaded at run time,
+//! modules loaded from the embedded fatbins on first use and kept, functions
+//! cached by name. One stream per device: launches and copies are ordered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PushKernelArg,
+};
+
+use super::LaunchConfig;
+use super::generated::{IMAGES, KERNELS};
+use super::params::{KernelParams, Ptr};
+use crate::error::{Error, Result};
+
+pub struct CudaBackend {
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+/// Device memory with its address taken once (one stream: no event tracking needed).
+pub struct DeviceSlice {
+    slice: CudaSlice<u8>,
+    addr: Ptr,
+}
+
+impl DeviceSlice {
+    pub fn addr(&self) -> Ptr {
+        self.addr
+    }
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !super::built_with_cuda() {
+            return Err(Error::Unsupported(
+                "--device cuda: this build has no CUDA kernels (nvcc was not found when it was compiled)".into(),
+            ));
+        }
+        // SAFETY: only probes whether the driver library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::Unsupported(
+                "--device cuda: no CUDA driver on this machine (libcuda not found)".into(),
+            ));
+        }
+        let context = CudaContext::new(ordinal).map_err(|e| {
+            Error::Unsupported(format!("--device cuda: cannot open GPU {ordinal}: {e}"))
+        })?;
+        let stream = context.default_stream();
+        Ok(Self {
+            context,
+            stream,
+            modules: Mutex::default(),
+            functions: Mutex::default(),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        let ordinal = self.context.ordinal();
+        match self.context.name() {
+            Ok(name) => format!("cuda:{ordinal} ({name})"),
+            Err(_) => format!("cuda:{ordinal}"),
+        }
+    }
+
+    pub fn upload(&self, bytes: &[u8]) -> Result<DeviceSlice> {
+        let slice = if bytes.is_empty() {
+            self.stream.alloc_zeros::<u8>(4)
+        } else {
+            self.stream.clone_htod(bytes)
+        }
+        .map_err(|e| Error::device("upload", e))?;
+        Ok(self.wrap(slice))
+    }
+
+    pub fn zeros(&self, bytes: usize) -> Result<DeviceSlice> {
+        let slice = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(4))
+            .map_err(|e| Error::device("alloc", e))?;
+        Ok(self.wrap(slice))
+    }
+
+    fn wrap(&self, slice: CudaSlice<u8>) -> DeviceSlice {
+        let addr = {
+            let (addr, _sync) = slice.device_ptr(&self.stream);
+            addr
+        };
+        DeviceSlice { slice, addr }
+    }
+
+    pub fn download(&self, slice: &DeviceSlice) -> Result<Vec<u8>> {
+        self.stream
+            .clone_dtoh(&slice.slice)
+            .map_err(|e| Error::device("download", e))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::device("synchronize", e))
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(name) {
+            return Ok(f.clone());
+        }
+        let stem = KERNELS
+            .iter()
+            .find(|(kernel, _)| *kernel == name)
+            .map(|(_, stem)| *stem)
+            .ok_or_else(|| Error::device(name, "no such kernel"))?;
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            match modules.get(stem) {
+                Some(module) => module.clone(),
+                None => {
+                    let (_, image) = IMAGES.iter().find(|(s, _)| *s == stem).ok_or_else(|| {
+                        Error::device(name, "kernel image missing from the build")
+                    })?;
+                    let module = self
+                        .context
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                        .map_err(|e| {
+                            Error::device(name, format!("loading kernels/{stem}.cu: {e}"))
+                        })?;
+                    modules.insert(stem, module.clone());
+                    module
+                }
+            }
+        };
+        let function = module
+            .load_function(name)
+            .map_err(|e| Error::device(name, e))?;
+        self.functions
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), function.clone());
+        Ok(function)
+    }
+
+    /// # Safety
+    /// As [`super::Device::launch`].
+    pub unsafe fn launch<P: KernelParams>(
+        &self,
+        name: &str,
+        config: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        let function = self.function(name)?;
+        let mut builder = self.stream.launch_builder(&function);
+        builder.arg(params);
+        let config = cudarc::driver::LaunchConfig {
+            grid_dim: config.grid.into(),
+            block_dim: config.block.into(),
+            shared_mem_bytes: config.shared_bytes,
+        };
+        // SAFETY: the caller's contract; `P` is laid out as the kernel's parameter.
+        unsafe { builder.launch(config) }.map_err(|e| Error::device(name, e))?;
+        Ok(())
+    }
+}

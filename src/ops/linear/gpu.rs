@@ -1,0 +1,99 @@
+//! The linear layer on a [`Device`] (`kernels/linear.cu`).
+
+use crate::error::{Error, Result};
+use crate::gpu::params::LinearParams;
+use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name, optional_addr};
+
+/// A linear layer's weights on a device: weight `out × in`, optional bias.
+#[derive(Debug)]
+pub struct DeviceLinear<T: Element> {
+    pub weight: Buffer<T>,
+    pub bias: Option<Buffer<T>>,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+impl<T: Element> DeviceLinear<T> {
+    /// Uploads `layer`, converting to `T`.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn upload(device: &Device, layer: &super::Linear) -> Result<Self> {
+        let convert = |v: &[f32]| v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
+        Ok(Self {
+            weight: device.upload(&convert(&layer.weight))?,
+            bias: layer
+                .bias
+                .as_ref()
+                .map(|b| device.upload(&convert(b)))
+                .transpose()?,
+            in_dim: layer.in_dim,
+            out_dim: layer.out_dim,
+        })
+    }
+}
+
+/// Where a linear layer's result `y` goes.
+#[derive(Debug, Clone, Copy)]
+pub enum Output<'a> {
+    /// `out = y`.
+    Overwrite,
+    /// `out = out + gamma ∘ y` (a residual branch with optional layer scale).
+    Accumulate { gamma: Option<&'a Buffer<f32>> },
+}
+
+const TILE: usize = 64;
+const THREADS: u32 = 256;
+
+/// `y = x·Wᵀ + b` over `rows` rows of `x` (rows×in), GELU applied when
+/// `gelu`, written to `out` (rows×out) as `output` says.
+///
+/// # Errors
+/// Shape errors naming the buffer; device errors.
+pub fn linear<T: Element>(
+    device: &Device,
+    x: &Buffer<T>,
+    layer: &DeviceLinear<T>,
+    gelu: bool,
+    out: &mut Buffer<T>,
+    output: Output<'_>,
+    rows: usize,
+) -> Result<()> {
+    const OP: &str = "linear";
+    let (k, n) = (layer.in_dim, layer.out_dim);
+    let out_addr = device.check_mut(OP, "out", out, &[rows, n])?;
+    let (residual, gamma) = match output {
+        Output::Overwrite => (0, 0),
+        Output::Accumulate { gamma } => {
+            (out_addr, optional_addr(device, OP, "gamma", gamma, &[n])?)
+        }
+    };
+    let params = LinearParams {
+        x: device.check(OP, "x", x, &[rows, k])?,
+        weight: device.check(OP, "weight", &layer.weight, &[n, k])?,
+        bias: optional_addr(device, OP, "bias", layer.bias.as_ref(), &[n])?,
+        residual,
+        gamma,
+        out: out_addr,
+        rows: dim(OP, "rows", rows)?,
+        in_dim: dim(OP, "in_dim", k)?,
+        out_dim: dim(OP, "out_dim", n)?,
+        gelu: i32::from(gelu),
+    };
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    if n.div_ceil(TILE) > 65_535 * 64 {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: {n} outputs are too many"
+        )));
+    }
+    let config = LaunchConfig::blocks(OP, n.div_ceil(TILE), rows.div_ceil(TILE), THREADS, 0);
+    // Rows go on the grid's y axis (at most 65 535 tiles of 64 rows).
+    let config = config
+        .map_err(|_| Error::InvalidArgument(format!("{OP}: {rows} rows exceed one launch")))?;
+    // SAFETY: every buffer was checked against the shapes the kernel indexes;
+    // the residual aliases `out` element for element (read, then written, by
+    // the same thread).
+    unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
+}

@@ -1,0 +1,144 @@
+//! Nearest clusters and neighbour lists on a [`Device`] (`kernels/neighbourhood.cu`).
+
+use crate::error::{Error, Result};
+use crate::gpu::params::NeighbourhoodParams;
+use crate::gpu::{Buffer, Device, LaunchConfig, dim};
+
+/// [`super::Neighbourhood`] on a device: `images×n×m` indices (i32) and an
+/// optional validity mask (u8), or none at all for a global stage.
+#[derive(Debug)]
+pub struct DeviceNeighbourhood {
+    pub images: usize,
+    pub tokens: usize,
+    pub size: usize,
+    /// `None`: global (every token attends to all `tokens`, in order).
+    pub idx: Option<Buffer<i32>>,
+    pub mask: Option<Buffer<u8>>,
+}
+
+impl DeviceNeighbourhood {
+    /// Every token attends to all `n` tokens.
+    pub fn global(n: usize) -> Self {
+        Self {
+            images: 1,
+            tokens: n,
+            size: n,
+            idx: None,
+            mask: None,
+        }
+    }
+
+    /// Uploads `nbhd`.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn upload(device: &Device, nbhd: &super::Neighbourhood) -> Result<Self> {
+        let idx: Vec<i32> = nbhd.idx.iter().map(|&i| i as i32).collect();
+        let mask = nbhd
+            .mask
+            .as_ref()
+            .map(|m| device.upload(&m.iter().map(|&v| u8::from(v)).collect::<Vec<u8>>()))
+            .transpose()?;
+        Ok(Self {
+            images: nbhd.images,
+            tokens: nbhd.tokens,
+            size: nbhd.size,
+            idx: Some(device.upload(&idx)?),
+            mask,
+        })
+    }
+
+    /// Checks the lists fit `batch` images of `n` tokens; returns the
+    /// addresses of the indices and mask (0 when absent).
+    ///
+    /// # Errors
+    /// Shape errors naming `op`.
+    pub fn check(
+        &self,
+        device: &Device,
+        op: &'static str,
+        batch: usize,
+        n: usize,
+    ) -> Result<(u64, u64)> {
+        if self.tokens != n || (self.images != 1 && self.images != batch) {
+            return Err(Error::shape(
+                op,
+                "nbhd",
+                [batch, n],
+                [self.images, self.tokens],
+            ));
+        }
+        let shape = [self.images, n, self.size];
+        let idx = match &self.idx {
+            Some(idx) => device.check(op, "nbhd.idx", idx, &shape)?,
+            None if self.size == n => 0,
+            None => return Err(Error::shape(op, "nbhd", [n], [self.size])),
+        };
+        let mask = match &self.mask {
+            Some(mask) => device.check(op, "nbhd.mask", mask, &shape)?,
+            None => 0,
+        };
+        Ok((idx, mask))
+    }
+}
+
+/// Largest `nnc` the kernel supports (kept in registers).
+pub const MAX_NEAREST_CLUSTERS: usize = 32;
+
+const THREADS: u32 = 128;
+
+/// For every token (positions b×n×2), its `nnc` nearest of the `k` cluster
+/// means (b×k×2) in clusters of `s` consecutive tokens, as neighbour lists:
+/// what [`super::nearest_clusters`] and [`super::Neighbourhood::from_clusters`]
+/// compute on the CPU.
+///
+/// # Errors
+/// Shape errors; [`Error::InvalidArgument`] for `nnc` outside
+/// `1..=min(k, 32)` or clusters that do not cover the tokens; device errors.
+pub fn nearest_neighbourhoods(
+    device: &Device,
+    pos: &Buffer<f32>,
+    means: &Buffer<f32>,
+    (batch, n, k): (usize, usize, usize),
+    nnc: usize,
+    s: usize,
+) -> Result<DeviceNeighbourhood> {
+    const OP: &str = "nearest_neighbourhoods";
+    if nnc == 0 || nnc > k || nnc > MAX_NEAREST_CLUSTERS || k * s < n || (k > 0 && (k - 1) * s >= n)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: needs 1 ≤ nnc ≤ min(k, {MAX_NEAREST_CLUSTERS}) and k = ceil(n/s) (nnc = {nnc}, k = {k}, n = {n}, s = {s})"
+        )));
+    }
+    let m = nnc * s;
+    let mut idx = device.alloc::<i32>(batch * n * m)?;
+    let mut mask = (k * s > n)
+        .then(|| device.alloc::<u8>(batch * n * m))
+        .transpose()?;
+    let params = NeighbourhoodParams {
+        pos: device.check(OP, "pos", pos, &[batch, n, 2])?,
+        means: device.check(OP, "means", means, &[batch, k, 2])?,
+        nbhd: device.check_mut(OP, "nbhd", &mut idx, &[batch, n, m])?,
+        mask: match mask.as_mut() {
+            Some(mask) => device.check_mut(OP, "mask", mask, &[batch, n, m])?,
+            None => 0,
+        },
+        batch: dim(OP, "batch", batch)?,
+        n: dim(OP, "n", n)?,
+        clusters: dim(OP, "clusters", k)?,
+        nnc: dim(OP, "nnc", nnc)?,
+        size: dim(OP, "s", s)?,
+    };
+    if batch * n > 0 {
+        let config = LaunchConfig::per_item(OP, batch * n, THREADS)?;
+        // SAFETY: every buffer was checked against the shapes the kernel indexes.
+        unsafe { device.launch(OP, config, &params)? };
+    }
+    Ok(DeviceNeighbourhood {
+        images: batch,
+        tokens: n,
+        size: m,
+        idx: Some(idx),
+        mask,
+    })
+}

@@ -1,0 +1,124 @@
+//! Importance and token selection on a [`Device`]
+//! (`kernels/token_selection.cu`, and the stable sort of `kernels/sort.cu`).
+
+use crate::error::{Error, Result};
+use crate::gpu::params::{ImportanceParams, SelectionKeysParams, SelectionOrderParams};
+use crate::gpu::sort::stable_sort;
+use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
+
+/// [`super::Selection`] with the order on the device.
+#[derive(Debug)]
+pub struct DeviceSelection {
+    pub batch: usize,
+    pub kept: usize,
+    pub sampled: usize,
+    pub reserve: usize,
+    /// b×kept indices: sampled centres by descending score, then reserve tokens.
+    pub order: Buffer<i32>,
+}
+
+const THREADS: u32 = 256;
+
+/// `out = sigmoid(x · weight + bias)` per row of `x` (rows×dim), in f32:
+/// the `prob_net` of spec §7.
+///
+/// # Errors
+/// Shape errors naming the buffer; device errors.
+pub fn importance<T: Element>(
+    device: &Device,
+    x: &Buffer<T>,
+    weight: &Buffer<f32>,
+    bias: f32,
+    out: &mut Buffer<f32>,
+    (rows, d): (usize, usize),
+) -> Result<()> {
+    const OP: &str = "importance";
+    let params = ImportanceParams {
+        x: device.check(OP, "x", x, &[rows, d])?,
+        weight: device.check(OP, "weight", weight, &[d])?,
+        out: device.check_mut(OP, "out", out, &[rows])?,
+        rows: dim(OP, "rows", rows)?,
+        dim: dim(OP, "dim", d)?,
+        bias,
+    };
+    if rows == 0 {
+        return Ok(());
+    }
+    let config = LaunchConfig::per_item(OP, rows * 32, THREADS)?;
+    // SAFETY: every buffer was checked against the shapes the kernel indexes.
+    unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
+}
+
+/// As [`super::select_tokens`], on a device. Reads back one count per image
+/// (the reserve tokens), which sizes the result.
+///
+/// # Errors
+/// Shape errors; [`Error::InvalidArgument`] when the images of the batch
+/// hold different numbers of reserve tokens; device errors.
+#[allow(clippy::too_many_arguments)]
+pub fn select_tokens(
+    device: &Device,
+    pos: &Buffer<f32>,
+    importance: &Buffer<f32>,
+    batch: usize,
+    n: usize,
+    stride: usize,
+    alpha: f32,
+    ds_rate: f64,
+) -> Result<DeviceSelection> {
+    const OP: &str = "select_tokens";
+    let mut keys = device.alloc::<f32>(batch * n)?;
+    let mut reserve_count = device.zeros::<i32>(batch)?;
+    let params = SelectionKeysParams {
+        pos: device.check(OP, "pos", pos, &[batch, n, 2])?,
+        importance: device.check(OP, "importance", importance, &[batch, n])?,
+        keys: device.check_mut(OP, "keys", &mut keys, &[batch, n])?,
+        reserve_count: device.check_mut(OP, "reserve_count", &mut reserve_count, &[batch])?,
+        batch: dim(OP, "batch", batch)?,
+        n: dim(OP, "n", n)?,
+        stride: dim(OP, "stride", stride)?,
+        alpha,
+    };
+    if stride == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: stride must be positive"
+        )));
+    }
+    let config = LaunchConfig::per_item(OP, batch * n, THREADS)?;
+    // SAFETY: every buffer was checked against the shapes the kernel indexes.
+    unsafe { device.launch("selection_keys", config, &params)? };
+    let counts = device.download(&reserve_count)?;
+    let reserve = counts.first().map_or(0, |&r| r as usize);
+    if counts.iter().any(|&r| r as usize != reserve) {
+        return Err(Error::InvalidArgument(
+            "select_tokens: images of one batch must have the same reserve-grid tokens".into(),
+        ));
+    }
+    let keep = (n as f64 * ds_rate) as usize;
+    let sampled = keep.saturating_sub(reserve).min(n - reserve);
+    let kept = sampled + reserve;
+
+    let mut sorted = device.alloc::<i32>(batch * n)?;
+    stable_sort(device, &keys, &mut sorted, batch, n)?;
+    let mut order = device.alloc::<i32>(batch * kept)?;
+    let params = SelectionOrderParams {
+        sorted: device.check(OP, "sorted", &sorted, &[batch, n])?,
+        order: device.check_mut(OP, "order", &mut order, &[batch, kept])?,
+        batch: dim(OP, "batch", batch)?,
+        n: dim(OP, "n", n)?,
+        sampled: dim(OP, "sampled", sampled)?,
+        reserve: dim(OP, "reserve", reserve)?,
+    };
+    if batch * kept > 0 {
+        let config = LaunchConfig::per_item(OP, batch * kept, THREADS)?;
+        // SAFETY: as above.
+        unsafe { device.launch("selection_order", config, &params)? };
+    }
+    Ok(DeviceSelection {
+        batch,
+        kept,
+        sampled,
+        reserve,
+        order,
+    })
+}

@@ -1,0 +1,696 @@
+//! Every kernel against its CPU reference, on the emulator (always) and on
+//! GPU 0 when one is present (`AUTOFOCUS_REQUIRE_GPU=1` makes its absence a
+//! failure, for the device check). Fresh random inputs, odd sizes, batch > 1;
+//! outputs start poisoned on the emulator, so an unwritten element fails.
+
+use autofocus::gpu::{Buffer, Device, Element};
+use autofocus::io::F32Buffer;
+use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
+use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention as cpu_attention};
+use autofocus::ops::clustering::space_filling_cluster;
+use autofocus::ops::dense::{DenseOptions, to_dense};
+use autofocus::ops::linear::gpu::{DeviceLinear, Output, linear};
+use autofocus::ops::linear::{Epilogue, Linear};
+use autofocus::ops::neighbourhood::gpu::{DeviceNeighbourhood, nearest_neighbourhoods};
+use autofocus::ops::neighbourhood::{Neighbourhood, nearest_clusters};
+use autofocus::ops::norm::gpu::{DeviceLayerNorm, layer_norm, layer_norm_in_place};
+use autofocus::ops::pointconv_merge::gpu::{DeviceMergeInputs, DeviceWeightNet, pointconv_merge};
+use autofocus::ops::pointconv_merge::{MergeInputs, weight_net_table};
+use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
+use autofocus::ops::token_selection::select_tokens;
+use autofocus::ops::{LayerNorm, activation};
+
+/// The emulator, and GPU 0 when there is one.
+fn devices() -> Vec<Device> {
+    let mut devices = vec![Device::emulator()];
+    match Device::cuda(0) {
+        Ok(gpu) => devices.push(gpu),
+        Err(e) if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}")
+        }
+        Err(_) => {}
+    }
+    devices
+}
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn float(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn floats(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.float()).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// `count` distinct cells of an `h × w` grid, in random order, as x, y pairs.
+    fn grid_subset(&mut self, h: usize, w: usize, count: usize) -> Vec<f32> {
+        let mut cells: Vec<usize> = (0..h * w).collect();
+        for i in (1..cells.len()).rev() {
+            cells.swap(i, self.below(i + 1));
+        }
+        cells[..count]
+            .iter()
+            .flat_map(|&c| [(c % w) as f32, (c / w) as f32])
+            .collect()
+    }
+}
+
+fn linear_layer(rng: &mut Rng, in_dim: usize, out_dim: usize, bias: bool) -> Linear {
+    Linear {
+        weight: F32Buffer::owned(rng.floats(in_dim * out_dim)),
+        bias: bias.then(|| F32Buffer::owned(rng.floats(out_dim))),
+        in_dim,
+        out_dim,
+    }
+}
+
+/// Max |got − want| ≤ tol · max(1, max |want|).
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}: element {i}: got {g}, want {w} (tolerance {tol} × {scale})"
+        );
+    }
+}
+
+fn upload_as<T: Element>(device: &Device, v: &[f32]) -> Buffer<T> {
+    device
+        .upload(&v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())
+        .unwrap()
+}
+
+fn download_f32<T: Element>(device: &Device, b: &Buffer<T>) -> Vec<f32> {
+    device
+        .download(b)
+        .unwrap()
+        .into_iter()
+        .map(T::to_f32)
+        .collect()
+}
+
+/// Per storage type: how far a kernel may stray from the f32 reference.
+fn tolerance<T: Element>() -> f32 {
+    match T::SUFFIX {
+        "f32" => 1e-5,
+        "f16" => 5e-3,
+        _ => 3e-2,
+    }
+}
+
+fn check_linear<T: Element>(device: &Device) {
+    let mut rng = Rng::new(1);
+    for (rows, k, n, bias, gelu) in [
+        (70, 37, 45, true, false),
+        (3, 64, 130, false, true),
+        (1, 5, 1, true, true),
+    ] {
+        let layer = linear_layer(&mut rng, k, n, bias);
+        let x = rng.floats(rows * k);
+        let epilogue = if gelu { Epilogue::Gelu } else { Epilogue::None };
+        let want = layer.forward_with(&x, rows, epilogue).unwrap();
+        let dev_layer = DeviceLinear::<T>::upload(device, &layer).unwrap();
+        let dx = upload_as::<T>(device, &x);
+        let mut out = device.alloc::<T>(rows * n).unwrap();
+        linear(
+            device,
+            &dx,
+            &dev_layer,
+            gelu,
+            &mut out,
+            Output::Overwrite,
+            rows,
+        )
+        .unwrap();
+        let what = format!("linear {rows}×{k}→{n} on {device:?} {}", T::SUFFIX);
+        assert_close(&what, &download_f32(device, &out), &want, tolerance::<T>());
+
+        // Residual with layer scale: out = r + gamma ∘ y.
+        let residual = rng.floats(rows * n);
+        let gamma = rng.floats(n);
+        let mut acc = upload_as::<T>(device, &residual);
+        let dgamma = device.upload(&gamma).unwrap();
+        let output = Output::Accumulate {
+            gamma: Some(&dgamma),
+        };
+        linear(device, &dx, &dev_layer, gelu, &mut acc, output, rows).unwrap();
+        let want: Vec<f32> = (0..rows * n)
+            .map(|e| residual[e] + gamma[e % n] * want[e])
+            .collect();
+        assert_close(
+            &format!("{what} + residual"),
+            &download_f32(device, &acc),
+            &want,
+            tolerance::<T>(),
+        );
+    }
+}
+
+#[test]
+fn linear_matches_the_cpu_in_every_storage_type() {
+    for device in devices() {
+        check_linear::<f32>(&device);
+        check_linear::<half::f16>(&device);
+        check_linear::<half::bf16>(&device);
+    }
+}
+
+#[test]
+fn layer_norm_matches_the_cpu() {
+    let mut rng = Rng::new(2);
+    for device in devices() {
+        for (rows, d) in [(13, 45), (1, 4), (9, 128)] {
+            let norm = LayerNorm {
+                weight: F32Buffer::owned(rng.floats(d)),
+                bias: F32Buffer::owned(rng.floats(d)),
+            };
+            let x: Vec<f32> = rng.floats(rows * d).iter().map(|v| 3.0 * v + 1.0).collect();
+            let want = norm.forward(&x).unwrap();
+            let dnorm = DeviceLayerNorm::upload(&device, &norm).unwrap();
+            let dx = device.upload(&x).unwrap();
+            let mut out = device.alloc::<f32>(rows * d).unwrap();
+            layer_norm(&device, &dx, &dnorm, &mut out, rows).unwrap();
+            assert_close("layer_norm", &device.download(&out).unwrap(), &want, 1e-5);
+            let mut inplace = device.upload(&x).unwrap();
+            layer_norm_in_place(&device, &mut inplace, &dnorm, rows).unwrap();
+            assert_close(
+                "layer_norm in place",
+                &device.download(&inplace).unwrap(),
+                &want,
+                1e-5,
+            );
+        }
+    }
+}
+
+/// Clustering, then neighbourhoods, exactly as the CPU: full grids (stage 0)
+/// and random subsets (later stages), padded last clusters, batch 3.
+#[test]
+fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
+    let mut rng = Rng::new(3);
+    for device in devices() {
+        for (h, w, n, s, nnc, batch) in [
+            (9, 13, 117, 8, 6, 1),
+            (14, 14, 196, 8, 6, 2),
+            (16, 11, 61, 8, 3, 3),
+            (7, 5, 20, 4, 5, 2),
+            (3, 3, 9, 1, 4, 1),
+            (2, 40, 33, 8, 2, 2),
+        ] {
+            let pos: Vec<f32> = (0..batch)
+                .flat_map(|_| {
+                    if n == h * w {
+                        (0..n)
+                            .flat_map(|t| [(t % w) as f32, (t / w) as f32])
+                            .collect()
+                    } else {
+                        rng.grid_subset(h, w, n)
+                    }
+                })
+                .collect();
+            let want = space_filling_cluster(&pos, batch, n, s, (h, w)).unwrap();
+            let dpos = device.upload(&pos).unwrap();
+            let got = autofocus::ops::clustering::gpu::space_filling_cluster(
+                &device,
+                &dpos,
+                batch,
+                n,
+                s,
+                (h, w),
+            )
+            .unwrap();
+            let case = format!("{h}×{w}, n {n}, s {s}, batch {batch} on {device:?}");
+            let reorder: Vec<u32> = device
+                .download(&got.reorder)
+                .unwrap()
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            assert_eq!(reorder, want.reorder, "reorder, {case}");
+            assert_eq!(device.download(&got.pos).unwrap(), want.pos, "pos, {case}");
+            assert_eq!(
+                device.download(&got.means).unwrap(),
+                want.means,
+                "means, {case}"
+            );
+            assert_eq!(got.clusters, want.clusters);
+
+            let k = want.clusters;
+            let nnc = nnc.min(k);
+            let nearest = nearest_clusters(&want.pos, &want.means, batch, n, k, nnc).unwrap();
+            let want_nbhd =
+                Neighbourhood::from_clusters(&nearest, batch, n, nnc, want.cluster_size);
+            let got_nbhd = nearest_neighbourhoods(
+                &device,
+                &got.pos,
+                &got.means,
+                (batch, n, k),
+                nnc,
+                want.cluster_size,
+            )
+            .unwrap();
+            let idx: Vec<u32> = device
+                .download(got_nbhd.idx.as_ref().unwrap())
+                .unwrap()
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            assert_eq!(idx, want_nbhd.idx, "neighbourhoods, {case}");
+            let mask = got_nbhd.mask.as_ref().map(|m| {
+                device
+                    .download(m)
+                    .unwrap()
+                    .iter()
+                    .map(|&v| v == 1)
+                    .collect::<Vec<bool>>()
+            });
+            assert_eq!(mask, want_nbhd.mask, "masks, {case}");
+        }
+    }
+}
+
+/// Random neighbourhoods with padding, as the stage's clusters give them.
+fn random_neighbourhood(rng: &mut Rng, images: usize, n: usize, m: usize) -> Neighbourhood {
+    let idx: Vec<u32> = (0..images * n * m).map(|_| rng.below(n) as u32).collect();
+    let mask: Vec<bool> = (0..images * n * m).map(|_| rng.below(5) != 0).collect();
+    let mut nbhd = Neighbourhood {
+        images,
+        tokens: n,
+        size: m,
+        idx,
+        mask: Some(mask),
+    };
+    // Padded slots point at token 0, as from_clusters makes them.
+    for (i, valid) in nbhd.mask.clone().unwrap().iter().enumerate() {
+        if !valid {
+            nbhd.idx[i] = 0;
+        }
+    }
+    nbhd
+}
+
+fn check_attention<T: Element>(device: &Device, rng: &mut Rng) {
+    for (batch, h, w, n, heads, d, m, global, clamp, shared) in [
+        (2, 9, 7, 50, 2, 5, 12, false, None, false),
+        (1, 6, 6, 36, 3, 33, 40, false, Some(2usize), true),
+        (3, 4, 5, 20, 1, 32, 20, true, None, true),
+    ] {
+        let c = heads * d;
+        let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
+        let q = rng.floats(batch * n * c);
+        let kv: Vec<f32> = rng
+            .floats(batch * n * 2 * c)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let pos_embed = linear_layer(rng, 5, heads, true);
+        let (blank_k, blank_v) = (rng.floats(c), rng.floats(c));
+        let nbhd = if global {
+            Neighbourhood::global(n)
+        } else {
+            random_neighbourhood(rng, if shared { 1 } else { batch }, n, m)
+        };
+        let offsets = OffsetTable::new(h, w, clamp);
+        let bias_rows = neighbour_rows(&offsets, &pos, &nbhd, batch).unwrap();
+        let bias_table = offsets.apply(&pos_embed).unwrap();
+        let q_scale = (d as f32).powf(-0.5);
+        let want = cpu_attention(&AttentionInputs {
+            q: &q,
+            q_scale,
+            kv: &kv,
+            nbhd: &nbhd,
+            bias_rows: &bias_rows,
+            bias_table: &bias_table,
+            blank_k: &blank_k,
+            blank_v: &blank_v,
+            batch,
+            tokens: n,
+            heads,
+            head_dim: d,
+        })
+        .unwrap();
+
+        let dnbhd = if global {
+            DeviceNeighbourhood::global(n)
+        } else {
+            DeviceNeighbourhood::upload(device, &nbhd).unwrap()
+        };
+        let (dq, dkv) = (upload_as::<T>(device, &q), upload_as::<T>(device, &kv));
+        let dpos = device.upload(&pos).unwrap();
+        let pos_weight = device.upload(&pos_embed.weight).unwrap();
+        let pos_bias = device.upload(pos_embed.bias.as_ref().unwrap()).unwrap();
+        let (dbk, dbv) = (
+            device.upload(&blank_k).unwrap(),
+            device.upload(&blank_v).unwrap(),
+        );
+        let mut out = device.alloc::<T>(batch * n * c).unwrap();
+        let inputs = DeviceAttentionInputs {
+            q: &dq,
+            q_scale,
+            kv: &dkv,
+            nbhd: &dnbhd,
+            pos: &dpos,
+            pos_weight: &pos_weight,
+            pos_bias: &pos_bias,
+            blank_k: &dbk,
+            blank_v: &dbv,
+            offset_clamp: clamp.map(|c| c as f32),
+            batch,
+            tokens: n,
+            heads,
+            head_dim: d,
+        };
+        cluster_attention(device, &inputs, &mut out).unwrap();
+        let what = format!(
+            "attention b {batch} n {n} h {heads} d {d} m {m} global {global} on {device:?} {}",
+            T::SUFFIX
+        );
+        let tol = if T::SUFFIX == "f32" {
+            1e-4
+        } else {
+            10.0 * tolerance::<T>()
+        };
+        assert_close(&what, &download_f32(device, &out), &want, tol);
+    }
+}
+
+#[test]
+fn cluster_attention_matches_the_cpu() {
+    let mut rng = Rng::new(4);
+    for device in devices() {
+        check_attention::<f32>(&device, &mut rng);
+        check_attention::<half::bf16>(&device, &mut rng);
+    }
+}
+
+#[test]
+fn token_selection_matches_the_cpu_exactly() {
+    let mut rng = Rng::new(5);
+    for device in devices() {
+        for (batch, h, w, stride, n, alpha, ds_rate) in [
+            (2, 10, 13, 2, 130, 4.0f32, 0.25),
+            (3, 16, 16, 4, 90, 2.5, 0.5),
+            (1, 9, 9, 8, 30, 1.0, 0.25),
+        ] {
+            // Every reserve position (divisible by 2·stride), then others.
+            let coarse = 2 * stride;
+            let reserve: Vec<usize> = (0..h * w)
+                .filter(|c| (c % w) % coarse == 0 && (c / w) % coarse == 0)
+                .collect();
+            let pos: Vec<f32> = (0..batch)
+                .flat_map(|_| {
+                    let mut cells = reserve.clone();
+                    let mut others: Vec<usize> =
+                        (0..h * w).filter(|c| !reserve.contains(c)).collect();
+                    for i in (1..others.len()).rev() {
+                        others.swap(i, rng.below(i + 1));
+                    }
+                    cells.extend(&others[..n - reserve.len()]);
+                    for i in (1..cells.len()).rev() {
+                        cells.swap(i, rng.below(i + 1));
+                    }
+                    cells
+                        .into_iter()
+                        .flat_map(|c| [(c % w) as f32, (c / w) as f32])
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            // Coarse importance values: many exact ties.
+            let importance: Vec<f32> = (0..batch * n).map(|_| rng.below(4) as f32 / 4.0).collect();
+            let want =
+                select_tokens(&pos, &importance, batch, n, stride, (h, w), alpha, ds_rate).unwrap();
+            let (dpos, dimp) = (
+                device.upload(&pos).unwrap(),
+                device.upload(&importance).unwrap(),
+            );
+            let got = autofocus::ops::token_selection::gpu::select_tokens(
+                &device, &dpos, &dimp, batch, n, stride, alpha, ds_rate,
+            )
+            .unwrap();
+            assert_eq!(
+                (got.kept, got.sampled, got.reserve),
+                (want.kept, want.sampled, want.reserve)
+            );
+            let order: Vec<u32> = device
+                .download(&got.order)
+                .unwrap()
+                .iter()
+                .map(|&i| i as u32)
+                .collect();
+            assert_eq!(order, want.order, "stride {stride} on {device:?}");
+        }
+    }
+}
+
+#[test]
+fn importance_matches_the_cpu() {
+    let mut rng = Rng::new(6);
+    for device in devices() {
+        let (rows, d) = (37, 70);
+        let x = rng.floats(rows * d);
+        let weight = rng.floats(d);
+        let want: Vec<f32> = x
+            .chunks(d)
+            .map(|r| {
+                activation::sigmoid(r.iter().zip(&weight).map(|(a, b)| a * b).sum::<f32>() + 0.3)
+            })
+            .collect();
+        let (dx, dw) = (device.upload(&x).unwrap(), device.upload(&weight).unwrap());
+        let mut out = device.alloc::<f32>(rows).unwrap();
+        autofocus::ops::token_selection::gpu::importance(
+            &device,
+            &dx,
+            &dw,
+            0.3,
+            &mut out,
+            (rows, d),
+        )
+        .unwrap();
+        assert_close("importance", &device.download(&out).unwrap(), &want, 1e-6);
+    }
+}
+
+fn check_merge<T: Element>(device: &Device, rng: &mut Rng) {
+    for (batch, h, w, n, c, m, kept, global) in [
+        (2, 8, 9, 40, 35, 16, 11, false),
+        (1, 5, 5, 25, 64, 25, 7, true),
+    ] {
+        let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
+        let feat = rng.floats(batch * n * c);
+        let importance: Vec<f32> = rng
+            .floats(batch * n)
+            .iter()
+            .map(|v| 0.5 + 0.5 * v)
+            .collect();
+        let nbhd = if global {
+            Neighbourhood::global(n)
+        } else {
+            random_neighbourhood(rng, batch, n, m)
+        };
+        let centres: Vec<u32> = (0..batch * kept).map(|_| rng.below(n) as u32).collect();
+        let net = linear_layer(rng, 5, 4, true);
+        let norm = LayerNorm {
+            weight: F32Buffer::owned(rng.floats(4)),
+            bias: F32Buffer::owned(rng.floats(4)),
+        };
+        let offsets = OffsetTable::new(h, w, None);
+        let rows = neighbour_rows(&offsets, &pos, &nbhd, batch).unwrap();
+        let table = weight_net_table(&offsets, &net, &norm).unwrap();
+        let want = autofocus::ops::pointconv_merge::pointconv_merge(&MergeInputs {
+            feat: &feat,
+            importance: &importance,
+            nbhd: &nbhd,
+            centres: &centres,
+            weight_rows: &rows,
+            weight_table: &table,
+            batch,
+            tokens: n,
+            channels: c,
+        })
+        .unwrap();
+        let dnbhd = if global {
+            DeviceNeighbourhood::global(n)
+        } else {
+            DeviceNeighbourhood::upload(device, &nbhd).unwrap()
+        };
+        let dfeat = upload_as::<T>(device, &feat);
+        let dimp = device.upload(&importance).unwrap();
+        let dcentres = device
+            .upload(&centres.iter().map(|&i| i as i32).collect::<Vec<_>>())
+            .unwrap();
+        let dpos = device.upload(&pos).unwrap();
+        let dnet = DeviceWeightNet::upload(device, &net, &norm).unwrap();
+        let mut out = device.alloc::<T>(batch * kept * 4 * c).unwrap();
+        let inputs = DeviceMergeInputs {
+            feat: &dfeat,
+            importance: &dimp,
+            nbhd: &dnbhd,
+            centres: &dcentres,
+            pos: &dpos,
+            weight_net: &dnet,
+            offset_clamp: None,
+            batch,
+            tokens: n,
+            kept,
+            channels: c,
+        };
+        pointconv_merge(device, &inputs, &mut out).unwrap();
+        let what = format!("merge n {n} c {c} m {m} on {device:?} {}", T::SUFFIX);
+        let tol = if T::SUFFIX == "f32" {
+            1e-4
+        } else {
+            10.0 * tolerance::<T>()
+        };
+        assert_close(&what, &download_f32(device, &out), &want, tol);
+    }
+}
+
+#[test]
+fn pointconv_merge_matches_the_cpu() {
+    let mut rng = Rng::new(7);
+    for device in devices() {
+        check_merge::<f32>(&device, &mut rng);
+        check_merge::<half::f16>(&device, &mut rng);
+    }
+}
+
+#[test]
+fn to_dense_matches_the_cpu() {
+    let mut rng = Rng::new(8);
+    for device in devices() {
+        for (batch, h, w, n, c, k) in [
+            (2, 9, 11, 30, 5, 4),
+            (1, 6, 4, 1, 3, 4),
+            (1, 5, 7, 35, 2, 3),
+        ] {
+            let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
+            let feat = rng.floats(batch * n * c);
+            let options = DenseOptions { k, power: 6.0 };
+            let want = to_dense(&pos, &feat, (batch, n, c), (h, w), options).unwrap();
+            let (dpos, dfeat) = (device.upload(&pos).unwrap(), device.upload(&feat).unwrap());
+            let mut out = device.alloc::<f32>(batch * c * h * w).unwrap();
+            autofocus::ops::dense::gpu::to_dense(
+                &device,
+                &dpos,
+                &dfeat,
+                &mut out,
+                (batch, n, c),
+                (h, w),
+                options,
+            )
+            .unwrap();
+            assert_close("to_dense", &device.download(&out).unwrap(), &want, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn stable_sort_keeps_ties_in_index_order() {
+    let mut rng = Rng::new(9);
+    for device in devices() {
+        let (batch, n) = (3, 600);
+        let keys: Vec<f32> = (0..batch * n).map(|_| rng.below(7) as f32 - 3.0).collect();
+        let dkeys = device.upload(&keys).unwrap();
+        let mut order = device.alloc::<i32>(batch * n).unwrap();
+        autofocus::gpu::sort::stable_sort(&device, &dkeys, &mut order, batch, n).unwrap();
+        let got = device.download(&order).unwrap();
+        for img in 0..batch {
+            let k = &keys[img * n..(img + 1) * n];
+            let mut want: Vec<i32> = (0..n as i32).collect();
+            want.sort_by(|&a, &b| k[a as usize].total_cmp(&k[b as usize]));
+            assert_eq!(&got[img * n..(img + 1) * n], &want[..]);
+        }
+    }
+}
+
+#[test]
+fn gather_and_mean_match_plain_loops() {
+    let mut rng = Rng::new(10);
+    for device in devices() {
+        let (batch, rows, out_rows, width) = (2, 9, 5, 3);
+        let x = rng.floats(batch * rows * width);
+        let index: Vec<i32> = (0..batch * out_rows)
+            .map(|_| rng.below(rows) as i32)
+            .collect();
+        let mut out = device.alloc::<f32>(batch * out_rows * width).unwrap();
+        let (dx, di) = (device.upload(&x).unwrap(), device.upload(&index).unwrap());
+        autofocus::gpu::tensor_ops::gather_rows(
+            &device,
+            &dx,
+            &di,
+            &mut out,
+            (batch, rows, out_rows, width),
+        )
+        .unwrap();
+        let want: Vec<f32> = (0..batch * out_rows * width)
+            .map(|e| {
+                let (row, col) = (e / width, e % width);
+                x[((row / out_rows) * rows + index[row] as usize) * width + col]
+            })
+            .collect();
+        assert_eq!(device.download(&out).unwrap(), want);
+
+        let mut mean = device.alloc::<f32>(batch * width).unwrap();
+        autofocus::gpu::tensor_ops::mean_tokens(&device, &dx, &mut mean, (batch, rows, width))
+            .unwrap();
+        let want: Vec<f32> = (0..batch * width)
+            .map(|e| {
+                (0..rows)
+                    .map(|t| x[((e / width) * rows + t) * width + e % width])
+                    .sum::<f32>()
+                    / rows as f32
+            })
+            .collect();
+        assert_close("mean_tokens", &device.download(&mean).unwrap(), &want, 1e-6);
+    }
+}
+
+#[test]
+fn bad_buffers_are_errors_naming_op_and_tensor() {
+    let device = Device::emulator();
+    let norm = DeviceLayerNorm {
+        weight: device.upload(&[1.0f32; 4]).unwrap(),
+        bias: device.upload(&[0.0f32; 4]).unwrap(),
+    };
+    let x = device.upload(&[0.0f32; 7]).unwrap();
+    let mut out = device.alloc::<f32>(8).unwrap();
+    let err = layer_norm(&device, &x, &norm, &mut out, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("layer_norm") && err.contains("`x`") && err.contains("[2, 4]"),
+        "{err}"
+    );
+    let sel_err =
+        autofocus::gpu::sort::stable_sort(&device, &x, &mut device.alloc::<i32>(6).unwrap(), 1, 7)
+            .unwrap_err()
+            .to_string();
+    assert!(
+        sel_err.contains("stable_sort") && sel_err.contains("`order`"),
+        "{sel_err}"
+    );
+}
+
+#[test]
+fn cuda_is_a_clear_error_without_a_gpu() {
+    if let Err(e) = Device::cuda(0) {
+        let msg = e.to_string();
+        assert!(msg.contains("cuda"), "{msg}");
+    }
+}
