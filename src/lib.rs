@@ -34,5 +34,5 @@ pub mod tensor;
 
 pub use config::AffConfig;
 pub use error::{Error, Result};
-pub use model::{AutoFocusFormer, BackboneFeatures, ModelKind, Trace, TraceLevel};
+pub use model::{AutoFocusFormer, BackboneFeatures, DeviceModel, ModelKind, Trace, TraceLevel};
 pub use tensor::{AnyTensor, Tensor};

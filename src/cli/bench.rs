@@ -4,7 +4,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use autofocus::{AffConfig, AutoFocusFormer, Error, ModelKind, Result, Tensor, profile};
+use autofocus::gpu::{Device, Element};
+use autofocus::{
+    AffConfig, AutoFocusFormer, DeviceModel, Error, ModelKind, Result, Tensor, profile,
+};
 
 /// Arguments of `autofocus bench`.
 #[derive(Debug, clap::Args)]
@@ -27,10 +30,12 @@ pub struct Args {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Device to run on.
+    /// Device to run on: cpu, cuda (GPU 0), or emulator (the CUDA kernels
+    /// run as C++ on the CPU: slow, for checking).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Element type of the computation.
+    /// Storage type of weights and activations on a device: f32, f16, bf16
+    /// (accumulation is f32 throughout; the CPU backend is f32 only).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Print only the JSON line.
@@ -66,25 +71,38 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// One forward pass of whichever backend was chosen.
+type Forward<'m> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'm>;
+
+fn device_forward<'m, T: Element>(
+    model: &'m AutoFocusFormer,
+    device: Device,
+) -> Result<Forward<'m>> {
+    let on_device = DeviceModel::<T>::new(model, device)?;
+    Ok(Box::new(move |images| on_device.forward(images)))
+}
+
 pub fn run(args: Args) -> Result<()> {
-    match args.device.as_str() {
-        "cpu" => {}
-        "cuda" => {
-            return Err(Error::Unsupported(
-                "--device cuda: this build has no CUDA backend yet; use --device cpu".into(),
-            ));
-        }
+    let device = match args.device.as_str() {
+        "cpu" => None,
+        "cuda" => Some(Device::cuda(0)?),
+        "emulator" => Some(Device::emulator()),
         other => {
             return Err(Error::InvalidArgument(format!(
-                "unknown --device `{other}` (cpu, cuda)"
+                "unknown --device `{other}` (cpu, cuda, emulator)"
             )));
         }
-    }
-    if args.dtype != "f32" {
+    };
+    if device.is_none() && args.dtype != "f32" {
         return Err(Error::Unsupported(format!(
             "--dtype {}: the CPU backend computes in f32 only",
             args.dtype
         )));
+    }
+    if device.is_some() && args.profile {
+        return Err(Error::Unsupported(
+            "--profile times CPU ops; on a device, profile with nsys or ncu".into(),
+        ));
     }
     if args.batch == 0 || args.iters == 0 {
         return Err(Error::InvalidArgument(
@@ -104,14 +122,30 @@ pub fn run(args: Args) -> Result<()> {
         .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0 + ((i / size) as f32 * 0.01).sin())
         .collect();
     let images = Tensor::new(vec![args.batch, 3, size, size], pixels)?;
+    let device_name = device
+        .as_ref()
+        .map_or_else(|| "cpu".to_string(), Device::name);
+    let forward: Forward<'_> = match device {
+        None => Box::new(|images| model.forward(images)),
+        Some(device) => match args.dtype.as_str() {
+            "f32" => device_forward::<f32>(&model, device)?,
+            "f16" => device_forward::<half::f16>(&model, device)?,
+            "bf16" => device_forward::<half::bf16>(&model, device)?,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown --dtype `{other}` (f32, f16, bf16)"
+                )));
+            }
+        },
+    };
     for _ in 0..args.warmup {
-        model.forward(&images)?;
+        forward(&images)?;
     }
     profile::set_enabled(args.profile);
     let mut times = Vec::with_capacity(args.iters);
     for i in 0..args.iters {
         let start = Instant::now();
-        model.forward(&images)?;
+        forward(&images)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if !args.json {
             eprintln!("iter {i}: {ms:.2} ms");
@@ -131,7 +165,7 @@ pub fn run(args: Args) -> Result<()> {
         config: args.config,
         batch: args.batch,
         size,
-        device: args.device,
+        device: device_name,
         dtype: args.dtype,
         threads: rayon::current_num_threads(),
         iters: args.iters,

@@ -7,6 +7,7 @@
 //! ```
 
 mod block;
+mod device;
 mod layout;
 mod stage;
 mod tables;
@@ -16,6 +17,7 @@ mod weights;
 use std::path::Path;
 
 pub use self::block::StageGeometry;
+pub use self::device::DeviceModel;
 pub use self::layout::{Attention, ClusterLayout, GridCache, GridGeometry, StageLayout};
 pub use self::stage::{StageResult, Tokens};
 pub use self::tables::{PositionTables, bias_table, merge_table};

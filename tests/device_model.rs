@@ -1,0 +1,78 @@
+//! The whole model through the kernels ([`DeviceModel`]) against the golden
+//! logits: on the CPU emulator always, on GPU 0 when present; f32 within
+//! 1e-4 of the published model, f16/bf16 within the agreement measured here.
+
+mod common;
+
+use autofocus::DeviceModel;
+use autofocus::gpu::{Device, Element};
+use common::{Case, assert_close};
+
+fn devices() -> Vec<Device> {
+    let mut devices = vec![Device::emulator()];
+    match Device::cuda(0) {
+        Ok(gpu) => devices.push(gpu),
+        Err(e) if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}")
+        }
+        Err(_) => {}
+    }
+    devices
+}
+
+fn logits_on<T: Element>(case: &Case, device: &Device) -> Vec<f32> {
+    let model = DeviceModel::<T>::new(&case.model, device.clone()).unwrap();
+    let image = case.f32("input.image");
+    model.forward(&image).unwrap().data().to_vec()
+}
+
+fn golden_case_on_every_device(case_name: &str) {
+    let Some(case) = Case::load(case_name) else {
+        return;
+    };
+    let want = case.f32("logits");
+    for device in devices() {
+        let got = logits_on::<f32>(&case, &device);
+        assert_close(
+            &format!("{case_name} f32 logits on {device:?}"),
+            &got,
+            &want,
+        );
+    }
+}
+
+#[test]
+fn tiny_128_f32_matches_the_golden_logits() {
+    golden_case_on_every_device("tiny-128");
+}
+
+#[test]
+fn tiny_160x192_fifth_f32_matches_the_golden_logits() {
+    golden_case_on_every_device("tiny-160x192-fifth");
+}
+
+/// Half-precision storage: the logits agree with the f32 golden to the
+/// tolerance given (relative to max(1, max |logit|)); measured on the
+/// emulator, which rounds as the GPU does.
+#[test]
+fn half_precision_logits_agree_with_f32() {
+    let Some(case) = Case::load("tiny-128") else {
+        return;
+    };
+    let want = case.f32("logits");
+    let scale = want.data().iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    for device in devices() {
+        for (dtype, got, tol) in [
+            ("f16", logits_on::<half::f16>(&case, &device), 5e-3),
+            ("bf16", logits_on::<half::bf16>(&case, &device), 2e-1),
+        ] {
+            let err = got
+                .iter()
+                .zip(want.data())
+                .fold(0.0f32, |m, (g, w)| m.max((g - w).abs()))
+                / scale;
+            eprintln!("{dtype} on {device:?}: max error {err:.2e} of the largest logit");
+            assert!(err <= tol, "{dtype} on {device:?}: max error {err} > {tol}");
+        }
+    }
+}
