@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs nvcc 13.0 from PyPI into .venv-nvcc (no GPU or driver needed) and
+# prints the directory holding `nvcc`; the GPUs we run on have a CUDA 13.0
+# driver, so the compiler is pinned to match. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-nvcc
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv" >&2
+fi
+bin="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13/bin"
+if [ ! -x "$bin/nvcc" ]; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    nvidia-cuda-nvcc==13.0.88 "nvidia-cuda-runtime==13.0.*" \
+    "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" >&2
+fi
+echo "$bin"
