@@ -61,7 +61,7 @@ pub struct ImportanceParams {
     pub bias: f32,
 }
 
-/// Mean over tokens: out[img][c] = mean_i x[img][i][c].
+/// Mean over tokens: `out[img][c] = mean_i x[img][i][c]`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MeanTokensParams {
@@ -74,7 +74,7 @@ pub struct MeanTokensParams {
     pub channels: i32,
 }
 
-/// out[img][r] = in[img][index[img][r]] (rows of `width` elements).
+/// `out[img][r] = in[img][index[img][r]]` (rows of `width` elements).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GatherRowsParams {
@@ -90,7 +90,7 @@ pub struct GatherRowsParams {
     pub width: i32,
 }
 
-/// Fused cluster attention (spec §6): logits q·k + P(f) − 100·[masked],
+/// Fused cluster attention (spec §6): logits `q·k + P(f) − 100·[masked]`,
 /// blank token, softmax and the weighted sum of values, per query and head.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -165,7 +165,7 @@ pub struct ClusterKeysParams {
     pub count: i32,
 }
 
-/// Stable ascending sort of each image's keys: order[img][r] = index of the
+/// Stable ascending sort of each image's keys: `order[img][r]` = index of the
 /// r-th smallest key, equal keys in index order.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
@@ -246,7 +246,7 @@ pub struct SelectionOrderParams {
     pub reserve: i32,
 }
 
-/// PointConv merge (spec §7): u[i][ic·C + c] = Σ_j w_ij[ic] · p_j · mask_ij · x_j[c],
+/// PointConv merge (spec §7): `u[i][ic·C + c] = Σ_j w_ij[ic] · p_j · mask_ij · x_j[c]`,
 /// w_ij = GELU(LN(Linear(5 → 4)(f_ij))) computed from the positions.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]

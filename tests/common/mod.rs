@@ -1,19 +1,28 @@
 //! Shared helpers of the integration tests: golden files and comparisons.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use autofocus::io::SafetensorsFile;
 use autofocus::{AutoFocusFormer, Tensor};
 
+/// The repository root: `CARGO_MANIFEST_DIR` at run time when set (test
+/// binaries copied to a GPU machine run from another checkout), else where
+/// the tests were built.
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The repo's bundled test data.
 pub fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+    repo_dir().join("tests/data")
 }
 
 /// `../shared/golden`, beside the repository.
 pub fn shared_golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden")
+    repo_dir().join("../shared/golden")
 }
 
 /// Set by `.ci/run`: cases read from `../shared/golden` must be present.

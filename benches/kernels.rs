@@ -1,0 +1,88 @@
+//! Kernel benchmarks on GPU 0 (skipped, with a message, without one).
+//!
+//! The fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
+//! 2 heads of 32, m = 48) in bf16. Criterion's throughput is the HBM floor's
+//! bytes — every input read once, the output written once — so the GB/s it
+//! prints divided by the card's bandwidth is the fraction of the floor.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+use autofocus::gpu::{Device, Element};
+use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
+use autofocus::ops::neighbourhood::gpu::nearest_neighbourhoods;
+
+fn attention<T: Element>(c: &mut Criterion, device: &Device) {
+    let (b, side, heads, d, s, nnc) = (64usize, 56usize, 2usize, 32usize, 8usize, 6usize);
+    let n = side * side;
+    let ch = heads * d;
+    let m = nnc * s;
+    let k = n / s;
+    let values = |len: usize, seed: usize| -> Vec<T> {
+        (0..len)
+            .map(|i| T::from_f32((((i * 7919 + seed) % 1000) as f32 / 500.0) - 1.0))
+            .collect()
+    };
+    let pos: Vec<f32> = (0..b)
+        .flat_map(|_| (0..n).flat_map(|t| [(t % side) as f32, (t / side) as f32]))
+        .collect();
+    // Cluster means: runs of 8 tokens along rows (the layout's cost is not timed here).
+    let means: Vec<f32> = (0..b)
+        .flat_map(|_| {
+            (0..k).flat_map(|c| {
+                let t = c * s;
+                [(t % side) as f32 + 3.5, (t / side) as f32]
+            })
+        })
+        .collect();
+    let dpos = device.upload(&pos).unwrap();
+    let dmeans = device.upload(&means).unwrap();
+    let nbhd = nearest_neighbourhoods(device, &dpos, &dmeans, (b, n, k), nnc, s).unwrap();
+    let q = device.upload(&values(b * n * ch, 1)).unwrap();
+    let kv = device.upload(&values(b * n * 2 * ch, 2)).unwrap();
+    let pos_weight = device.upload(&vec![0.01f32; heads * 5]).unwrap();
+    let pos_bias = device.upload(&vec![0.0f32; heads]).unwrap();
+    let blank = device.upload(&vec![0.1f32; ch]).unwrap();
+    let mut out = device.zeros::<T>(b * n * ch).unwrap();
+    let inputs = DeviceAttentionInputs {
+        q: &q,
+        q_scale: (d as f32).powf(-0.5),
+        kv: &kv,
+        nbhd: &nbhd,
+        pos: &dpos,
+        pos_weight: &pos_weight,
+        pos_bias: &pos_bias,
+        blank_k: &blank,
+        blank_v: &blank,
+        offset_clamp: None,
+        batch: b,
+        tokens: n,
+        heads,
+        head_dim: d,
+    };
+    // Floor: q, kv, out once each; neighbour indices (i32) and positions once.
+    let elem = size_of::<T>();
+    let floor_bytes = b * n * (ch * elem + 2 * ch * elem + ch * elem + m * 4 + 2 * 4);
+    let mut group = c.benchmark_group("cluster_attention");
+    group.throughput(Throughput::Bytes(floor_bytes as u64));
+    group.bench_function(format!("aff_tiny_stage0_b64_{}", T::SUFFIX), |bench| {
+        bench.iter(|| {
+            cluster_attention(device, &inputs, &mut out).unwrap();
+            device.synchronize().unwrap();
+        })
+    });
+    group.finish();
+}
+
+fn kernels(c: &mut Criterion) {
+    match Device::cuda(0) {
+        Ok(device) => {
+            eprintln!("benchmarking on {}", device.name());
+            attention::<half::bf16>(c, &device);
+            attention::<f32>(c, &device);
+        }
+        Err(e) => eprintln!("SKIPPED: kernel benchmarks need a GPU ({e})"),
+    }
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU check, in two halves, because the GPU machine has no Rust:
+#
+#   scripts/device-check.sh build   # here: release test/bench binaries with
+#                                   # sm_90 kernels, copied into device-bin/
+#   scripts/device-check.sh run     # on the GPU machine, from the repo root:
+#                                   # writes $OUT/report.md (default ./device-report)
+#
+# `run` executes every kernel test and the golden end-to-end tests on GPU 0
+# (AUTOFOCUS_REQUIRE_GPU=1: no silent fallback to the emulator alone),
+# compute-sanitizer memcheck and racecheck over the kernel tests, the
+# attention benchmark, and `autofocus bench --device cuda` on aff_mini.
+# Copy the report's numbers into docs/gpu.md with the card and the date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+build() {
+  NVCC="$(scripts/install-nvcc.sh)/nvcc"
+  export NVCC AUTOFOCUS_REQUIRE_CUDA=1 CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+  rm -rf device-bin && mkdir -p device-bin
+  cargo build --release --locked
+  cp target/release/autofocus device-bin/
+  # Test and bench executables, found from cargo's JSON messages.
+  cargo test --release --locked --no-run --test kernels --test device_model --message-format=json \
+    | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])' \
+    | while read -r name exe; do cp "$exe" "device-bin/test-$name"; done
+  cargo bench --locked --no-run --bench kernels --message-format=json \
+    | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])' \
+    | while read -r exe; do cp "$exe" device-bin/bench-kernels; done
+  strip device-bin/* 2>/dev/null || true
+  du -sh device-bin
+}
+
+run() {
+  out="${OUT:-device-report}"
+  mkdir -p "$out"
+  report="$out/report.md"
+  export CARGO_MANIFEST_DIR="$PWD" AUTOFOCUS_REQUIRE_GPU=1 AUTOFOCUS_REQUIRE_SHARED_GOLDEN=0
+  status=0
+  step() { # step NAME COMMAND...: runs, logs to $out/NAME.log, records pass/fail
+    local name="$1"; shift
+    local start=$SECONDS
+    if "$@" >"$out/$name.log" 2>&1; then
+      echo "- $name: pass ($((SECONDS - start)) s)" >>"$report"
+    else
+      echo "- $name: FAIL, exit $? ($((SECONDS - start)) s; see $name.log)" >>"$report"
+      status=1
+    fi
+  }
+  {
+    echo "# Device check, $(date -u +%Y-%m-%d)"
+    echo
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    echo
+  } >"$report"
+  step kernel-tests device-bin/test-kernels --test-threads=1
+  step golden-on-gpu device-bin/test-device_model --test-threads=1 --nocapture
+  step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 device-bin/test-kernels --test-threads=1
+  step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 device-bin/test-kernels --test-threads=1
+  step attention-bench device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
+  for dtype in f32 bf16; do
+    step "bench-aff_mini-$dtype" device-bin/autofocus bench --device cuda --dtype "$dtype" \
+      --config aff_mini --batch 256 --size 224 --iters 5 --warmup 1 --json
+  done
+  {
+    echo
+    echo "## Attention (aff_tiny stage 0, b = 64)"
+    grep -E "time:|thrpt:|cluster_attention" "$out/attention-bench.log" || true
+    echo
+    echo "## Whole model"
+    tail -n 1 "$out"/bench-aff_mini-*.log || true
+    echo
+    echo "## half precision agreement"
+    grep -h "max error" "$out/golden-on-gpu.log" || true
+  } >>"$report"
+  cat "$report"
+  return $status
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) run ;;
+  *) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac
