@@ -168,3 +168,13 @@ struct DenseParams {
   int32_t batch, n, channels, h, w, k;
   float power;
 };
+
+// im2col of a 3×3, stride-2, padding-1 convolution (spec §2): patches in
+// PyTorch's weight order (ci, ky, kx), zero outside the input.
+struct Im2colParams {
+  const void* input;   // T, batch × image_stride; channel ci at (y, x) is
+                       //   input[img·image_stride + ci·channel_stride + (y·iw + x)·pixel_stride]
+  void* out;           // T, batch × (oh·ow) × channels·9
+  int32_t batch, channels, ih, iw, oh, ow;
+  int64_t image_stride, channel_stride, pixel_stride;
+};

@@ -16,6 +16,11 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// True while op timings are collected.
+pub fn is_enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Times the enclosing block under `name` until the guard drops.
 #[must_use = "the scope ends when the guard drops"]
 pub fn scope(name: &'static str) -> Scope {

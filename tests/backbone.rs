@@ -126,6 +126,18 @@ fn dense_maps_scatter_tokens_and_fill_the_gaps() {
     }
     // Stage 0 covers the grid: its dense map is a pure scatter, no filling.
     assert_eq!(features.stages[0].tokens, h * w);
+    // The kernel (on the emulator here) gives the same maps.
+    let device = autofocus::gpu::Device::emulator();
+    for s in 1..4 {
+        let cpu = features.to_dense(s, DenseOptions::default()).unwrap();
+        let kernel = features
+            .to_dense_on(&device, s, DenseOptions::default())
+            .unwrap();
+        let scale = cpu.data().iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in cpu.data().iter().zip(kernel.data()) {
+            assert!((a - b).abs() <= 1e-5 * scale, "stage {s}: {a} vs {b}");
+        }
+    }
 }
 
 /// Segmentation checkpoints clamp relative offsets to ±511 (spec §5);

@@ -86,6 +86,46 @@ fn classify_prints_the_top_classes_of_each_image() {
 }
 
 #[test]
+fn classify_through_the_kernels_agrees_with_the_cpu() {
+    let weights = data("tiny-128.weights.safetensors");
+    let img = images().remove(0);
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "classify",
+            "--weights",
+            &weights,
+            &img,
+            "--json",
+            "--top",
+            "3",
+        ];
+        args.extend(extra);
+        let out = autofocus(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let cpu = run(&[]);
+    let emulated = run(&["--device", "emulator"]);
+    let probabilities = |v: &serde_json::Value| -> Vec<f64> {
+        v[0]["top"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["probability"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(cpu[0]["top"][0]["class"], emulated[0]["top"][0]["class"]);
+    for (a, b) in probabilities(&cpu).iter().zip(probabilities(&emulated)) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    // The CPU backend is f32 only; unknown names are named.
+    let out = autofocus(&["classify", "--weights", &weights, &img, "--dtype", "bf16"]);
+    assert_error_line(&out, "--dtype bf16");
+    let out = autofocus(&["classify", "--weights", &weights, &img, "--device", "tpu"]);
+    assert_error_line(&out, "tpu");
+}
+
+#[test]
 fn classify_reports_unreadable_images() {
     let dir = tempfile::tempdir().unwrap();
     let fake = tmp(&dir, "not-an-image.png");

@@ -4,9 +4,10 @@
 
 mod common;
 
-use autofocus::DeviceModel;
 use autofocus::gpu::{Device, Element};
-use common::{Case, assert_close};
+use autofocus::io::SafetensorsFile;
+use autofocus::{AutoFocusFormer, DeviceModel};
+use common::{Case, assert_close, assert_exact};
 
 fn devices() -> Vec<Device> {
     let mut devices = vec![Device::emulator()];
@@ -75,4 +76,43 @@ fn half_precision_logits_agree_with_f32() {
             assert!(err <= tol, "{dtype} on {device:?}: max error {err} > {tol}");
         }
     }
+}
+
+/// The segmentation golden (130×190, padded to 132×192; offsets clamped):
+/// every stage's features within 1e-4, positions exact.
+#[test]
+fn the_backbone_features_match_the_golden() {
+    let dir = common::data_dir();
+    let model =
+        AutoFocusFormer::load(dir.join("seg-tiny-130x190.weights.safetensors"), None).unwrap();
+    let golden = SafetensorsFile::open(dir.join("seg-tiny-130x190.golden.safetensors")).unwrap();
+    let image = golden.tensor_f32("input.image").unwrap();
+    for device in devices() {
+        let on_device = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
+        let features = on_device.features(&image).unwrap();
+        assert_eq!(features.grid, (33, 48));
+        assert_eq!(features.stages.len(), 4);
+        for (s, stage) in features.stages.iter().enumerate() {
+            let key = format!("res{}", s + 2);
+            let want = golden.tensor_f32(&key).unwrap();
+            assert_close(&format!("{key} on {device:?}"), &stage.feat, &want);
+            let pos = golden.tensor_f32(&format!("{key}_pos")).unwrap();
+            assert_exact(&format!("{key}_pos on {device:?}"), &stage.pos, pos.data());
+        }
+        // A backbone has no classification head, on a device as on the CPU.
+        assert!(on_device.forward(&image).is_err());
+    }
+}
+
+/// Bad input is an error naming the tensor, not a panic.
+#[test]
+fn malformed_images_are_errors() {
+    let Some(case) = Case::load("tiny-128") else {
+        return;
+    };
+    let model = DeviceModel::<f32>::new(&case.model, Device::emulator()).unwrap();
+    let bad = autofocus::Tensor::new(vec![1, 2, 8, 8], vec![0.0; 128]).unwrap();
+    let err = model.forward(&bad).unwrap_err().to_string();
+    assert!(err.contains("image"), "{err}");
+    assert!(model.features(&case.f32("input.image")).is_err());
 }

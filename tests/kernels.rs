@@ -694,3 +694,40 @@ fn cuda_is_a_clear_error_without_a_gpu() {
         assert!(msg.contains("cuda"), "{msg}");
     }
 }
+
+#[test]
+fn patch_embed_matches_the_cpu_on_odd_sizes() {
+    use autofocus::ops::BatchNorm;
+    use autofocus::ops::patch_embed::PatchEmbed;
+    use autofocus::ops::patch_embed::gpu::DevicePatchEmbed;
+    let mut rng = Rng::new(11);
+    let (mid, d) = (6, 10);
+    let embed = PatchEmbed {
+        proj1: linear_layer(&mut rng, 27, mid, true),
+        bn: BatchNorm {
+            weight: F32Buffer::owned(rng.floats(mid)),
+            bias: F32Buffer::owned(rng.floats(mid)),
+            running_mean: F32Buffer::owned(rng.floats(mid)),
+            running_var: F32Buffer::owned(rng.floats(mid).iter().map(|v| 1.5 + v).collect()),
+        },
+        proj2: linear_layer(&mut rng, mid * 9, d, true),
+        norm: LayerNorm {
+            weight: F32Buffer::owned(rng.floats(d)),
+            bias: F32Buffer::owned(rng.floats(d)),
+        },
+    };
+    for device in devices() {
+        let on_device = DevicePatchEmbed::<f32>::upload(&device, &embed).unwrap();
+        for (batch, height, width) in [(2, 13, 10), (1, 4, 4), (1, 1, 7)] {
+            let image = rng.floats(batch * 3 * height * width);
+            let (want, grid) = embed.forward(&image, batch, (height, width)).unwrap();
+            let dimage = device.upload(&image).unwrap();
+            let (got, dgrid) = on_device
+                .forward(&device, &dimage, batch, (height, width))
+                .unwrap();
+            assert_eq!(dgrid, grid);
+            let what = format!("patch_embed {batch}×3×{height}×{width} on {device:?}");
+            assert_close(&what, &device.download(&got).unwrap(), &want, 1e-4);
+        }
+    }
+}

@@ -26,6 +26,7 @@ extern "C" size_t af_emu_params_layout(const char* name, size_t* align) {
   AF_LAYOUT(SelectionOrderParams)
   AF_LAYOUT(MergeParams)
   AF_LAYOUT(DenseParams)
+  AF_LAYOUT(Im2colParams)
   *align = 0;
   return 0;
 }

@@ -4,10 +4,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use autofocus::gpu::{Device, Element};
-use autofocus::{
-    AffConfig, AutoFocusFormer, DeviceModel, Error, ModelKind, Result, Tensor, profile,
-};
+use autofocus::{AffConfig, AutoFocusFormer, Error, ModelKind, Result, Tensor, profile};
 
 /// Arguments of `autofocus bench`.
 #[derive(Debug, clap::Args)]
@@ -30,14 +27,8 @@ pub struct Args {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Device to run on: cpu, cuda (GPU 0), or emulator (the CUDA kernels
-    /// run as C++ on the CPU: slow, for checking).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Storage type of weights and activations on a device: f32, f16, bf16
-    /// (accumulation is f32 throughout; the CPU backend is f32 only).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[command(flatten)]
+    backend: super::device::DeviceArgs,
     /// Print only the JSON line.
     #[arg(long)]
     json: bool,
@@ -71,38 +62,11 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// One forward pass of whichever backend was chosen.
-type Forward<'m> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'm>;
-
-fn device_forward<'m, T: Element>(
-    model: &'m AutoFocusFormer,
-    device: Device,
-) -> Result<Forward<'m>> {
-    let on_device = DeviceModel::<T>::new(model, device)?;
-    Ok(Box::new(move |images| on_device.forward(images)))
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let device = match args.device.as_str() {
-        "cpu" => None,
-        "cuda" => Some(Device::cuda(0)?),
-        "emulator" => Some(Device::emulator()),
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "unknown --device `{other}` (cpu, cuda, emulator)"
-            )));
-        }
-    };
-    if device.is_none() && args.dtype != "f32" {
-        return Err(Error::Unsupported(format!(
-            "--dtype {}: the CPU backend computes in f32 only",
-            args.dtype
-        )));
-    }
-    if device.is_some() && args.profile {
-        return Err(Error::Unsupported(
-            "--profile times CPU ops; on a device, profile with nsys or ncu".into(),
-        ));
+    if args.profile && args.backend.device()?.is_some() {
+        // On a device each op synchronises at its end, so it times the op's
+        // work rather than its launch; the total runs a little slower.
+        eprintln!("profiling on a device: every op synchronises");
     }
     if args.batch == 0 || args.iters == 0 {
         return Err(Error::InvalidArgument(
@@ -122,22 +86,8 @@ pub fn run(args: Args) -> Result<()> {
         .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0 + ((i / size) as f32 * 0.01).sin())
         .collect();
     let images = Tensor::new(vec![args.batch, 3, size, size], pixels)?;
-    let device_name = device
-        .as_ref()
-        .map_or_else(|| "cpu".to_string(), Device::name);
-    let forward: Forward<'_> = match device {
-        None => Box::new(|images| model.forward(images)),
-        Some(device) => match args.dtype.as_str() {
-            "f32" => device_forward::<f32>(&model, device)?,
-            "f16" => device_forward::<half::f16>(&model, device)?,
-            "bf16" => device_forward::<half::bf16>(&model, device)?,
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown --dtype `{other}` (f32, f16, bf16)"
-                )));
-            }
-        },
-    };
+    let runner = args.backend.runner(&model)?;
+    let forward = |images: &Tensor| runner.forward(images);
     for _ in 0..args.warmup {
         forward(&images)?;
     }
@@ -165,8 +115,8 @@ pub fn run(args: Args) -> Result<()> {
         config: args.config,
         batch: args.batch,
         size,
-        device: device_name,
-        dtype: args.dtype,
+        device: runner.name(),
+        dtype: args.backend.dtype.clone(),
         threads: rayon::current_num_threads(),
         iters: args.iters,
         ms_per_batch: median,

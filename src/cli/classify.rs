@@ -83,6 +83,7 @@ pub fn run(args: Args) -> Result<()> {
         return Err(Error::InvalidArgument("--batch must be at least 1".into()));
     }
     let model = args.model.load()?;
+    let runner = args.model.backend.runner(&model)?;
     let mut pre = Preprocess::for_config(model.config());
     if args.no_crop {
         pre.crop = false;
@@ -103,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
             pixels.extend(load_image(path, pre)?);
         }
         let batch = Tensor::new(vec![chunk.len(), 3, side, side], pixels)?;
-        let logits = model.forward(&batch)?;
+        let logits = runner.forward(&batch)?;
         let classes = logits.shape()[1];
         for (path, row) in chunk.iter().zip(logits.data().chunks_exact(classes)) {
             results.push(ImageResult {

@@ -62,7 +62,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(path) => super::read_input_image(path)?,
         None => image_batch(&args.images)?,
     };
-    let features = model.features(&images)?;
+    let features = args.model.backend.runner(&model)?.features(&images)?;
     let mut tensors: Vec<(String, AnyTensor)> = Vec::new();
     for (s, t) in features.stages.iter().enumerate() {
         let (b, n, c) = (t.batch, t.tokens, t.channels);

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use autofocus::{Result, Trace, TraceLevel};
+use autofocus::{Error, Result, Trace, TraceLevel};
 
 /// Arguments of `autofocus infer`.
 #[derive(Debug, clap::Args)]
@@ -29,7 +29,15 @@ pub fn run(args: Args) -> Result<()> {
     let model = args.model.load()?;
     let image = super::read_input_image(&args.input)?;
     let mut trace = args.stages.then(|| Trace::new(TraceLevel::StageOutputs));
-    let logits = model.forward_traced(&image, trace.as_mut())?;
+    let logits = match (&trace, args.model.backend.device()?) {
+        (_, None) => model.forward_traced(&image, trace.as_mut())?,
+        (None, Some(_)) => args.model.backend.runner(&model)?.forward(&image)?,
+        (Some(_), Some(_)) => {
+            return Err(Error::Unsupported(
+                "--stages records intermediates on the CPU backend only".into(),
+            ));
+        }
+    };
     let mut tensors = vec![("logits".to_string(), logits.into())];
     if let Some(trace) = trace {
         tensors.extend(trace.into_tensors());

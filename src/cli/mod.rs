@@ -3,6 +3,7 @@
 mod bench;
 mod classify;
 mod convert;
+mod device;
 mod features;
 mod focus;
 mod infer;
@@ -64,6 +65,8 @@ struct ModelArgs {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    backend: device::DeviceArgs,
 }
 
 impl ModelArgs {

@@ -325,6 +325,26 @@ macro_rules! kernel_params {
     };
 }
 
+/// im2col of a 3×3, stride-2, padding-1 convolution (spec §2): patches in
+/// PyTorch's weight order (ci, ky, kx), zero outside the input.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Im2colParams {
+    /// T, batch × image_stride
+    pub input: Ptr,
+    /// T, batch × (oh·ow) × channels·9
+    pub out: Ptr,
+    pub batch: i32,
+    pub channels: i32,
+    pub ih: i32,
+    pub iw: i32,
+    pub oh: i32,
+    pub ow: i32,
+    pub image_stride: i64,
+    pub channel_stride: i64,
+    pub pixel_stride: i64,
+}
+
 kernel_params!(
     LinearParams,
     LayerNormParams,
@@ -340,7 +360,8 @@ kernel_params!(
     SelectionKeysParams,
     SelectionOrderParams,
     MergeParams,
-    DenseParams
+    DenseParams,
+    Im2colParams
 );
 
 #[cfg(test)]

@@ -1,19 +1,21 @@
-//! The whole model on a [`Device`]: weights uploaded once, then every stage
-//! runs as kernels (layout, blocks, selection, merge, head) with the
-//! activations staying on the device. The patch embedding still runs on the
-//! CPU (its tokens are uploaded once per batch).
+//! The whole model on a [`Device`]: weights uploaded once, then every op
+//! runs as kernels (patch embedding, layout, blocks, selection, merge, head)
+//! with the activations staying on the device. Only the images go up and
+//! the logits (or backbone features) come back, plus one count per image and
+//! stage that sizes the token selection.
 
-use super::AutoFocusFormer;
 use super::weights::{BlockWeights, Head, MergeWeights};
+use super::{AutoFocusFormer, BackboneFeatures, Tokens, pad_to_multiple};
 use crate::error::{Error, Result};
 use crate::gpu::tensor_ops::{gather_rows, mean_tokens};
 use crate::gpu::{Buffer, Device, Element};
 use crate::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
 use crate::ops::clustering::gpu::space_filling_cluster;
-use crate::ops::clustering::round_half_even;
+use crate::ops::clustering::{grid_positions, round_half_even};
 use crate::ops::linear::gpu::{DeviceLinear, Output, linear};
 use crate::ops::neighbourhood::gpu::{DeviceNeighbourhood, nearest_neighbourhoods};
 use crate::ops::norm::gpu::{DeviceLayerNorm, layer_norm, layer_norm_in_place};
+use crate::ops::patch_embed::gpu::DevicePatchEmbed;
 use crate::ops::pointconv_merge::INNER_CHANNELS;
 use crate::ops::pointconv_merge::gpu::{DeviceMergeInputs, DeviceWeightNet, pointconv_merge};
 use crate::ops::token_selection::gpu::{importance, select_tokens};
@@ -50,15 +52,27 @@ struct DeviceStage<T: Element> {
     merge: Option<DeviceMerge<T>>,
 }
 
-/// An [`AutoFocusFormer`] classifier with its weights on a device, stored
-/// as `T` (f32, f16 or bf16; LayerNorm, importance and position parameters
-/// stay f32, and every kernel accumulates in f32).
+enum DeviceHead<T: Element> {
+    Classifier {
+        norm: DeviceLayerNorm,
+        head: Box<DeviceLinear<T>>,
+    },
+    Backbone {
+        norms: Vec<DeviceLayerNorm>,
+    },
+}
+
+/// An [`AutoFocusFormer`] with its weights on a device, stored as `T` (f32,
+/// f16 or bf16). LayerNorm, importance and position parameters stay f32,
+/// positions and importance scores are f32, and every kernel accumulates in
+/// f32.
 pub struct DeviceModel<'m, T: Element> {
     model: &'m AutoFocusFormer,
     device: Device,
+    embed: DevicePatchEmbed<T>,
     stages: Vec<DeviceStage<T>>,
-    norm: DeviceLayerNorm,
-    head: DeviceLinear<T>,
+    head: DeviceHead<T>,
+    offset_clamp: Option<f32>,
 }
 
 /// Tokens on the device between stages.
@@ -70,19 +84,29 @@ struct DeviceTokens<T: Element> {
     feat: Buffer<T>,
 }
 
+impl<T: Element> DeviceTokens<T> {
+    fn download(&self, device: &Device) -> Result<Tokens> {
+        Ok(Tokens {
+            batch: self.batch,
+            tokens: self.tokens,
+            channels: self.channels,
+            pos: device.download(&self.pos)?,
+            feat: device
+                .download(&self.feat)?
+                .into_iter()
+                .map(T::to_f32)
+                .collect(),
+        })
+    }
+}
+
 impl<'m, T: Element> DeviceModel<'m, T> {
     /// Uploads `model`'s weights to `device`.
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for a segmentation backbone (the device path
-    /// runs classifiers); device errors.
+    /// Device errors; [`Error::Unsupported`] for weights no published model has.
     pub fn new(model: &'m AutoFocusFormer, device: Device) -> Result<Self> {
         let weights = model.weights();
-        let Head::Classifier { norm, head } = &weights.head else {
-            return Err(Error::Unsupported(
-                "the device path runs classifiers; segmentation backbones run on the CPU".into(),
-            ));
-        };
         let stages = weights
             .stages
             .iter()
@@ -101,11 +125,24 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 })
             })
             .collect::<Result<_>>()?;
+        let head = match &weights.head {
+            Head::Classifier { norm, head } => DeviceHead::Classifier {
+                norm: DeviceLayerNorm::upload(&device, norm)?,
+                head: Box::new(DeviceLinear::upload(&device, head)?),
+            },
+            Head::Backbone { norms } => DeviceHead::Backbone {
+                norms: norms
+                    .iter()
+                    .map(|n| DeviceLayerNorm::upload(&device, n))
+                    .collect::<Result<_>>()?,
+            },
+        };
         Ok(Self {
             model,
+            embed: DevicePatchEmbed::upload(&device, &weights.patch_embed)?,
             stages,
-            norm: DeviceLayerNorm::upload(&device, norm)?,
-            head: DeviceLinear::upload(&device, head)?,
+            head,
+            offset_clamp: model.offset_clamp().map(|c| c as f32),
             device,
         })
     }
@@ -115,167 +152,256 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         &self.device
     }
 
-    /// Class logits (b × classes) for normalised images (b×3×H×W).
+    /// Class logits (b × classes) for normalised images (b×3×H×W), as
+    /// [`AutoFocusFormer::forward`].
     ///
     /// # Errors
-    /// As [`AutoFocusFormer::forward`]; device errors.
+    /// [`Error::Unsupported`] for a backbone; [`Error::Shape`] for a
+    /// malformed input; device errors.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
-        let (tokens, grid) = self.model.embed(images, None)?;
-        let device = &self.device;
-        let convert: Vec<T> = tokens.feat.iter().map(|&v| T::from_f32(v)).collect();
-        let mut x = DeviceTokens {
-            batch: tokens.batch,
-            tokens: tokens.tokens,
-            channels: tokens.channels,
-            pos: device.upload(&tokens.pos)?,
-            feat: device.upload(&convert)?,
+        let DeviceHead::Classifier { norm, head } = &self.head else {
+            return Err(Error::Unsupported(
+                "this is a segmentation backbone: it has no classification head".into(),
+            ));
         };
-        for s in 0..self.stages.len() {
-            x = self.run_stage(s, x, grid)?;
-        }
-        let _t = profile::scope("head");
-        let (b, n, c) = (x.batch, x.tokens, x.channels);
-        layer_norm_in_place(device, &mut x.feat, &self.norm, b * n)?;
-        let mut pooled = device.alloc::<T>(b * c)?;
-        mean_tokens(device, &x.feat, &mut pooled, (b, n, c))?;
-        let classes = self.head.out_dim;
-        let mut logits = device.alloc::<T>(b * classes)?;
-        linear(
-            device,
-            &pooled,
-            &self.head,
-            false,
-            &mut logits,
-            Output::Overwrite,
-            b,
-        )?;
-        let logits = device
-            .download(&logits)?
-            .into_iter()
-            .map(T::to_f32)
-            .collect();
-        Tensor::new(vec![b, classes], logits)
+        let (x, grid) = self.embed(images)?;
+        let mut x = self.run_stages(x, grid, |_, _| Ok(()))?;
+        let device = &self.device;
+        let b = x.batch;
+        let logits = self.op("head", || {
+            let (n, c) = (x.tokens, x.channels);
+            layer_norm_in_place(device, &mut x.feat, norm, b * n)?;
+            let mut pooled = device.alloc::<T>(b * c)?;
+            mean_tokens(device, &x.feat, &mut pooled, (b, n, c))?;
+            let mut logits = device.alloc::<T>(b * head.out_dim)?;
+            linear(
+                device,
+                &pooled,
+                head,
+                false,
+                &mut logits,
+                Output::Overwrite,
+                b,
+            )?;
+            Ok(logits)
+        })?;
+        let logits = device.download(&logits)?;
+        Tensor::new(
+            vec![b, head.out_dim],
+            logits.into_iter().map(T::to_f32).collect(),
+        )
     }
 
+    /// The multi-scale features of a segmentation backbone, as
+    /// [`AutoFocusFormer::features`].
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for a classifier; [`Error::Shape`] for a
+    /// malformed input; device errors.
+    pub fn features(&self, images: &Tensor) -> Result<BackboneFeatures> {
+        let DeviceHead::Backbone { norms } = &self.head else {
+            return Err(Error::Unsupported(
+                "features need a segmentation backbone (a checkpoint with norm0..norm3); this is a classifier".into(),
+            ));
+        };
+        let padded = pad_to_multiple(images, 4)?;
+        let (x, grid) = self.embed(&padded)?;
+        let device = &self.device;
+        let mut stages = Vec::with_capacity(self.stages.len());
+        let mut output = |s: usize, mut tokens: DeviceTokens<T>| -> Result<()> {
+            let norm = norms
+                .get(s)
+                .ok_or_else(|| Error::Unsupported(format!("the backbone has no norm{s}")))?;
+            let rows = tokens.batch * tokens.tokens;
+            layer_norm_in_place(device, &mut tokens.feat, norm, rows)?;
+            stages.push(tokens.download(device)?);
+            Ok(())
+        };
+        let last = self.run_stages(x, grid, &mut output)?;
+        output(self.stages.len() - 1, last)?;
+        Ok(BackboneFeatures { grid, stages })
+    }
+
+    /// Runs `f` as op `name` of the profile. When profiling, waits for the
+    /// device at the end, so the time is the op's, not its launch's.
+    fn op<R>(&self, name: &'static str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let _scope = profile::scope(name);
+        let result = f()?;
+        if profile::is_enabled() {
+            self.device.synchronize()?;
+        }
+        Ok(result)
+    }
+
+    /// Patch embedding of b×3×H×W images: stage-0 tokens and their grid.
+    fn embed(&self, images: &Tensor) -> Result<(DeviceTokens<T>, (usize, usize))> {
+        let &[b, 3, height, width] = images.shape() else {
+            return Err(Error::shape(
+                "forward",
+                "image",
+                "[b, 3, H, W]",
+                images.shape(),
+            ));
+        };
+        if b == 0 || height == 0 || width == 0 {
+            return Err(Error::shape(
+                "forward",
+                "image",
+                "non-empty [b, 3, H, W]",
+                images.shape(),
+            ));
+        }
+        let device = &self.device;
+        self.op("patch_embed", || {
+            let pixels: Vec<T> = images.data().iter().map(|&v| T::from_f32(v)).collect();
+            let pixels = device.upload(&pixels)?;
+            let (feat, grid) = self.embed.forward(device, &pixels, b, (height, width))?;
+            let tokens = DeviceTokens {
+                batch: b,
+                tokens: grid.0 * grid.1,
+                channels: self.model.config().embed_dim[0],
+                pos: device.upload(&grid_positions(grid.0, grid.1).repeat(b))?,
+                feat,
+            };
+            Ok((tokens, grid))
+        })
+    }
+
+    /// Stage `s` on the stage-0 `grid`: layout, then blocks. Returns the
+    /// tokens after the blocks (before merging) and the stage's neighbourhoods.
     fn run_stage(
         &self,
         s: usize,
         x: DeviceTokens<T>,
         grid: (usize, usize),
-    ) -> Result<DeviceTokens<T>> {
+    ) -> Result<(DeviceTokens<T>, DeviceNeighbourhood)> {
         let device = &self.device;
         let config = self.model.config();
         let (b, n, c) = (x.batch, x.tokens, x.channels);
         let nbhd_size = config.nbhd_size[s];
-        let _stage = profile::scope(if s == 0 { "stage0" } else { "stage" });
 
         // Layout (spec §3–4): global, or clusters and their neighbourhoods.
         let (pos, mut feat, nbhd) = if nbhd_size >= n {
             (x.pos, x.feat, DeviceNeighbourhood::global(n))
         } else {
-            let _t = profile::scope("layout");
-            let s_c = config.cluster_size;
-            let clustering = space_filling_cluster(device, &x.pos, b, n, s_c, grid)?;
-            let k = clustering.clusters;
-            let nnc = (round_half_even(nbhd_size as f64 / s_c as f64) as usize).clamp(1, k);
-            let nbhd = nearest_neighbourhoods(
-                device,
-                &clustering.pos,
-                &clustering.means,
-                (b, n, k),
-                nnc,
-                clustering.cluster_size,
-            )?;
-            let mut feat = device.alloc::<T>(b * n * c)?;
-            gather_rows(
-                device,
-                &x.feat,
-                &clustering.reorder,
-                &mut feat,
-                (b, n, n, c),
-            )?;
-            (clustering.pos, feat, nbhd)
+            self.op("layout", || {
+                let s_c = config.cluster_size;
+                let clustering = space_filling_cluster(device, &x.pos, b, n, s_c, grid)?;
+                let k = clustering.clusters;
+                let nnc = (round_half_even(nbhd_size as f64 / s_c as f64) as usize).clamp(1, k);
+                let nbhd = nearest_neighbourhoods(
+                    device,
+                    &clustering.pos,
+                    &clustering.means,
+                    (b, n, k),
+                    nnc,
+                    clustering.cluster_size,
+                )?;
+                let mut feat = device.alloc::<T>(b * n * c)?;
+                let shape = (b, n, n, c);
+                gather_rows(device, &x.feat, &clustering.reorder, &mut feat, shape)?;
+                Ok((clustering.pos, feat, nbhd))
+            })?
         };
-
-        let stage = &self.stages[s];
-        for block in &stage.blocks {
+        for block in &self.stages[s].blocks {
             self.run_block(block, &mut feat, &pos, &nbhd, (b, n, c))?;
         }
-        let Some(merge) = &stage.merge else {
-            return Ok(DeviceTokens {
-                batch: b,
-                tokens: n,
-                channels: c,
-                pos,
-                feat,
-            });
-        };
-
-        // Importance, selection and PointConv merge (spec §7).
-        let _t = profile::scope("merge");
-        let mut p = device.alloc::<f32>(b * n)?;
-        importance(
-            device,
-            &feat,
-            &merge.prob_weight,
-            merge.prob_bias,
-            &mut p,
-            (b * n, c),
-        )?;
-        let stride = 2usize << s;
-        let selection = select_tokens(
-            device,
-            &pos,
-            &p,
-            b,
-            n,
-            stride,
-            config.alpha as f32,
-            config.ds_rate,
-        )?;
-        let kept = selection.kept;
-        let mut merged = device.alloc::<T>(b * kept * INNER_CHANNELS * c)?;
-        let inputs = DeviceMergeInputs {
-            feat: &feat,
-            importance: &p,
-            nbhd: &nbhd,
-            centres: &selection.order,
-            pos: &pos,
-            weight_net: &merge.weight_net,
-            offset_clamp: None,
+        let tokens = DeviceTokens {
             batch: b,
             tokens: n,
-            kept,
             channels: c,
+            pos,
+            feat,
         };
-        pointconv_merge(device, &inputs, &mut merged)?;
-        layer_norm_in_place(device, &mut merged, &merge.norm, b * kept)?;
+        Ok((tokens, nbhd))
+    }
+
+    /// Importance, selection and PointConv merge ending stage `s` (spec §7),
+    /// on the tokens after its blocks; returns the next stage's tokens.
+    fn merge(
+        &self,
+        s: usize,
+        merge: &DeviceMerge<T>,
+        x: &DeviceTokens<T>,
+        nbhd: &DeviceNeighbourhood,
+    ) -> Result<DeviceTokens<T>> {
+        let device = &self.device;
+        let config = self.model.config();
+        let (b, n, c) = (x.batch, x.tokens, x.channels);
+        let (p, selection) = self.op("merge.selection", || {
+            let mut p = device.alloc::<f32>(b * n)?;
+            let (weight, bias) = (&merge.prob_weight, merge.prob_bias);
+            importance(device, &x.feat, weight, bias, &mut p, (b * n, c))?;
+            let stride = 2usize << s;
+            let (alpha, ds_rate) = (config.alpha as f32, config.ds_rate);
+            let selection = select_tokens(device, &x.pos, &p, b, n, stride, alpha, ds_rate)?;
+            Ok((p, selection))
+        })?;
+        let kept = selection.kept;
+        let merged = self.op("merge.pointconv", || {
+            let mut merged = device.alloc::<T>(b * kept * INNER_CHANNELS * c)?;
+            let inputs = DeviceMergeInputs {
+                feat: &x.feat,
+                importance: &p,
+                nbhd,
+                centres: &selection.order,
+                pos: &x.pos,
+                weight_net: &merge.weight_net,
+                offset_clamp: self.offset_clamp,
+                batch: b,
+                tokens: n,
+                kept,
+                channels: c,
+            };
+            pointconv_merge(device, &inputs, &mut merged)?;
+            layer_norm_in_place(device, &mut merged, &merge.norm, b * kept)?;
+            Ok(merged)
+        })?;
         let c_next = merge.linear.out_dim;
-        let mut next = device.alloc::<T>(b * kept * c_next)?;
-        linear(
-            device,
-            &merged,
-            &merge.linear,
-            false,
-            &mut next,
-            Output::Overwrite,
-            b * kept,
-        )?;
-        let mut next_pos = device.alloc::<f32>(b * kept * 2)?;
-        gather_rows(
-            device,
-            &pos,
-            &selection.order,
-            &mut next_pos,
-            (b, n, kept, 2),
-        )?;
+        let feat = self.op("merge.linear", || {
+            let mut next = device.alloc::<T>(b * kept * c_next)?;
+            let rows = b * kept;
+            linear(
+                device,
+                &merged,
+                &merge.linear,
+                false,
+                &mut next,
+                Output::Overwrite,
+                rows,
+            )?;
+            Ok(next)
+        })?;
+        let mut pos = device.alloc::<f32>(b * kept * 2)?;
+        gather_rows(device, &x.pos, &selection.order, &mut pos, (b, n, kept, 2))?;
         Ok(DeviceTokens {
             batch: b,
             tokens: kept,
             channels: c_next,
-            pos: next_pos,
-            feat: next,
+            pos,
+            feat,
         })
+    }
+
+    /// Every stage: returns the last stage's tokens, and hands each stage's
+    /// tokens before merging to `before_merge`.
+    fn run_stages(
+        &self,
+        mut x: DeviceTokens<T>,
+        grid: (usize, usize),
+        mut before_merge: impl FnMut(usize, DeviceTokens<T>) -> Result<()>,
+    ) -> Result<DeviceTokens<T>> {
+        let last = self.stages.len() - 1;
+        for s in 0..last {
+            let (tokens, nbhd) = self.run_stage(s, x, grid)?;
+            let merge = self.stages[s]
+                .merge
+                .as_ref()
+                .ok_or_else(|| Error::Unsupported(format!("stage {s} has no merge")))?;
+            x = self.merge(s, merge, &tokens, &nbhd)?;
+            before_merge(s, tokens)?;
+        }
+        Ok(self.run_stage(last, x, grid)?.0)
     }
 
     /// `x += g1·proj(attn(LN1(x)))`, `x += g2·fc2(GELU(fc1(LN2(x))))`.
@@ -290,65 +416,86 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         let device = &self.device;
         let rows = b * n;
         let mut normed = device.alloc::<T>(rows * c)?;
-        layer_norm(device, x, &block.norm1, &mut normed, rows)?;
-        let mut q = device.alloc::<T>(rows * c)?;
-        linear(
-            device,
-            &normed,
-            &block.q,
-            false,
-            &mut q,
-            Output::Overwrite,
-            rows,
-        )?;
-        let mut kv = device.alloc::<T>(rows * 2 * c)?;
-        linear(
-            device,
-            &normed,
-            &block.kv,
-            false,
-            &mut kv,
-            Output::Overwrite,
-            rows,
-        )?;
-        let head_dim = c / block.heads;
-        let inputs = DeviceAttentionInputs {
-            q: &q,
-            q_scale: (head_dim as f64).powf(-0.5) as f32,
-            kv: &kv,
-            nbhd,
-            pos,
-            pos_weight: &block.pos_weight,
-            pos_bias: &block.pos_bias,
-            blank_k: &block.blank_k,
-            blank_v: &block.blank_v,
-            offset_clamp: None,
-            batch: b,
-            tokens: n,
-            heads: block.heads,
-            head_dim,
-        };
-        // The attention output reuses `q`'s shape; write it into `normed`.
-        cluster_attention(device, &inputs, &mut normed)?;
-        let gamma1 = Output::Accumulate {
-            gamma: block.gamma1.as_ref(),
-        };
-        linear(device, &normed, &block.proj, false, x, gamma1, rows)?;
-        layer_norm(device, x, &block.norm2, &mut normed, rows)?;
-        let mut hidden = device.alloc::<T>(rows * block.fc1.out_dim)?;
-        linear(
-            device,
-            &normed,
-            &block.fc1,
-            true,
-            &mut hidden,
-            Output::Overwrite,
-            rows,
-        )?;
-        let gamma2 = Output::Accumulate {
-            gamma: block.gamma2.as_ref(),
-        };
-        linear(device, &hidden, &block.fc2, false, x, gamma2, rows)
+        let (q, kv) = self.op("attn.qkv", || {
+            layer_norm(device, x, &block.norm1, &mut normed, rows)?;
+            let mut q = device.alloc::<T>(rows * c)?;
+            linear(
+                device,
+                &normed,
+                &block.q,
+                false,
+                &mut q,
+                Output::Overwrite,
+                rows,
+            )?;
+            let mut kv = device.alloc::<T>(rows * 2 * c)?;
+            linear(
+                device,
+                &normed,
+                &block.kv,
+                false,
+                &mut kv,
+                Output::Overwrite,
+                rows,
+            )?;
+            Ok((q, kv))
+        })?;
+        self.op("attn.cluster_attention", || {
+            let head_dim = c / block.heads;
+            let inputs = DeviceAttentionInputs {
+                q: &q,
+                q_scale: (head_dim as f64).powf(-0.5) as f32,
+                kv: &kv,
+                nbhd,
+                pos,
+                pos_weight: &block.pos_weight,
+                pos_bias: &block.pos_bias,
+                blank_k: &block.blank_k,
+                blank_v: &block.blank_v,
+                offset_clamp: self.offset_clamp,
+                batch: b,
+                tokens: n,
+                heads: block.heads,
+                head_dim,
+            };
+            // The attention output has `q`'s shape: it goes into `normed`.
+            cluster_attention(device, &inputs, &mut normed)
+        })?;
+        self.op("attn.proj", || {
+            let gamma = block.gamma1.as_ref();
+            linear(
+                device,
+                &normed,
+                &block.proj,
+                false,
+                x,
+                Output::Accumulate { gamma },
+                rows,
+            )
+        })?;
+        self.op("mlp", || {
+            layer_norm(device, x, &block.norm2, &mut normed, rows)?;
+            let mut hidden = device.alloc::<T>(rows * block.fc1.out_dim)?;
+            linear(
+                device,
+                &normed,
+                &block.fc1,
+                true,
+                &mut hidden,
+                Output::Overwrite,
+                rows,
+            )?;
+            let gamma = block.gamma2.as_ref();
+            linear(
+                device,
+                &hidden,
+                &block.fc2,
+                false,
+                x,
+                Output::Accumulate { gamma },
+                rows,
+            )
+        })
     }
 }
 

@@ -64,6 +64,28 @@ impl BackboneFeatures {
         )?;
         Tensor::new(vec![t.batch, t.channels, self.grid.0, self.grid.1], dense)
     }
+
+    /// [`to_dense`](Self::to_dense) computed by the `to_dense` kernel on `device`.
+    ///
+    /// # Errors
+    /// As [`to_dense`](Self::to_dense) (`k` at most 16); device errors.
+    pub fn to_dense_on(
+        &self,
+        device: &crate::gpu::Device,
+        s: usize,
+        options: DenseOptions,
+    ) -> Result<Tensor> {
+        let t = self.stages.get(s).ok_or_else(|| {
+            Error::InvalidArgument(format!("no stage {s} (there are {})", self.stages.len()))
+        })?;
+        let (h, w) = self.grid;
+        let pos = device.upload(&t.pos)?;
+        let feat = device.upload(&t.feat)?;
+        let mut out = device.alloc::<f32>(t.batch * t.channels * h * w)?;
+        let sizes = (t.batch, t.tokens, t.channels);
+        crate::ops::dense::gpu::to_dense(device, &pos, &feat, &mut out, sizes, self.grid, options)?;
+        Tensor::new(vec![t.batch, t.channels, h, w], device.download(&out)?)
+    }
 }
 
 /// Zero-pads b×3×H×W images right and bottom to sides that are multiples of
@@ -170,6 +192,11 @@ impl AutoFocusFormer {
             grid_cache: GridCache::default(),
             offset_clamp: (kind == ModelKind::Backbone).then_some(SEGMENTATION_OFFSET_CLAMP),
         }
+    }
+
+    /// The per-axis clamp of relative offsets (segmentation backbones: 511).
+    pub fn offset_clamp(&self) -> Option<usize> {
+        self.offset_clamp
     }
 
     /// The configuration.

@@ -8,6 +8,8 @@ use super::linear::Linear;
 use super::norm::{BatchNorm, LayerNorm};
 use crate::error::{Error, Result};
 
+pub mod gpu;
+
 /// Output side of a 3×3, stride-2, padding-1 convolution.
 pub fn conv_out(side: usize) -> usize {
     side.div_ceil(2)
