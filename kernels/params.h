@@ -49,12 +49,13 @@ struct MeanTokensParams {
   int32_t batch, tokens, channels;
 };
 
-// out[img][r] = in[img][index[img][r]] (rows of `width` elements).
+// out[img][r] = in[img][index[img][r]] (rows of `width` elements); with
+// index_images = 1 every image uses the same index row.
 struct GatherRowsParams {
   const void* in;         // T, batch × in_rows × width
-  const int32_t* index;   // batch × out_rows, each < in_rows
+  const int32_t* index;   // index_images × out_rows, each < in_rows
   void* out;              // T, batch × out_rows × width
-  int32_t batch, in_rows, out_rows, width;
+  int32_t batch, in_rows, out_rows, width, index_images;
 };
 
 // Fused cluster attention (spec §6): logits q·k + P(f) − 100·[masked],

@@ -8,7 +8,8 @@ __device__ void gather_rows_impl(const GatherRowsParams p) {
   for (size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += size_t(gridDim.x) * blockDim.x) {
     const size_t row = e / p.width, img = row / p.out_rows;
-    const size_t src = img * p.in_rows + clamp_index(p.index[row], p.in_rows);
+    const size_t index_row = p.index_images == 1 ? row % p.out_rows : row;
+    const size_t src = img * p.in_rows + clamp_index(p.index[index_row], p.in_rows);
     static_cast<T*>(p.out)[e] = static_cast<const T*>(p.in)[src * p.width + e % p.width];
   }
 }

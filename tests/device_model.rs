@@ -116,3 +116,30 @@ fn malformed_images_are_errors() {
     assert!(err.contains("image"), "{err}");
     assert!(model.features(&case.f32("input.image")).is_err());
 }
+
+/// A larger batch of different images (so later stages cluster differently per
+/// image), through the kernels and on the CPU, twice (the second run uses
+/// the cached stage-0 layout).
+#[test]
+fn batches_match_the_cpu() {
+    let Some(case) = Case::load("tiny-128") else {
+        return;
+    };
+    let image = case.f32("input.image");
+    let mut data = image.data().to_vec();
+    data.extend(image.data().iter().rev().map(|v| 0.5 * v + 0.1));
+    let mut shape = image.shape().to_vec();
+    shape[0] *= 2;
+    let batch = autofocus::Tensor::new(shape, data).unwrap();
+    let want = case.model.forward(&batch).unwrap();
+    let model = DeviceModel::<f32>::new(&case.model, Device::emulator()).unwrap();
+    for run in 0..2 {
+        let got = model.forward(&batch).unwrap();
+        assert_eq!(got.shape(), want.shape());
+        assert_close(
+            &format!("batch of {}, run {run}", want.shape()[0]),
+            got.data(),
+            &want,
+        );
+    }
+}

@@ -646,6 +646,25 @@ fn gather_and_mean_match_plain_loops() {
             .collect();
         assert_eq!(device.download(&out).unwrap(), want);
 
+        // One index row shared by every image.
+        let shared = device.upload(&index[..out_rows]).unwrap();
+        let mut out = device.alloc::<f32>(batch * out_rows * width).unwrap();
+        autofocus::gpu::tensor_ops::gather_rows(
+            &device,
+            &dx,
+            &shared,
+            &mut out,
+            (batch, rows, out_rows, width),
+        )
+        .unwrap();
+        let want: Vec<f32> = (0..batch * out_rows * width)
+            .map(|e| {
+                let (row, col) = (e / width, e % width);
+                x[((row / out_rows) * rows + index[row % out_rows] as usize) * width + col]
+            })
+            .collect();
+        assert_eq!(device.download(&out).unwrap(), want);
+
         let mut mean = device.alloc::<f32>(batch * width).unwrap();
         autofocus::gpu::tensor_ops::mean_tokens(&device, &dx, &mut mean, (batch, rows, width))
             .unwrap();

@@ -88,6 +88,7 @@ pub struct GatherRowsParams {
     pub in_rows: i32,
     pub out_rows: i32,
     pub width: i32,
+    pub index_images: i32,
 }
 
 /// Fused cluster attention (spec §6): logits `q·k + P(f) − 100·[masked]`,

@@ -8,8 +8,8 @@ use crate::error::{Error, Result};
 const THREADS: u32 = 256;
 
 /// `out[img][r] = input[img][index[img][r]]` for rows of `width` elements:
-/// `input` is batch×in_rows×width, `index` batch×out_rows (each below
-/// `in_rows`), `out` batch×out_rows×width.
+/// `input` is batch×in_rows×width, `index` batch×out_rows, or out_rows
+/// shared by every image, `out` batch×out_rows×width.
 ///
 /// Indices out of range are clamped into it (memory stays safe; the rows
 /// gathered are then meaningless).
@@ -24,14 +24,20 @@ pub fn gather_rows<T: Element>(
     (batch, in_rows, out_rows, width): (usize, usize, usize, usize),
 ) -> Result<()> {
     const OP: &str = "gather_rows";
+    let index_images = if index.len() == out_rows && batch > 1 {
+        1
+    } else {
+        batch
+    };
     let params = GatherRowsParams {
         r#in: device.check(OP, "input", input, &[batch, in_rows, width])?,
-        index: device.check(OP, "index", index, &[batch, out_rows])?,
+        index: device.check(OP, "index", index, &[index_images, out_rows])?,
         out: device.check_mut(OP, "out", out, &[batch, out_rows, width])?,
         batch: dim(OP, "batch", batch)?,
         in_rows: dim(OP, "in_rows", in_rows)?,
         out_rows: dim(OP, "out_rows", out_rows)?,
         width: dim(OP, "width", width)?,
+        index_images: dim(OP, "index images", index_images)?,
     };
     let total = batch * out_rows * width;
     if total == 0 {

@@ -4,13 +4,16 @@
 //! the logits (or backbone features) come back, plus one count per image and
 //! stage that sizes the token selection.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use super::weights::{BlockWeights, Head, MergeWeights};
 use super::{AutoFocusFormer, BackboneFeatures, Tokens, pad_to_multiple};
 use crate::error::{Error, Result};
 use crate::gpu::tensor_ops::{gather_rows, mean_tokens};
 use crate::gpu::{Buffer, Device, Element};
 use crate::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
-use crate::ops::clustering::gpu::space_filling_cluster;
+use crate::ops::clustering::gpu::{DeviceClustering, space_filling_cluster};
 use crate::ops::clustering::{grid_positions, round_half_even};
 use crate::ops::linear::gpu::{DeviceLinear, Output, linear};
 use crate::ops::neighbourhood::gpu::{DeviceNeighbourhood, nearest_neighbourhoods};
@@ -62,6 +65,30 @@ enum DeviceHead<T: Element> {
     },
 }
 
+/// The stage-0 layout of one grid: every image's stage-0 tokens are the
+/// full grid, so all images share it (spec §3's cache, keyed by the grid).
+struct GridLayout {
+    /// n: the token of each rank, shared by every image.
+    reorder: Buffer<i32>,
+    /// Neighbourhoods of one image, shared by every image.
+    nbhd: DeviceNeighbourhood,
+}
+
+/// A stage's neighbourhoods: its own, or the cached stage-0 ones.
+enum StageNeighbourhood {
+    Own(DeviceNeighbourhood),
+    Grid(Arc<GridLayout>),
+}
+
+impl StageNeighbourhood {
+    fn get(&self) -> &DeviceNeighbourhood {
+        match self {
+            Self::Own(nbhd) => nbhd,
+            Self::Grid(layout) => &layout.nbhd,
+        }
+    }
+}
+
 /// An [`AutoFocusFormer`] with its weights on a device, stored as `T` (f32,
 /// f16 or bf16). LayerNorm, importance and position parameters stay f32,
 /// positions and importance scores are f32, and every kernel accumulates in
@@ -73,6 +100,7 @@ pub struct DeviceModel<'m, T: Element> {
     stages: Vec<DeviceStage<T>>,
     head: DeviceHead<T>,
     offset_clamp: Option<f32>,
+    grid_layouts: Mutex<HashMap<(usize, usize), Arc<GridLayout>>>,
 }
 
 /// Tokens on the device between stages.
@@ -143,6 +171,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             stages,
             head,
             offset_clamp: model.offset_clamp().map(|c| c as f32),
+            grid_layouts: Mutex::default(),
             device,
         })
     }
@@ -274,37 +303,37 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         s: usize,
         x: DeviceTokens<T>,
         grid: (usize, usize),
-    ) -> Result<(DeviceTokens<T>, DeviceNeighbourhood)> {
+    ) -> Result<(DeviceTokens<T>, StageNeighbourhood)> {
         let device = &self.device;
         let config = self.model.config();
         let (b, n, c) = (x.batch, x.tokens, x.channels);
         let nbhd_size = config.nbhd_size[s];
 
-        // Layout (spec §3–4): global, or clusters and their neighbourhoods.
+        // Layout (spec §3–4): global, the cached grid layout (stage 0), or
+        // clusters and their neighbourhoods.
         let (pos, mut feat, nbhd) = if nbhd_size >= n {
-            (x.pos, x.feat, DeviceNeighbourhood::global(n))
+            let nbhd = StageNeighbourhood::Own(DeviceNeighbourhood::global(n));
+            (x.pos, x.feat, nbhd)
+        } else if s == 0 {
+            self.op("layout", || {
+                let layout = self.grid_layout(grid)?;
+                let mut pos = device.alloc::<f32>(b * n * 2)?;
+                gather_rows(device, &x.pos, &layout.reorder, &mut pos, (b, n, n, 2))?;
+                let mut feat = device.alloc::<T>(b * n * c)?;
+                gather_rows(device, &x.feat, &layout.reorder, &mut feat, (b, n, n, c))?;
+                Ok((pos, feat, StageNeighbourhood::Grid(layout)))
+            })?
         } else {
             self.op("layout", || {
-                let s_c = config.cluster_size;
-                let clustering = space_filling_cluster(device, &x.pos, b, n, s_c, grid)?;
-                let k = clustering.clusters;
-                let nnc = (round_half_even(nbhd_size as f64 / s_c as f64) as usize).clamp(1, k);
-                let nbhd = nearest_neighbourhoods(
-                    device,
-                    &clustering.pos,
-                    &clustering.means,
-                    (b, n, k),
-                    nnc,
-                    clustering.cluster_size,
-                )?;
+                let (clustering, nbhd) = self.cluster(s, &x.pos, b, n, grid)?;
                 let mut feat = device.alloc::<T>(b * n * c)?;
                 let shape = (b, n, n, c);
                 gather_rows(device, &x.feat, &clustering.reorder, &mut feat, shape)?;
-                Ok((clustering.pos, feat, nbhd))
+                Ok((clustering.pos, feat, StageNeighbourhood::Own(nbhd)))
             })?
         };
         for block in &self.stages[s].blocks {
-            self.run_block(block, &mut feat, &pos, &nbhd, (b, n, c))?;
+            self.run_block(block, &mut feat, &pos, nbhd.get(), (b, n, c))?;
         }
         let tokens = DeviceTokens {
             batch: b,
@@ -314,6 +343,51 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             feat,
         };
         Ok((tokens, nbhd))
+    }
+
+    /// Clusters stage `s`'s tokens (b×n at `pos`) and finds their neighbourhoods.
+    fn cluster(
+        &self,
+        s: usize,
+        pos: &Buffer<f32>,
+        b: usize,
+        n: usize,
+        grid: (usize, usize),
+    ) -> Result<(DeviceClustering, DeviceNeighbourhood)> {
+        let config = self.model.config();
+        let s_c = config.cluster_size;
+        let clustering = space_filling_cluster(&self.device, pos, b, n, s_c, grid)?;
+        let k = clustering.clusters;
+        let nnc = (round_half_even(config.nbhd_size[s] as f64 / s_c as f64) as usize).clamp(1, k);
+        let nbhd = nearest_neighbourhoods(
+            &self.device,
+            &clustering.pos,
+            &clustering.means,
+            (b, n, k),
+            nnc,
+            clustering.cluster_size,
+        )?;
+        Ok((clustering, nbhd))
+    }
+
+    /// The stage-0 layout of `grid`, computed for one image on first use.
+    fn grid_layout(&self, grid: (usize, usize)) -> Result<Arc<GridLayout>> {
+        let mut layouts = self.grid_layouts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(layout) = layouts.get(&grid) {
+            return Ok(layout.clone());
+        }
+        let pos = self.device.upload(&grid_positions(grid.0, grid.1))?;
+        let (clustering, nbhd) = self.cluster(0, &pos, 1, grid.0 * grid.1, grid)?;
+        let layout = Arc::new(GridLayout {
+            reorder: clustering.reorder,
+            nbhd,
+        });
+        // A few grid sizes at most in practice; bound it like the CPU cache.
+        if layouts.len() >= 16 {
+            layouts.clear();
+        }
+        layouts.insert(grid, layout.clone());
+        Ok(layout)
     }
 
     /// Importance, selection and PointConv merge ending stage `s` (spec §7),
@@ -398,7 +472,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 .merge
                 .as_ref()
                 .ok_or_else(|| Error::Unsupported(format!("stage {s} has no merge")))?;
-            x = self.merge(s, merge, &tokens, &nbhd)?;
+            x = self.merge(s, merge, &tokens, nbhd.get())?;
             before_merge(s, tokens)?;
         }
         Ok(self.run_stage(last, x, grid)?.0)
