@@ -80,6 +80,9 @@ fn kernels(c: &mut Criterion) {
             attention::<half::bf16>(c, &device);
             attention::<f32>(c, &device);
         }
+        Err(e) if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}")
+        }
         Err(e) => eprintln!("SKIPPED: kernel benchmarks need a GPU ({e})"),
     }
 }
