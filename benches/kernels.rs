@@ -1,6 +1,7 @@
 //! Kernel benchmarks on GPU 0 (skipped, with a message, without one).
 //!
-//! The fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
+//! The stage-0 layout (clustering, nearest clusters, selection) per image,
+//! and the fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
 //! 2 heads of 32, m = 48) in bf16. Criterion's throughput is the HBM floor's
 //! bytes — every input read once, the output written once — so the GB/s it
 //! prints divided by the card's bandwidth is the fraction of the floor.
@@ -9,7 +10,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 use autofocus::gpu::{Device, Element};
 use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
+use autofocus::ops::clustering::gpu::space_filling_cluster;
 use autofocus::ops::neighbourhood::gpu::nearest_neighbourhoods;
+use autofocus::ops::token_selection::gpu::select_tokens;
 
 fn attention<T: Element>(c: &mut Criterion, device: &Device) {
     let (b, side, heads, d, s, nnc) = (64usize, 56usize, 2usize, 32usize, 8usize, 6usize);
@@ -73,12 +76,52 @@ fn attention<T: Element>(c: &mut Criterion, device: &Device) {
     group.finish();
 }
 
+/// Stage-0 layout and selection for a batch of 64 images at 224² (56×56
+/// tokens, clusters of 8, 6 nearest): clustering + nearest clusters +
+/// selection, uncached (the model computes the stage-0 layout once per grid).
+/// Throughput in images, so criterion reports images/s (µs per image = 1e6/that).
+fn layout(c: &mut Criterion, device: &Device) {
+    let (b, side, s, nnc) = (64usize, 56usize, 8usize, 6usize);
+    let n = side * side;
+    let pos: Vec<f32> = (0..b)
+        .flat_map(|_| (0..n).flat_map(|t| [(t % side) as f32, (t / side) as f32]))
+        .collect();
+    let importance: Vec<f32> = (0..b * n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+        .collect();
+    let dpos = device.upload(&pos).unwrap();
+    let dimp = device.upload(&importance).unwrap();
+    let mut group = c.benchmark_group("stage0_layout");
+    group.throughput(Throughput::Elements(b as u64));
+    group.bench_function("cluster+nearest+select_b64_224", |bench| {
+        bench.iter(|| {
+            let clustering = space_filling_cluster(device, &dpos, b, n, s, (side, side)).unwrap();
+            let k = clustering.clusters;
+            let nbhd = nearest_neighbourhoods(
+                device,
+                &clustering.pos,
+                &clustering.means,
+                (b, n, k),
+                nnc,
+                s,
+            )
+            .unwrap();
+            let selection =
+                select_tokens(device, &clustering.pos, &dimp, b, n, 2, 4.0, 0.25).unwrap();
+            device.synchronize().unwrap();
+            (nbhd, selection)
+        })
+    });
+    group.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     match Device::cuda(0) {
         Ok(device) => {
             eprintln!("benchmarking on {}", device.name());
             attention::<half::bf16>(c, &device);
             attention::<f32>(c, &device);
+            layout(c, &device);
         }
         Err(e) if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}")

@@ -8,8 +8,11 @@
 #
 # `run` executes every kernel test and the golden end-to-end tests on GPU 0
 # (AUTOFOCUS_REQUIRE_GPU=1: no silent fallback to the emulator alone),
-# compute-sanitizer memcheck and racecheck over the kernel tests, the
-# attention benchmark, and `autofocus bench --device cuda` on aff_mini.
+# compute-sanitizer memcheck and racecheck over the kernel tests, the kernel
+# benchmarks (attention, stage-0 layout), `autofocus bench --device cuda` on
+# aff_mini (plus a per-op profile), the card's copy and matmul ceilings
+# (through PyTorch), and an ncu summary of the main kernels. Expect about
+# 5 to 8 minutes of device time; the emulator is skipped there (CI runs it).
 # Copy the report's numbers into docs/gpu.md with the card and the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,13 +73,44 @@ run() {
     step "bench-aff_mini-$dtype" device-bin/autofocus bench --device cuda --dtype "$dtype" \
       --config aff_mini --batch 256 --size 224 --iters 5 --warmup 1 --json
   done
+  step profile-aff_mini-bf16 device-bin/autofocus bench --device cuda --dtype bf16 \
+    --config aff_mini --batch 256 --size 224 --iters 2 --warmup 1 --profile
+  # The card's two ceilings, measured (METHOD.md): a large device copy and a
+  # large bf16 matrix product, through the PyTorch installed there.
+  step ceilings timeout 120 python3 -c '
+import torch
+def ms(f, reps=20):
+    f(); torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps): f()
+    b.record(); torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+x = torch.empty(1 << 28, dtype=torch.float32, device="cuda"); y = torch.empty_like(x)
+t = ms(lambda: y.copy_(x)); print(f"copy: {2 * x.numel() * 4 / t / 1e9:.0f} GB/s (read + write)")
+m = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLOP/s")'
+  # One Nsight Compute summary of the model's main kernels.
+  step ncu timeout 300 ncu --clock-control none --section SpeedOfLight --launch-count 12 \
+    -k "regex:cluster_attention|linear|pointconv_merge|stable_sort|nearest_neighbourhoods" \
+    device-bin/autofocus bench --device cuda --dtype bf16 --config aff_mini --batch 64 \
+    --size 224 --iters 1 --warmup 0
   {
     echo
-    echo "## Attention (aff_tiny stage 0, b = 64)"
-    grep -E "time:|thrpt:|cluster_attention" "$out/attention-bench.log" || true
+    echo "## Attention (aff_tiny stage 0, b = 64) and stage-0 layout (b = 64, 224²)"
+    grep -E "time:|thrpt:|cluster_attention|stage0_layout" "$out/attention-bench.log" || true
     echo
     echo "## Whole model"
     tail -n 1 "$out"/bench-aff_mini-*.log || true
+    echo
+    echo "## Per op (bf16, batch 256, synchronised per op)"
+    grep -A 16 "op (per forward)" "$out/profile-aff_mini-bf16.log" || true
+    echo
+    echo "## Ceilings"
+    cat "$out/ceilings.log" || true
+    echo
+    echo "## ncu (SpeedOfLight)"
+    grep -E "cluster_attention|linear_|pointconv|stable_sort|nearest|Memory Throughput|Compute \(SM\) Throughput|Duration" "$out/ncu.log" | head -60 || true
     echo
     echo "## half precision agreement"
     grep -h "max error" "$out/golden-on-gpu.log" || true
