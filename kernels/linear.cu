@@ -13,7 +13,8 @@ __device__ void linear_impl(const LinearParams p) {
   __shared__ float ws[kStep][kTile + 4];
   const T* x = static_cast<const T*>(p.x);
   const T* w = static_cast<const T*>(p.weight);
-  const int row0 = blockIdx.y * kTile, col0 = blockIdx.x * kTile;
+  // Rows on x (up to 2^31 − 1 tiles), outputs on y (up to 65 535 tiles).
+  const int row0 = blockIdx.x * kTile, col0 = blockIdx.y * kTile;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float acc[4][4] = {};
   for (int k0 = 0; k0 < p.in_dim; k0 += kStep) {

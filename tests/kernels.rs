@@ -35,11 +35,27 @@ fn devices() -> Vec<Device> {
     devices
 }
 
-/// A small deterministic generator (xorshift64*).
+/// The run's base seed: `AUTOFOCUS_TEST_SEED`, or fresh from the clock, so
+/// every run draws new inputs; printed, so a failure can be replayed.
+fn base_seed() -> u64 {
+    let seed = std::env::var("AUTOFOCUS_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("inputs from AUTOFOCUS_TEST_SEED={seed}");
+    seed
+}
+
+/// A small generator (xorshift64*), one stream per test.
 struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    fn new(stream: u64) -> Self {
+        let seed = base_seed() ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
     fn next(&mut self) -> u64 {

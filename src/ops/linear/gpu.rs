@@ -1,6 +1,6 @@
 //! The linear layer on a [`Device`] (`kernels/linear.cu`).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::params::LinearParams;
 use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name, optional_addr};
 
@@ -83,15 +83,8 @@ pub fn linear<T: Element>(
     if rows == 0 || n == 0 {
         return Ok(());
     }
-    if n.div_ceil(TILE) > 65_535 * 64 {
-        return Err(Error::InvalidArgument(format!(
-            "{OP}: {n} outputs are too many"
-        )));
-    }
-    let config = LaunchConfig::blocks(OP, n.div_ceil(TILE), rows.div_ceil(TILE), THREADS, 0);
-    // Rows go on the grid's y axis (at most 65 535 tiles of 64 rows).
-    let config = config
-        .map_err(|_| Error::InvalidArgument(format!("{OP}: {rows} rows exceed one launch")))?;
+    // Rows on the grid's x axis, outputs on y (at most 65 535 tiles of 64).
+    let config = LaunchConfig::blocks(OP, rows.div_ceil(TILE), n.div_ceil(TILE), THREADS, 0)?;
     // SAFETY: every buffer was checked against the shapes the kernel indexes;
     // the residual aliases `out` element for element (read, then written, by
     // the same thread).
