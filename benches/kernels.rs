@@ -39,40 +39,48 @@ fn attention<T: Element>(c: &mut Criterion, device: &Device) {
         .collect();
     let dpos = device.upload(&pos).unwrap();
     let dmeans = device.upload(&means).unwrap();
-    let nbhd = nearest_neighbourhoods(device, &dpos, &dmeans, (b, n, k), nnc, s).unwrap();
+    let mut nbhd = nearest_neighbourhoods(device, &dpos, &dmeans, (b, n, k), nnc, s).unwrap();
     let q = device.upload(&values(b * n * ch, 1)).unwrap();
     let kv = device.upload(&values(b * n * 2 * ch, 2)).unwrap();
     let pos_weight = device.upload(&vec![0.01f32; heads * 5]).unwrap();
     let pos_bias = device.upload(&vec![0.0f32; heads]).unwrap();
     let blank = device.upload(&vec![0.1f32; ch]).unwrap();
     let mut out = device.zeros::<T>(b * n * ch).unwrap();
-    let inputs = DeviceAttentionInputs {
-        q: &q,
-        q_scale: (d as f32).powf(-0.5),
-        kv: &kv,
-        nbhd: &nbhd,
-        pos: &dpos,
-        pos_weight: &pos_weight,
-        pos_bias: &pos_bias,
-        blank_k: &blank,
-        blank_v: &blank,
-        offset_clamp: None,
-        batch: b,
-        tokens: n,
-        heads,
-        head_dim: d,
-    };
     // Floor: q, kv, out once each; neighbour indices (i32) and positions once.
     let elem = size_of::<T>();
     let floor_bytes = b * n * (ch * elem + 2 * ch * elem + ch * elem + m * 4 + 2 * 4);
     let mut group = c.benchmark_group("cluster_attention");
     group.throughput(Throughput::Bytes(floor_bytes as u64));
-    group.bench_function(format!("aff_tiny_stage0_b64_{}", T::SUFFIX), |bench| {
-        bench.iter(|| {
-            cluster_attention(device, &inputs, &mut out).unwrap();
-            device.synchronize().unwrap();
-        })
-    });
+    // The same lists with their cluster structure (the tiled kernel), then
+    // without it (the generic kernel).
+    for (variant, cluster_size) in [("tiled", Some(s)), ("generic", None)] {
+        nbhd.cluster_size = cluster_size;
+        let inputs = DeviceAttentionInputs {
+            q: &q,
+            q_scale: (d as f32).powf(-0.5),
+            kv: &kv,
+            nbhd: &nbhd,
+            pos: &dpos,
+            pos_weight: &pos_weight,
+            pos_bias: &pos_bias,
+            blank_k: &blank,
+            blank_v: &blank,
+            offset_clamp: None,
+            batch: b,
+            tokens: n,
+            heads,
+            head_dim: d,
+        };
+        group.bench_function(
+            format!("aff_tiny_stage0_b64_{}_{variant}", T::SUFFIX),
+            |bench| {
+                bench.iter(|| {
+                    cluster_attention(device, &inputs, &mut out).unwrap();
+                    device.synchronize().unwrap();
+                })
+            },
+        );
+    }
     group.finish();
 }
 

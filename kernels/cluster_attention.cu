@@ -86,3 +86,155 @@ __device__ void cluster_attention_impl(const AttentionParams p) {
 }
 
 AF_KERNEL_ALL_TYPES(cluster_attention, AttentionParams, cluster_attention_impl)
+
+// The tiled variant, for neighbour lists made of whole clusters (spec §4):
+// one block per query cluster (s queries, one warp each). The s queries
+// mostly share their nearest clusters, so the block stages, per head, the
+// keys and values of the union of their neighbour clusters in shared memory
+// once, instead of each query gathering its own from L2. Clusters beyond
+// the tile's capacity are read from global memory, as the generic kernel does.
+//
+// Shared memory: five int arrays of s·nnc (the union bookkeeping), the
+// generic kernel's per-warp scratch for s warps, then the tile:
+// tile_clusters·s rows of key and value, each head_dim + 1 floats (padded:
+// lanes reading different rows hit different banks).
+template <class T>
+__device__ void cluster_attention_tiled_impl(const AttentionParams p) {
+  AF_DYNAMIC_SHARED(float, shared);
+  const int s = p.cluster_size, d = p.head_dim, c = p.heads * d, m = p.m, nnc = m / s;
+  const int entries = s * nnc, row_stride = d + 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int clusters = (p.tokens + s - 1) / s;
+  const int img = blockIdx.x / clusters, query_cluster = blockIdx.x % clusters;
+  const int i = query_cluster * s + warp;  // this warp's query token
+  const bool has_query = i < p.tokens;
+
+  int* ids = reinterpret_cast<int*>(shared);  // entries: neighbour cluster of (query, r)
+  int* first = ids + entries;                 // entries: first entry with the same cluster
+  int* rank = first + entries;                // entries: union index of a first entry
+  int* slot_base = rank + entries;            // entries: union index of (query, r)
+  int* union_ids = slot_base + entries;       // entries: the distinct clusters
+  const int ints = ((5 * entries + 1 + 3) / 4) * 4;
+  int* union_count = union_ids + entries;     // 1
+  float* scratch = shared + ints + warp * (c + 6 * m + 1);
+  float* query = scratch;                     // c
+  float* features = query + c;                // 5 × m
+  float* logits = features + 5 * m;           // m + 1
+  float* tile = shared + ints + s * (c + 6 * m + 1);  // tile_clusters·s × 2 × row_stride
+
+  const size_t nbhd_image = size_t(p.nbhd_images == 1 ? 0 : img) * p.tokens;
+  const int32_t* nbrs = p.nbhd + (nbhd_image + (has_query ? i : 0)) * m;
+  const uint8_t* mask = p.mask ? p.mask + (nbhd_image + (has_query ? i : 0)) * m : nullptr;
+  const float* pos = p.pos + size_t(img) * p.tokens * 2;
+  const T* kv = static_cast<const T*>(p.kv) + size_t(img) * p.tokens * 2 * c;
+
+  // The union of the block's neighbour clusters (warp 0; entries ≤ 1024).
+  if (warp == 0) {
+    for (int e = lane; e < entries; e += 32) {
+      const int q = query_cluster * s + e / nnc;
+      const int32_t* list = p.nbhd + (nbhd_image + q) * m;
+      ids[e] = q < p.tokens ? clamp_index(list[(e % nnc) * s], p.tokens) / s : -1;
+    }
+    __syncwarp();
+    for (int e = lane; e < entries; e += 32) {
+      int f = e;
+      for (int o = 0; o < e; ++o)
+        if (ids[o] == ids[e]) { f = o; break; }
+      first[e] = f;
+    }
+    __syncwarp();
+    for (int e = lane; e < entries; e += 32) {
+      int r = 0;
+      for (int o = 0; o < e; ++o) r += first[o] == o && ids[o] >= 0;
+      rank[e] = r;
+      if (first[e] == e && ids[e] >= 0) union_ids[r] = ids[e];
+    }
+    __syncwarp();
+    for (int e = lane; e < entries; e += 32) slot_base[e] = rank[first[e]];
+    if (lane == 0) {
+      int count = 0;
+      for (int e = 0; e < entries; ++e) count += first[e] == e && ids[e] >= 0;
+      *union_count = count;
+    }
+  }
+
+  // Each query's features, as the generic kernel.
+  if (has_query) {
+    const T* q = static_cast<const T*>(p.q) + (size_t(img) * p.tokens + i) * c;
+    for (int e = lane; e < c; e += 32) query[e] = to_f32(q[e]) * p.q_scale;
+    const float xi = pos[2 * i], yi = pos[2 * i + 1];
+    for (int sl = lane; sl < m; sl += 32) {
+      const int j = clamp_index(nbrs[sl], p.tokens);
+      float f[5];
+      rel_pos_features(clamped_offset(xi, pos[2 * j], p.offset_clamp),
+                       clamped_offset(yi, pos[2 * j + 1], p.offset_clamp), f);
+      for (int k = 0; k < 5; ++k) features[k * m + sl] = f[k];
+    }
+  }
+  __syncthreads();
+  const int staged = *union_count < p.tile_clusters ? *union_count : p.tile_clusters;
+
+  for (int t = 0; t < p.heads; ++t) {
+    // Stage this head's keys and values of the first `staged` clusters.
+    const int elements = staged * s * d;
+    for (int e = threadIdx.x; e < elements; e += blockDim.x) {
+      const int row = e / d, ch = e % d;
+      const int member = union_ids[row / s] * s + row % s;
+      const int token = member < p.tokens ? member : 0;  // padding reads token 0, as its slot does
+      const T* at = kv + size_t(token) * 2 * c + t * 2 * d + ch;
+      tile[(2 * row) * row_stride + ch] = to_f32(at[0]);
+      tile[(2 * row + 1) * row_stride + ch] = to_f32(at[d]);
+    }
+    __syncthreads();
+    if (has_query) {
+      const float* qt = query + t * d;
+      const float* pw = p.pos_weight + 5 * t;
+      float local_max = -INFINITY;
+      for (int sl = lane; sl < m; sl += 32) {
+        const int base = slot_base[warp * nnc + sl / s];
+        float logit = 0.0f;
+        if (base < staged) {
+          const float* key = tile + (2 * (base * s + sl % s)) * row_stride;
+          for (int e = 0; e < d; ++e) logit += qt[e] * key[e];
+        } else {
+          const T* key = kv + size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d;
+          for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
+        }
+        float bias = p.pos_bias[t];
+        for (int k = 0; k < 5; ++k) bias += pw[k] * features[k * m + sl];
+        logit += bias;
+        if (mask && !mask[sl]) logit += kMaskedLogit;
+        logits[sl] = logit;
+        local_max = fmaxf(local_max, logit);
+      }
+      float blank = 0.0f;
+      for (int e = lane; e < d; e += 32) blank += qt[e] * p.blank_k[t * d + e];
+      blank = warp_sum(blank);
+      const float max = warp_max(fmaxf(local_max, blank));
+      float sum = 0.0f;
+      for (int sl = lane; sl < m; sl += 32) {
+        const float w = expf(logits[sl] - max);
+        logits[sl] = w;
+        sum += w;
+      }
+      const float blank_weight = expf(blank - max);
+      const float inv_sum = 1.0f / (warp_sum(sum) + blank_weight);
+      __syncwarp();
+      T* out = static_cast<T*>(p.out) + (size_t(img) * p.tokens + i) * c;
+      for (int e = lane; e < d; e += 32) {
+        float acc = blank_weight * p.blank_v[t * d + e];
+        for (int sl = 0; sl < m; ++sl) {
+          const int base = slot_base[warp * nnc + sl / s];
+          const float v = base < staged
+                              ? tile[(2 * (base * s + sl % s) + 1) * row_stride + e]
+                              : to_f32(kv[size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d + d + e]);
+          acc += logits[sl] * v;
+        }
+        out[t * d + e] = from_f32<T>(acc * inv_sum);
+      }
+    }
+    __syncthreads();  // the tile is rewritten for the next head
+  }
+}
+
+AF_KERNEL_ALL_TYPES(cluster_attention_tiled, AttentionParams, cluster_attention_tiled_impl)

@@ -74,6 +74,10 @@ struct AttentionParams {
   int32_t batch, tokens, m, heads, head_dim, nbhd_images;
   float q_scale;
   float offset_clamp;        // offsets are clamped to ±this (segmentation: 511)
+  // Tiled kernel only: neighbour lists are whole clusters of cluster_size
+  // consecutive tokens (tokens in clustered order); up to tile_clusters
+  // distinct neighbour clusters per block are staged in shared memory.
+  int32_t cluster_size, tile_clusters;
 };
 
 // Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,

@@ -768,3 +768,90 @@ fn patch_embed_matches_the_cpu_on_odd_sizes() {
         }
     }
 }
+
+/// The tiled kernel (neighbourhoods of whole clusters): random nearest
+/// clusters, a padded last cluster, batch > 1, shared and per-image lists,
+/// and a tile too small for the union (the rest read from global memory).
+#[test]
+fn tiled_cluster_attention_matches_the_cpu() {
+    let mut rng = Rng::new(12);
+    for device in devices() {
+        for (batch, h, w, n, heads, d, s, nnc, shared) in [
+            (2, 9, 7, 61usize, 2, 32, 8usize, 6, false),
+            (1, 8, 8, 64, 1, 16, 4, 5, true),
+            (2, 10, 10, 99, 2, 64, 8, 12, false),
+            (1, 5, 5, 23, 3, 7, 3, 2, false),
+        ] {
+            let c = heads * d;
+            let k = n.div_ceil(s);
+            let images = if shared { 1 } else { batch };
+            let nearest: Vec<u32> = (0..images * n * nnc).map(|_| rng.below(k) as u32).collect();
+            let nbhd = Neighbourhood::from_clusters(&nearest, images, n, nnc, s);
+            let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
+            let q = rng.floats(batch * n * c);
+            let kv = rng.floats(batch * n * 2 * c);
+            let pos_embed = linear_layer(&mut rng, 5, heads, true);
+            let (blank_k, blank_v) = (rng.floats(c), rng.floats(c));
+            let offsets = OffsetTable::new(h, w, None);
+            let bias_rows = neighbour_rows(&offsets, &pos, &nbhd, batch).unwrap();
+            let bias_table = offsets.apply(&pos_embed).unwrap();
+            let q_scale = (d as f32).powf(-0.5);
+            let want = cpu_attention(&AttentionInputs {
+                q: &q,
+                q_scale,
+                kv: &kv,
+                nbhd: &nbhd,
+                bias_rows: &bias_rows,
+                bias_table: &bias_table,
+                blank_k: &blank_k,
+                blank_v: &blank_v,
+                batch,
+                tokens: n,
+                heads,
+                head_dim: d,
+            })
+            .unwrap();
+            let dnbhd = DeviceNeighbourhood::upload_clustered(&device, &nbhd, s).unwrap();
+            let (dq, dkv, dpos) = (
+                device.upload(&q).unwrap(),
+                device.upload(&kv).unwrap(),
+                device.upload(&pos).unwrap(),
+            );
+            let pos_weight = device.upload(&pos_embed.weight).unwrap();
+            let pos_bias = device.upload(pos_embed.bias.as_ref().unwrap()).unwrap();
+            let (dbk, dbv) = (
+                device.upload(&blank_k).unwrap(),
+                device.upload(&blank_v).unwrap(),
+            );
+            let mut out = device.alloc::<f32>(batch * n * c).unwrap();
+            let inputs = DeviceAttentionInputs {
+                q: &dq,
+                q_scale,
+                kv: &dkv,
+                nbhd: &dnbhd,
+                pos: &dpos,
+                pos_weight: &pos_weight,
+                pos_bias: &pos_bias,
+                blank_k: &dbk,
+                blank_v: &dbv,
+                offset_clamp: None,
+                batch,
+                tokens: n,
+                heads,
+                head_dim: d,
+            };
+            cluster_attention(&device, &inputs, &mut out).unwrap();
+            let what = format!("tiled attention n {n} s {s} nnc {nnc} d {d} on {device:?}");
+            assert_close(&what, &device.download(&out).unwrap(), &want, 1e-4);
+        }
+        // Lists that are not whole clusters are refused for the tiled path.
+        let loose = Neighbourhood {
+            images: 1,
+            tokens: 4,
+            size: 2,
+            idx: vec![0, 2, 1, 3, 0, 1, 2, 3],
+            mask: None,
+        };
+        assert!(DeviceNeighbourhood::upload_clustered(&device, &loose, 2).is_err());
+    }
+}

@@ -125,6 +125,10 @@ pub struct AttentionParams {
     pub q_scale: f32,
     /// offsets are clamped to ±this (segmentation: 511)
     pub offset_clamp: f32,
+    /// Tiled kernel only: the clusters' size, and how many distinct
+    /// neighbour clusters per block are staged in shared memory.
+    pub cluster_size: i32,
+    pub tile_clusters: i32,
 }
 
 /// Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,

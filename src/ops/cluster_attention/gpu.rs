@@ -72,6 +72,8 @@ pub fn cluster_attention<T: Element>(
         nbhd_images: dim(OP, "nbhd.images", inp.nbhd.images)?,
         q_scale: inp.q_scale,
         offset_clamp: inp.offset_clamp.unwrap_or(f32::INFINITY),
+        cluster_size: 0,
+        tile_clusters: 0,
     };
     if b * n * c == 0 {
         return Ok(());
@@ -80,6 +82,22 @@ pub fn cluster_attention<T: Element>(
         return Err(Error::InvalidArgument(format!(
             "{OP}: empty neighbourhoods"
         )));
+    }
+    if let Some(config) = tiled_launch(inp.nbhd, (b, n, c, d))? {
+        let params = AttentionParams {
+            cluster_size: config.0 as i32,
+            tile_clusters: config.1 as i32,
+            ..params
+        };
+        // SAFETY: as below; the tile bookkeeping is sized from the same
+        // cluster size and neighbourhood the kernel reads.
+        return unsafe {
+            device.launch(
+                &kernel_name::<T>("cluster_attention_tiled"),
+                config.2,
+                &params,
+            )
+        };
     }
     let per_warp = shared_floats_per_warp(c, m) * size_of::<f32>();
     let warps = (MAX_SHARED_BYTES / per_warp).min(4);
@@ -99,4 +117,37 @@ pub fn cluster_attention<T: Element>(
     // SAFETY: every buffer was checked against the shapes the kernel indexes;
     // neighbour indices are clamped into range by the kernel.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
+}
+
+/// The tiled kernel's launch when the neighbourhoods are whole clusters and
+/// its shared memory fits: (cluster size, clusters the tile holds, config).
+fn tiled_launch(
+    nbhd: &DeviceNeighbourhood,
+    (b, n, c, d): (usize, usize, usize, usize),
+) -> Result<Option<(usize, usize, LaunchConfig)>> {
+    let m = nbhd.size;
+    let Some(s) = nbhd
+        .cluster_size
+        .filter(|&s| s > 0 && s <= 32 && m.is_multiple_of(s))
+    else {
+        return Ok(None);
+    };
+    if nbhd.idx.is_none() {
+        return Ok(None);
+    }
+    let entries = m; // s queries × nnc clusters
+    let ints = (5 * entries + 1).div_ceil(4) * 4;
+    let fixed = (ints + s * shared_floats_per_warp(c, m)) * size_of::<f32>();
+    let per_cluster = s * 2 * (d + 1) * size_of::<f32>();
+    if fixed >= MAX_SHARED_BYTES || entries > 1024 {
+        return Ok(None);
+    }
+    let tile_clusters = ((MAX_SHARED_BYTES - fixed) / per_cluster).min(entries);
+    if tile_clusters == 0 {
+        return Ok(None);
+    }
+    let blocks = b * n.div_ceil(s);
+    let shared = fixed + tile_clusters * per_cluster;
+    let config = LaunchConfig::blocks("cluster_attention", blocks, 1, 32 * s as u32, shared)?;
+    Ok(Some((s, tile_clusters, config)))
 }

@@ -14,6 +14,10 @@ pub struct DeviceNeighbourhood {
     /// `None`: global (every token attends to all `tokens`, in order).
     pub idx: Option<Buffer<i32>>,
     pub mask: Option<Buffer<u8>>,
+    /// `Some(s)` when every list is whole clusters of `s` consecutive tokens
+    /// (member `u` of cluster `k` is token `k·s + u`, padding token 0 and
+    /// masked), which lets the attention use its tiled kernel.
+    pub cluster_size: Option<usize>,
 }
 
 impl DeviceNeighbourhood {
@@ -25,6 +29,7 @@ impl DeviceNeighbourhood {
             size: n,
             idx: None,
             mask: None,
+            cluster_size: None,
         }
     }
 
@@ -45,6 +50,44 @@ impl DeviceNeighbourhood {
             size: nbhd.size,
             idx: Some(device.upload(&idx)?),
             mask,
+            cluster_size: None,
+        })
+    }
+
+    /// Uploads `nbhd`, whose lists are whole clusters of `s` tokens (as
+    /// [`super::Neighbourhood::from_clusters`] makes them).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when a list is not made of whole clusters;
+    /// device errors.
+    pub fn upload_clustered(
+        device: &Device,
+        nbhd: &super::Neighbourhood,
+        s: usize,
+    ) -> Result<Self> {
+        let n = nbhd.tokens;
+        let structured = s > 0
+            && nbhd.size.is_multiple_of(s)
+            && nbhd.idx.chunks(s).enumerate().all(|(run, members)| {
+                let k = members[0] as usize / s;
+                members.iter().enumerate().all(|(u, &j)| {
+                    let member = k * s + u;
+                    let valid = nbhd.mask.as_ref().is_none_or(|m| m[run * s + u]);
+                    if member < n {
+                        j as usize == member && valid
+                    } else {
+                        j == 0 && !valid
+                    }
+                })
+            });
+        if !structured {
+            return Err(Error::InvalidArgument(format!(
+                "neighbourhood: the lists are not whole clusters of {s} tokens"
+            )));
+        }
+        Ok(Self {
+            cluster_size: Some(s),
+            ..Self::upload(device, nbhd)?
         })
     }
 
@@ -140,5 +183,6 @@ pub fn nearest_neighbourhoods(
         size: m,
         idx: Some(idx),
         mask,
+        cluster_size: Some(s),
     })
 }
