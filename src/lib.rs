@@ -18,8 +18,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layout: [`ops`] holds one module per op (the CPU reference a CUDA kernel
-//! will mirror), [`model`] composes them, [`io`] reads and writes
+//! Layout: [`ops`] holds one module per op (the CPU reference, and in its
+//! `gpu` submodule the wrapper of its CUDA kernel), [`gpu`] the device seam
+//! (a GPU through cudarc, or the CPU emulator of the kernels), [`model`]
+//! composes the ops ([`DeviceModel`] on a device), [`io`] reads and writes
 //! checkpoints and images.
 
 pub mod config;

@@ -1,5 +1,7 @@
 //! The ops of the model, one per module, each a CPU reference with a plain
-//! contract (flat slices with explicit sizes) that a CUDA version can mirror.
+//! contract (flat slices with explicit sizes); where a CUDA kernel computes
+//! the op, its safe wrapper is the module's `gpu` submodule and its source
+//! `kernels/<module>.cu`.
 //!
 //! | module | spec | computes |
 //! |---|---|---|
