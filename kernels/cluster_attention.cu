@@ -12,6 +12,58 @@
 
 constexpr float kMaskedLogit = -100.0f;  // added, not −∞, as published
 
+// One warp stages query i's scaled query (c) and the relative-position
+// features of its m neighbours (5 × m) in its shared scratch. A null `nbrs`
+// means global attention: neighbour s is token s.
+template <class T>
+__device__ __forceinline__ void load_query_and_features(const AttentionParams& p, const T* q,
+                                                        const float* pos, int i,
+                                                        const int32_t* nbrs, float* query,
+                                                        float* features) {
+  const int lane = threadIdx.x % 32, m = p.m;
+  for (int e = lane; e < p.heads * p.head_dim; e += 32) query[e] = to_f32(q[e]) * p.q_scale;
+  for (int s = lane; s < m; s += 32) {
+    float f[5];
+    neighbour_features(pos, i, nbrs ? clamp_index(nbrs[s], p.tokens) : s, p.offset_clamp, f);
+    for (int k = 0; k < 5; ++k) features[k * m + s] = f[k];
+  }
+  __syncwarp();
+}
+
+// What neighbour slot `s` adds to its logit besides q·k: the position bias
+// P_t(f) of head t from the slot's features (5 × m), and −100 when masked.
+__device__ __forceinline__ float bias_and_mask(const AttentionParams& p, int t,
+                                               const float* features, int m, int s,
+                                               const uint8_t* mask) {
+  float bias = p.pos_bias[t];
+  for (int k = 0; k < 5; ++k) bias += p.pos_weight[5 * t + k] * features[k * m + s];
+  return mask && !mask[s] ? bias + kMaskedLogit : bias;
+}
+
+// The softmax over one query's m neighbour logits and the blank token
+// (logit q·blank_k), by the whole warp: turns `logits` into unnormalised
+// weights, sets the blank token's weight, and returns 1 / (sum of weights),
+// applied after the weighted sum of values (d multiplies instead of m + 1).
+__device__ __forceinline__ float softmax_with_blank(float* logits, int m, float local_max,
+                                                    const float* qt, const float* blank_k,
+                                                    int d, float* blank_weight) {
+  const int lane = threadIdx.x % 32;
+  float blank = 0.0f;
+  for (int e = lane; e < d; e += 32) blank += qt[e] * blank_k[e];
+  blank = warp_sum(blank);
+  const float max = warp_max(fmaxf(local_max, blank));
+  float sum = 0.0f;
+  for (int s = lane; s < m; s += 32) {
+    const float w = expf(logits[s] - max);
+    logits[s] = w;
+    sum += w;
+  }
+  *blank_weight = expf(blank - max);
+  const float inv_sum = 1.0f / (warp_sum(sum) + *blank_weight);
+  __syncwarp();
+  return inv_sum;
+}
+
 template <class T>
 __device__ void cluster_attention_impl(const AttentionParams p) {
   AF_DYNAMIC_SHARED(float, shared);
@@ -31,47 +83,22 @@ __device__ void cluster_attention_impl(const AttentionParams p) {
   const T* q = static_cast<const T*>(p.q) + row * c;
   T* out = static_cast<T*>(p.out) + row * c;
 
-  for (int e = lane; e < c; e += 32) query[e] = to_f32(q[e]) * p.q_scale;
-  const float xi = pos[2 * i], yi = pos[2 * i + 1];
-  for (int s = lane; s < m; s += 32) {
-    const int j = nbrs ? clamp_index(nbrs[s], p.tokens) : s;
-    float f[5];
-    rel_pos_features(clamped_offset(xi, pos[2 * j], p.offset_clamp),
-                     clamped_offset(yi, pos[2 * j + 1], p.offset_clamp), f);
-    for (int k = 0; k < 5; ++k) features[k * m + s] = f[k];
-  }
-  __syncwarp();
+  load_query_and_features(p, q, pos, i, nbrs, query, features);
 
   for (int t = 0; t < p.heads; ++t) {
     const float* qt = query + t * d;
-    const float* pw = p.pos_weight + 5 * t;
     float local_max = -INFINITY;
     for (int s = lane; s < m; s += 32) {
       const int j = nbrs ? clamp_index(nbrs[s], p.tokens) : s;
       const T* key = kv + size_t(j) * 2 * c + t * 2 * d;
       float logit = 0.0f;
       for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
-      float bias = p.pos_bias[t];
-      for (int k = 0; k < 5; ++k) bias += pw[k] * features[k * m + s];
-      logit += bias;
-      if (mask && !mask[s]) logit += kMaskedLogit;
+      logit += bias_and_mask(p, t, features, m, s, mask);
       logits[s] = logit;
       local_max = fmaxf(local_max, logit);
     }
-    float blank = 0.0f;
-    for (int e = lane; e < d; e += 32) blank += qt[e] * p.blank_k[t * d + e];
-    blank = warp_sum(blank);
-    const float max = warp_max(fmaxf(local_max, blank));
-    float sum = 0.0f;
-    for (int s = lane; s < m; s += 32) {
-      const float w = expf(logits[s] - max);
-      logits[s] = w;
-      sum += w;
-    }
-    const float blank_weight = expf(blank - max);
-    const float inv_sum = 1.0f / (warp_sum(sum) + blank_weight);
-    __syncwarp();
-    // Normalised after the weighted sum: d multiplies instead of m + 1.
+    float blank_weight;
+    const float inv_sum = softmax_with_blank(logits, m, local_max, qt, p.blank_k + t * d, d, &blank_weight);
     for (int e = lane; e < d; e += 32) {
       float acc = blank_weight * p.blank_v[t * d + e];
       const T* value = kv + t * 2 * d + d + e;
@@ -161,15 +188,7 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   // Each query's features, as the generic kernel.
   if (has_query) {
     const T* q = static_cast<const T*>(p.q) + (size_t(img) * p.tokens + i) * c;
-    for (int e = lane; e < c; e += 32) query[e] = to_f32(q[e]) * p.q_scale;
-    const float xi = pos[2 * i], yi = pos[2 * i + 1];
-    for (int sl = lane; sl < m; sl += 32) {
-      const int j = clamp_index(nbrs[sl], p.tokens);
-      float f[5];
-      rel_pos_features(clamped_offset(xi, pos[2 * j], p.offset_clamp),
-                       clamped_offset(yi, pos[2 * j + 1], p.offset_clamp), f);
-      for (int k = 0; k < 5; ++k) features[k * m + sl] = f[k];
-    }
+    load_query_and_features(p, q, pos, i, nbrs, query, features);
   }
   __syncthreads();
   const int staged = *union_count < p.tile_clusters ? *union_count : p.tile_clusters;
@@ -188,7 +207,6 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
     __syncthreads();
     if (has_query) {
       const float* qt = query + t * d;
-      const float* pw = p.pos_weight + 5 * t;
       float local_max = -INFINITY;
       for (int sl = lane; sl < m; sl += 32) {
         const int base = slot_base[warp * nnc + sl / s];
@@ -200,26 +218,12 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
           const T* key = kv + size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d;
           for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
         }
-        float bias = p.pos_bias[t];
-        for (int k = 0; k < 5; ++k) bias += pw[k] * features[k * m + sl];
-        logit += bias;
-        if (mask && !mask[sl]) logit += kMaskedLogit;
+        logit += bias_and_mask(p, t, features, m, sl, mask);
         logits[sl] = logit;
         local_max = fmaxf(local_max, logit);
       }
-      float blank = 0.0f;
-      for (int e = lane; e < d; e += 32) blank += qt[e] * p.blank_k[t * d + e];
-      blank = warp_sum(blank);
-      const float max = warp_max(fmaxf(local_max, blank));
-      float sum = 0.0f;
-      for (int sl = lane; sl < m; sl += 32) {
-        const float w = expf(logits[sl] - max);
-        logits[sl] = w;
-        sum += w;
-      }
-      const float blank_weight = expf(blank - max);
-      const float inv_sum = 1.0f / (warp_sum(sum) + blank_weight);
-      __syncwarp();
+      float blank_weight;
+      const float inv_sum = softmax_with_blank(logits, m, local_max, qt, p.blank_k + t * d, d, &blank_weight);
       T* out = static_cast<T*>(p.out) + (size_t(img) * p.tokens + i) * c;
       for (int e = lane; e < d; e += 32) {
         float acc = blank_weight * p.blank_v[t * d + e];

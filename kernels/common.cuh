@@ -126,6 +126,24 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Offers candidate `id` at distance `d` to the k nearest so far (`filled`
+// of them, nearest first). Candidates come in increasing id, and an equal
+// distance never displaces an earlier one: ties go to the lower id.
+template <class D>
+__device__ __forceinline__ void insert_nearest(D* best_d, int* best_id, int& filled, int k, D d,
+                                               int id) {
+  if (filled == k && d >= best_d[k - 1]) return;
+  int at = filled < k ? filled : k - 1;
+  while (at > 0 && best_d[at - 1] > d) {
+    best_d[at] = best_d[at - 1];
+    best_id[at] = best_id[at - 1];
+    --at;
+  }
+  best_d[at] = d;
+  best_id[at] = id;
+  if (filled < k) ++filled;
+}
+
 // Exact GELU, as torch.nn.GELU().
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
@@ -148,4 +166,12 @@ __device__ __forceinline__ int clamp_index(int i, int bound) { return i < 0 ? 0 
 __device__ __forceinline__ float clamped_offset(float from, float to, float clamp) {
   float d = to - from;
   return fminf(fmaxf(d, -clamp), clamp);
+}
+
+// The features of neighbour j seen from token i (positions n × 2), offsets
+// clamped to ±clamp per axis.
+__device__ __forceinline__ void neighbour_features(const float* pos, int i, int j, float clamp,
+                                                   float f[5]) {
+  rel_pos_features(clamped_offset(pos[2 * i], pos[2 * j], clamp),
+                   clamped_offset(pos[2 * i + 1], pos[2 * j + 1], clamp), f);
 }

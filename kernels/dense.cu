@@ -19,17 +19,7 @@ __device__ void to_dense_impl(const DenseParams p) {
   int filled = 0;
   for (int t = 0; t < p.n; ++t) {
     const int64_t dx = int64_t(pos[2 * t]) - x, dy = int64_t(pos[2 * t + 1]) - y;
-    const int64_t d = dx * dx + dy * dy;
-    if (filled == p.k && d >= best_d[p.k - 1]) continue;
-    int at = filled < p.k ? filled : p.k - 1;
-    while (at > 0 && best_d[at - 1] > d) {
-      best_d[at] = best_d[at - 1];
-      best_t[at] = best_t[at - 1];
-      --at;
-    }
-    best_d[at] = d;
-    best_t[at] = t;
-    if (filled < p.k) ++filled;
+    insert_nearest(best_d, best_t, filled, p.k, dx * dx + dy * dy, t);
   }
   float weight[kMaxDenseK];
   if (filled > 0 && best_d[0] == 0) {

@@ -20,17 +20,7 @@ __device__ void nearest_neighbourhoods_impl(const NeighbourhoodParams p) {
   for (int c = 0; c < p.clusters; ++c) {
     const double dx = __dsub_rn(x, double(means[2 * c]));
     const double dy = __dsub_rn(y, double(means[2 * c + 1]));
-    const double d = __dadd_rn(__dmul_rn(dx, dx), __dmul_rn(dy, dy));
-    if (filled == p.nnc && d >= best_d[p.nnc - 1]) continue;
-    int at = filled < p.nnc ? filled : p.nnc - 1;
-    while (at > 0 && best_d[at - 1] > d) {
-      best_d[at] = best_d[at - 1];
-      best_c[at] = best_c[at - 1];
-      --at;
-    }
-    best_d[at] = d;
-    best_c[at] = c;
-    if (filled < p.nnc) ++filled;
+    insert_nearest(best_d, best_c, filled, p.nnc, __dadd_rn(__dmul_rn(dx, dx), __dmul_rn(dy, dy)), c);
   }
   const int m = p.nnc * p.size;
   int32_t* nbhd = p.nbhd + size_t(row) * m;

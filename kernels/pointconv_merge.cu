@@ -23,12 +23,10 @@ __device__ void pointconv_merge_impl(const MergeParams p) {
   const float* importance = p.importance + size_t(img) * p.n;
   const T* feat = static_cast<const T*>(p.feat) + size_t(img) * p.n * C;
 
-  const float xi = pos[2 * i], yi = pos[2 * i + 1];
   for (int s = lane; s < m; s += 32) {
     const int j = nbrs ? clamp_index(nbrs[s], p.n) : s;
     float f[5], h[kInner];
-    rel_pos_features(clamped_offset(xi, pos[2 * j], p.offset_clamp),
-                     clamped_offset(yi, pos[2 * j + 1], p.offset_clamp), f);
+    neighbour_features(pos, i, j, p.offset_clamp, f);
     for (int o = 0; o < kInner; ++o) {
       h[o] = p.net_bias[o];
       for (int k = 0; k < 5; ++k) h[o] += p.net_weight[5 * o + k] * f[k];

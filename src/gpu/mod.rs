@@ -97,6 +97,34 @@ impl LaunchConfig {
         Self::blocks(op, items.div_ceil(threads as usize), 1, threads, 0)
     }
 
+    /// One warp per row, each with `shared_per_warp` bytes of dynamic shared
+    /// memory: up to 4 warps per block, as many as the shared memory allows.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when one warp's share does not fit (`what`
+    /// says what needs it); as [`LaunchConfig::blocks`].
+    pub fn warp_per_row(
+        op: &str,
+        rows: usize,
+        shared_per_warp: usize,
+        what: impl std::fmt::Display,
+    ) -> Result<Self> {
+        let warps = (MAX_SHARED_BYTES / shared_per_warp.max(1)).min(4);
+        if warps == 0 {
+            return Err(Error::Unsupported(format!(
+                "{op}: {what} needs {shared_per_warp} bytes of shared memory, more than {MAX_SHARED_BYTES}"
+            )));
+        }
+        let threads = 32 * warps as u32;
+        Self::blocks(
+            op,
+            rows.div_ceil(warps),
+            1,
+            threads,
+            warps * shared_per_warp,
+        )
+    }
+
     /// `blocks_x × blocks_y` blocks of `threads` with `shared_bytes` of
     /// dynamic shared memory.
     ///

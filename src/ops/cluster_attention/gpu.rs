@@ -100,20 +100,8 @@ pub fn cluster_attention<T: Element>(
         };
     }
     let per_warp = shared_floats_per_warp(c, m) * size_of::<f32>();
-    let warps = (MAX_SHARED_BYTES / per_warp).min(4);
-    if warps == 0 {
-        return Err(Error::Unsupported(format!(
-            "{OP}: a neighbourhood of {m} tokens with {c} channels needs {per_warp} bytes of shared memory, more than {MAX_SHARED_BYTES}"
-        )));
-    }
-    let rows = b * n;
-    let config = LaunchConfig::blocks(
-        OP,
-        rows.div_ceil(warps),
-        1,
-        32 * warps as u32,
-        warps * per_warp,
-    )?;
+    let what = format!("a neighbourhood of {m} tokens with {c} channels");
+    let config = LaunchConfig::warp_per_row(OP, b * n, per_warp, what)?;
     // SAFETY: every buffer was checked against the shapes the kernel indexes;
     // neighbour indices are clamped into range by the kernel.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }

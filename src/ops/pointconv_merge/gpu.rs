@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::params::MergeParams;
-use crate::gpu::{Buffer, Device, Element, LaunchConfig, MAX_SHARED_BYTES, dim, kernel_name};
+use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
 use crate::ops::neighbourhood::gpu::DeviceNeighbourhood;
 use crate::ops::norm::EPS;
 
@@ -131,20 +131,8 @@ pub fn pointconv_merge<T: Element>(
         )));
     }
     let per_warp = INNER_CHANNELS * m * size_of::<f32>();
-    let warps = (MAX_SHARED_BYTES / per_warp).min(4);
-    if warps == 0 {
-        return Err(Error::Unsupported(format!(
-            "{OP}: a neighbourhood of {m} tokens needs more than {MAX_SHARED_BYTES} bytes of shared memory"
-        )));
-    }
-    let rows = b * kept;
-    let config = LaunchConfig::blocks(
-        OP,
-        rows.div_ceil(warps),
-        1,
-        32 * warps as u32,
-        warps * per_warp,
-    )?;
+    let what = format!("a neighbourhood of {m} tokens");
+    let config = LaunchConfig::warp_per_row(OP, b * kept, per_warp, what)?;
     // SAFETY: every buffer was checked against the shapes the kernel indexes;
     // centre and neighbour indices are clamped into range by the kernel.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
