@@ -87,15 +87,14 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     let images = Tensor::new(vec![args.batch, 3, size, size], pixels)?;
     let runner = args.backend.runner(&model)?;
-    let forward = |images: &Tensor| runner.forward(images);
     for _ in 0..args.warmup {
-        forward(&images)?;
+        runner.forward(&images)?;
     }
     profile::set_enabled(args.profile);
     let mut times = Vec::with_capacity(args.iters);
     for i in 0..args.iters {
         let start = Instant::now();
-        forward(&images)?;
+        runner.forward(&images)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
         if !args.json {
             eprintln!("iter {i}: {ms:.2} ms");

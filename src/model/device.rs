@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::weights::{BlockWeights, Head, MergeWeights};
-use super::{AutoFocusFormer, BackboneFeatures, Tokens, pad_to_multiple};
+use super::{AutoFocusFormer, BackboneFeatures, Tokens, image_batch_shape, pad_to_multiple};
 use crate::error::{Error, Result};
 use crate::gpu::tensor_ops::{gather_rows, mean_tokens};
 use crate::gpu::{Buffer, Device, Element};
@@ -264,22 +264,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
 
     /// Patch embedding of b×3×H×W images: stage-0 tokens and their grid.
     fn embed(&self, images: &Tensor) -> Result<(DeviceTokens<T>, (usize, usize))> {
-        let &[b, 3, height, width] = images.shape() else {
-            return Err(Error::shape(
-                "forward",
-                "image",
-                "[b, 3, H, W]",
-                images.shape(),
-            ));
-        };
-        if b == 0 || height == 0 || width == 0 {
-            return Err(Error::shape(
-                "forward",
-                "image",
-                "non-empty [b, 3, H, W]",
-                images.shape(),
-            ));
-        }
+        let (b, height, width) = image_batch_shape(images)?;
         let device = &self.device;
         self.op("patch_embed", || {
             let pixels: Vec<T> = images.data().iter().map(|&v| T::from_f32(v)).collect();

@@ -88,6 +88,30 @@ impl BackboneFeatures {
     }
 }
 
+/// The `(b, H, W)` of a non-empty b×3×H×W image batch.
+///
+/// # Errors
+/// [`Error::Shape`] naming the image when it is not one.
+pub(crate) fn image_batch_shape(images: &Tensor) -> Result<(usize, usize, usize)> {
+    let &[b, 3, height, width] = images.shape() else {
+        return Err(Error::shape(
+            "forward",
+            "image",
+            "[b, 3, H, W]",
+            images.shape(),
+        ));
+    };
+    if b == 0 || height == 0 || width == 0 {
+        return Err(Error::shape(
+            "forward",
+            "image",
+            "non-empty [b, 3, H, W]",
+            images.shape(),
+        ));
+    }
+    Ok((b, height, width))
+}
+
 /// Zero-pads b×3×H×W images right and bottom to sides that are multiples of
 /// `multiple` (as the published segmentation backbone does).
 ///
@@ -235,22 +259,7 @@ impl AutoFocusFormer {
         trace: Option<&mut Trace>,
     ) -> Result<(Tokens, (usize, usize))> {
         let mut trace = trace;
-        let &[b, 3, height, width] = images.shape() else {
-            return Err(Error::shape(
-                "forward",
-                "image",
-                "[b, 3, H, W]",
-                images.shape(),
-            ));
-        };
-        if b == 0 || height == 0 || width == 0 {
-            return Err(Error::shape(
-                "forward",
-                "image",
-                "non-empty [b, 3, H, W]",
-                images.shape(),
-            ));
-        }
+        let (b, height, width) = image_batch_shape(images)?;
         let (feat, grid) = crate::profile::timed("patch_embed", || {
             self.weights
                 .patch_embed

@@ -87,6 +87,18 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
+    /// The per-channel affine map it amounts to, `bn(x) = x·scale + shift`:
+    /// `scale = w/√(var + ε)`, `shift = b − mean·scale`.
+    pub fn scale_shift(&self) -> (Vec<f32>, Vec<f32>) {
+        let scale: Vec<f32> = (0..self.weight.len())
+            .map(|i| self.weight[i] / (self.running_var[i] + EPS).sqrt())
+            .collect();
+        let shift = (0..self.weight.len())
+            .map(|i| self.bias[i] - self.running_mean[i] * scale[i])
+            .collect();
+        (scale, shift)
+    }
+
     /// Normalises channels-last data `x` (pixels × channels) in place.
     ///
     /// # Errors
@@ -101,12 +113,7 @@ impl BatchNorm {
                 x.len(),
             ));
         }
-        let scale: Vec<f32> = (0..c)
-            .map(|i| self.weight[i] / (self.running_var[i] + EPS).sqrt())
-            .collect();
-        let shift: Vec<f32> = (0..c)
-            .map(|i| self.bias[i] - self.running_mean[i] * scale[i])
-            .collect();
+        let (scale, shift) = self.scale_shift();
         x.par_chunks_mut(c * 1024).for_each(|px| {
             for p in px.chunks_exact_mut(c) {
                 for ((v, s), t) in p.iter_mut().zip(&scale).zip(&shift) {

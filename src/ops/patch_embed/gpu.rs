@@ -9,7 +9,6 @@ use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
 use crate::io::F32Buffer;
 use crate::ops::Linear;
 use crate::ops::linear::gpu::{DeviceLinear, Output, linear};
-use crate::ops::norm::EPS;
 use crate::ops::norm::gpu::{DeviceLayerNorm, layer_norm_in_place};
 
 /// [`PatchEmbed`] on a device.
@@ -24,8 +23,9 @@ pub struct DevicePatchEmbed<T: Element> {
 const THREADS: u32 = 256;
 
 impl<T: Element> DevicePatchEmbed<T> {
-    /// Uploads `embed`, folding `bn(x) = x·s + t` (`s = w/√(var + ε)`,
-    /// `t = b − mean·s`) into conv1: `W'ᵢ = Wᵢ·sᵢ`, `b'ᵢ = bᵢ·sᵢ + tᵢ`.
+    /// Uploads `embed`, folding `bn(x) = x·s + t` (see
+    /// [`BatchNorm::scale_shift`](crate::ops::BatchNorm::scale_shift)) into
+    /// conv1: `W'ᵢ = Wᵢ·sᵢ`, `b'ᵢ = bᵢ·sᵢ + tᵢ`.
     ///
     /// # Errors
     /// [`Error::Shape`] when the BatchNorm does not have conv1's channels; device errors.
@@ -40,17 +40,12 @@ impl<T: Element> DevicePatchEmbed<T> {
                 [bn.weight.len()],
             ));
         }
-        let scale: Vec<f32> = (0..mid)
-            .map(|i| bn.weight[i] / (bn.running_var[i] + EPS).sqrt())
-            .collect();
+        let (scale, shift) = bn.scale_shift();
         let weight: Vec<f32> = (0..mid * k)
             .map(|e| conv1.weight[e] * scale[e / k])
             .collect();
         let bias: Vec<f32> = (0..mid)
-            .map(|i| {
-                let b = conv1.bias.as_ref().map_or(0.0, |b| b[i]);
-                b * scale[i] + (bn.bias[i] - bn.running_mean[i] * scale[i])
-            })
+            .map(|i| conv1.bias.as_ref().map_or(0.0, |b| b[i]) * scale[i] + shift[i])
             .collect();
         let folded = Linear {
             weight: F32Buffer::owned(weight),
