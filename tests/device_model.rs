@@ -9,20 +9,6 @@ use autofocus::io::SafetensorsFile;
 use autofocus::{AutoFocusFormer, DeviceModel};
 use common::{Case, assert_close, assert_exact};
 
-fn devices() -> Vec<Device> {
-    // With AUTOFOCUS_REQUIRE_GPU=1 (the device check) only the GPU runs:
-    // CI has already run the emulator, and device time is scarce.
-    if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        match Device::cuda(0) {
-            Ok(gpu) => return vec![gpu],
-            Err(e) => panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}"),
-        }
-    }
-    let mut devices = vec![Device::emulator()];
-    devices.extend(Device::cuda(0).ok());
-    devices
-}
-
 fn logits_on<T: Element>(case: &Case, device: &Device) -> Vec<f32> {
     let model = DeviceModel::<T>::new(&case.model, device.clone()).unwrap();
     let image = case.f32("input.image");
@@ -34,7 +20,7 @@ fn golden_case_on_every_device(case_name: &str) {
         return;
     };
     let want = case.f32("logits");
-    for device in devices() {
+    for device in common::devices() {
         let got = logits_on::<f32>(&case, &device);
         assert_close(
             &format!("{case_name} f32 logits on {device:?}"),
@@ -64,7 +50,7 @@ fn half_precision_logits_agree_with_f32() {
     };
     let want = case.f32("logits");
     let scale = want.data().iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    for device in devices() {
+    for device in common::devices() {
         for (dtype, got, tol) in [
             ("f16", logits_on::<half::f16>(&case, &device), 5e-3),
             ("bf16", logits_on::<half::bf16>(&case, &device), 2e-1),
@@ -89,7 +75,7 @@ fn the_backbone_features_match_the_golden() {
         AutoFocusFormer::load(dir.join("seg-tiny-130x190.weights.safetensors"), None).unwrap();
     let golden = SafetensorsFile::open(dir.join("seg-tiny-130x190.golden.safetensors")).unwrap();
     let image = golden.tensor_f32("input.image").unwrap();
-    for device in devices() {
+    for device in common::devices() {
         let on_device = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
         let features = on_device.features(&image).unwrap();
         assert_eq!(features.grid, (33, 48));
@@ -134,7 +120,7 @@ fn batches_match_the_cpu() {
     shape[0] *= 2;
     let batch = autofocus::Tensor::new(shape, data).unwrap();
     let want = case.model.forward(&batch).unwrap();
-    for device in devices() {
+    for device in common::devices() {
         let model = DeviceModel::<f32>::new(&case.model, device.clone()).unwrap();
         for run in 0..2 {
             let got = model.forward(&batch).unwrap();

@@ -3,6 +3,8 @@
 //! failure, for the device check). Fresh random inputs, odd sizes, batch > 1;
 //! outputs start poisoned on the emulator, so an unwritten element fails.
 
+mod common;
+
 use autofocus::gpu::{Buffer, Device, Element};
 use autofocus::io::F32Buffer;
 use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
@@ -19,21 +21,6 @@ use autofocus::ops::pointconv_merge::{MergeInputs, weight_net_table};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
 use autofocus::ops::token_selection::select_tokens;
 use autofocus::ops::{LayerNorm, activation};
-
-/// The emulator, and GPU 0 when there is one.
-fn devices() -> Vec<Device> {
-    // With AUTOFOCUS_REQUIRE_GPU=1 (the device check) only the GPU runs:
-    // CI has already run the emulator, and device time is scarce.
-    if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        match Device::cuda(0) {
-            Ok(gpu) => return vec![gpu],
-            Err(e) => panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}"),
-        }
-    }
-    let mut devices = vec![Device::emulator()];
-    devices.extend(Device::cuda(0).ok());
-    devices
-}
 
 /// The run's base seed: `AUTOFOCUS_TEST_SEED`, or fresh from the clock, so
 /// every run draws new inputs; printed, so a failure can be replayed.
@@ -182,7 +169,7 @@ fn check_linear<T: Element>(device: &Device) {
 
 #[test]
 fn linear_matches_the_cpu_in_every_storage_type() {
-    for device in devices() {
+    for device in common::devices() {
         check_linear::<f32>(&device);
         check_linear::<half::f16>(&device);
         check_linear::<half::bf16>(&device);
@@ -192,7 +179,7 @@ fn linear_matches_the_cpu_in_every_storage_type() {
 #[test]
 fn layer_norm_matches_the_cpu() {
     let mut rng = Rng::new(2);
-    for device in devices() {
+    for device in common::devices() {
         for (rows, d) in [(13, 45), (1, 4), (9, 128)] {
             let norm = LayerNorm {
                 weight: F32Buffer::owned(rng.floats(d)),
@@ -222,7 +209,7 @@ fn layer_norm_matches_the_cpu() {
 #[test]
 fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
     let mut rng = Rng::new(3);
-    for device in devices() {
+    for device in common::devices() {
         for (h, w, n, s, nnc, batch) in [
             (9, 13, 117, 8, 6, 1),
             (14, 14, 196, 8, 6, 2),
@@ -323,78 +310,134 @@ fn random_neighbourhood(rng: &mut Rng, images: usize, n: usize, m: usize) -> Nei
     nbhd
 }
 
+/// Random inputs of one attention: positions on an `h × w` grid, queries,
+/// keys and values, the position-bias layer and blank tokens.
+struct AttentionCase {
+    batch: usize,
+    grid: (usize, usize),
+    n: usize,
+    heads: usize,
+    d: usize,
+    clamp: Option<usize>,
+    pos: Vec<f32>,
+    q: Vec<f32>,
+    kv: Vec<f32>,
+    pos_embed: Linear,
+    blank_k: Vec<f32>,
+    blank_v: Vec<f32>,
+}
+
+impl AttentionCase {
+    fn random(
+        rng: &mut Rng,
+        (batch, h, w, n): (usize, usize, usize, usize),
+        heads: usize,
+        d: usize,
+        clamp: Option<usize>,
+    ) -> Self {
+        let c = heads * d;
+        Self {
+            batch,
+            grid: (h, w),
+            n,
+            heads,
+            d,
+            clamp,
+            pos: (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect(),
+            q: rng.floats(batch * n * c),
+            kv: rng
+                .floats(batch * n * 2 * c)
+                .iter()
+                .map(|v| 2.0 * v)
+                .collect(),
+            pos_embed: linear_layer(rng, 5, heads, true),
+            blank_k: rng.floats(c),
+            blank_v: rng.floats(c),
+        }
+    }
+
+    fn q_scale(&self) -> f32 {
+        (self.d as f32).powf(-0.5)
+    }
+
+    /// The CPU reference over `nbhd`.
+    fn expected(&self, nbhd: &Neighbourhood) -> Vec<f32> {
+        let offsets = OffsetTable::new(self.grid.0, self.grid.1, self.clamp);
+        let bias_rows = neighbour_rows(&offsets, &self.pos, nbhd, self.batch).unwrap();
+        let bias_table = offsets.apply(&self.pos_embed).unwrap();
+        cpu_attention(&AttentionInputs {
+            q: &self.q,
+            q_scale: self.q_scale(),
+            kv: &self.kv,
+            nbhd,
+            bias_rows: &bias_rows,
+            bias_table: &bias_table,
+            blank_k: &self.blank_k,
+            blank_v: &self.blank_v,
+            batch: self.batch,
+            tokens: self.n,
+            heads: self.heads,
+            head_dim: self.d,
+        })
+        .unwrap()
+    }
+
+    /// The kernel's output over `nbhd`, stored as `T`, read back as f32.
+    fn on_device<T: Element>(&self, device: &Device, nbhd: &DeviceNeighbourhood) -> Vec<f32> {
+        let (dq, dkv) = (
+            upload_as::<T>(device, &self.q),
+            upload_as::<T>(device, &self.kv),
+        );
+        let dpos = device.upload(&self.pos).unwrap();
+        let pos_weight = device.upload(&self.pos_embed.weight).unwrap();
+        let pos_bias = device
+            .upload(self.pos_embed.bias.as_ref().unwrap())
+            .unwrap();
+        let (dbk, dbv) = (
+            device.upload(&self.blank_k).unwrap(),
+            device.upload(&self.blank_v).unwrap(),
+        );
+        let mut out = device
+            .alloc::<T>(self.batch * self.n * self.heads * self.d)
+            .unwrap();
+        let inputs = DeviceAttentionInputs {
+            q: &dq,
+            q_scale: self.q_scale(),
+            kv: &dkv,
+            nbhd,
+            pos: &dpos,
+            pos_weight: &pos_weight,
+            pos_bias: &pos_bias,
+            blank_k: &dbk,
+            blank_v: &dbv,
+            offset_clamp: self.clamp.map(|c| c as f32),
+            batch: self.batch,
+            tokens: self.n,
+            heads: self.heads,
+            head_dim: self.d,
+        };
+        cluster_attention(device, &inputs, &mut out).unwrap();
+        download_f32(device, &out)
+    }
+}
+
 fn check_attention<T: Element>(device: &Device, rng: &mut Rng) {
     for (batch, h, w, n, heads, d, m, global, clamp, shared) in [
         (2, 9, 7, 50, 2, 5, 12, false, None, false),
         (1, 6, 6, 36, 3, 33, 40, false, Some(2usize), true),
         (3, 4, 5, 20, 1, 32, 20, true, None, true),
     ] {
-        let c = heads * d;
-        let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
-        let q = rng.floats(batch * n * c);
-        let kv: Vec<f32> = rng
-            .floats(batch * n * 2 * c)
-            .iter()
-            .map(|v| 2.0 * v)
-            .collect();
-        let pos_embed = linear_layer(rng, 5, heads, true);
-        let (blank_k, blank_v) = (rng.floats(c), rng.floats(c));
+        let case = AttentionCase::random(rng, (batch, h, w, n), heads, d, clamp);
         let nbhd = if global {
             Neighbourhood::global(n)
         } else {
             random_neighbourhood(rng, if shared { 1 } else { batch }, n, m)
         };
-        let offsets = OffsetTable::new(h, w, clamp);
-        let bias_rows = neighbour_rows(&offsets, &pos, &nbhd, batch).unwrap();
-        let bias_table = offsets.apply(&pos_embed).unwrap();
-        let q_scale = (d as f32).powf(-0.5);
-        let want = cpu_attention(&AttentionInputs {
-            q: &q,
-            q_scale,
-            kv: &kv,
-            nbhd: &nbhd,
-            bias_rows: &bias_rows,
-            bias_table: &bias_table,
-            blank_k: &blank_k,
-            blank_v: &blank_v,
-            batch,
-            tokens: n,
-            heads,
-            head_dim: d,
-        })
-        .unwrap();
-
         let dnbhd = if global {
             DeviceNeighbourhood::global(n)
         } else {
             DeviceNeighbourhood::upload(device, &nbhd).unwrap()
         };
-        let (dq, dkv) = (upload_as::<T>(device, &q), upload_as::<T>(device, &kv));
-        let dpos = device.upload(&pos).unwrap();
-        let pos_weight = device.upload(&pos_embed.weight).unwrap();
-        let pos_bias = device.upload(pos_embed.bias.as_ref().unwrap()).unwrap();
-        let (dbk, dbv) = (
-            device.upload(&blank_k).unwrap(),
-            device.upload(&blank_v).unwrap(),
-        );
-        let mut out = device.alloc::<T>(batch * n * c).unwrap();
-        let inputs = DeviceAttentionInputs {
-            q: &dq,
-            q_scale,
-            kv: &dkv,
-            nbhd: &dnbhd,
-            pos: &dpos,
-            pos_weight: &pos_weight,
-            pos_bias: &pos_bias,
-            blank_k: &dbk,
-            blank_v: &dbv,
-            offset_clamp: clamp.map(|c| c as f32),
-            batch,
-            tokens: n,
-            heads,
-            head_dim: d,
-        };
-        cluster_attention(device, &inputs, &mut out).unwrap();
         let what = format!(
             "attention b {batch} n {n} h {heads} d {d} m {m} global {global} on {device:?} {}",
             T::SUFFIX
@@ -404,14 +447,19 @@ fn check_attention<T: Element>(device: &Device, rng: &mut Rng) {
         } else {
             10.0 * tolerance::<T>()
         };
-        assert_close(&what, &download_f32(device, &out), &want, tol);
+        assert_close(
+            &what,
+            &case.on_device::<T>(device, &dnbhd),
+            &case.expected(&nbhd),
+            tol,
+        );
     }
 }
 
 #[test]
 fn cluster_attention_matches_the_cpu() {
     let mut rng = Rng::new(4);
-    for device in devices() {
+    for device in common::devices() {
         check_attention::<f32>(&device, &mut rng);
         check_attention::<half::bf16>(&device, &mut rng);
     }
@@ -420,7 +468,7 @@ fn cluster_attention_matches_the_cpu() {
 #[test]
 fn token_selection_matches_the_cpu_exactly() {
     let mut rng = Rng::new(5);
-    for device in devices() {
+    for device in common::devices() {
         for (batch, h, w, stride, n, alpha, ds_rate) in [
             (2, 10, 13, 2, 130, 4.0f32, 0.25),
             (3, 16, 16, 4, 90, 2.5, 0.5),
@@ -479,7 +527,7 @@ fn token_selection_matches_the_cpu_exactly() {
 #[test]
 fn importance_matches_the_cpu() {
     let mut rng = Rng::new(6);
-    for device in devices() {
+    for device in common::devices() {
         let (rows, d) = (37, 70);
         let x = rng.floats(rows * d);
         let weight = rng.floats(d);
@@ -582,7 +630,7 @@ fn check_merge<T: Element>(device: &Device, rng: &mut Rng) {
 #[test]
 fn pointconv_merge_matches_the_cpu() {
     let mut rng = Rng::new(7);
-    for device in devices() {
+    for device in common::devices() {
         check_merge::<f32>(&device, &mut rng);
         check_merge::<half::f16>(&device, &mut rng);
     }
@@ -591,7 +639,7 @@ fn pointconv_merge_matches_the_cpu() {
 #[test]
 fn to_dense_matches_the_cpu() {
     let mut rng = Rng::new(8);
-    for device in devices() {
+    for device in common::devices() {
         for (batch, h, w, n, c, k) in [
             (2, 9, 11, 30, 5, 4),
             (1, 6, 4, 1, 3, 4),
@@ -621,7 +669,7 @@ fn to_dense_matches_the_cpu() {
 #[test]
 fn stable_sort_keeps_ties_in_index_order() {
     let mut rng = Rng::new(9);
-    for device in devices() {
+    for device in common::devices() {
         let (batch, n) = (3, 600);
         let keys: Vec<f32> = (0..batch * n).map(|_| rng.below(7) as f32 - 3.0).collect();
         let dkeys = device.upload(&keys).unwrap();
@@ -640,7 +688,7 @@ fn stable_sort_keeps_ties_in_index_order() {
 #[test]
 fn gather_and_mean_match_plain_loops() {
     let mut rng = Rng::new(10);
-    for device in devices() {
+    for device in common::devices() {
         let (batch, rows, out_rows, width) = (2, 9, 5, 3);
         let x = rng.floats(batch * rows * width);
         let index: Vec<i32> = (0..batch * out_rows)
@@ -753,7 +801,7 @@ fn patch_embed_matches_the_cpu_on_odd_sizes() {
             bias: F32Buffer::owned(rng.floats(d)),
         },
     };
-    for device in devices() {
+    for device in common::devices() {
         let on_device = DevicePatchEmbed::<f32>::upload(&device, &embed).unwrap();
         for (batch, height, width) in [(2, 13, 10), (1, 4, 4), (1, 1, 7)] {
             let image = rng.floats(batch * 3 * height * width);
@@ -775,74 +823,26 @@ fn patch_embed_matches_the_cpu_on_odd_sizes() {
 #[test]
 fn tiled_cluster_attention_matches_the_cpu() {
     let mut rng = Rng::new(12);
-    for device in devices() {
+    for device in common::devices() {
         for (batch, h, w, n, heads, d, s, nnc, shared) in [
             (2, 9, 7, 61usize, 2, 32, 8usize, 6, false),
             (1, 8, 8, 64, 1, 16, 4, 5, true),
             (2, 10, 10, 99, 2, 64, 8, 12, false),
             (1, 5, 5, 23, 3, 7, 3, 2, false),
         ] {
-            let c = heads * d;
-            let k = n.div_ceil(s);
+            let case = AttentionCase::random(&mut rng, (batch, h, w, n), heads, d, None);
             let images = if shared { 1 } else { batch };
+            let k = n.div_ceil(s);
             let nearest: Vec<u32> = (0..images * n * nnc).map(|_| rng.below(k) as u32).collect();
             let nbhd = Neighbourhood::from_clusters(&nearest, images, n, nnc, s);
-            let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
-            let q = rng.floats(batch * n * c);
-            let kv = rng.floats(batch * n * 2 * c);
-            let pos_embed = linear_layer(&mut rng, 5, heads, true);
-            let (blank_k, blank_v) = (rng.floats(c), rng.floats(c));
-            let offsets = OffsetTable::new(h, w, None);
-            let bias_rows = neighbour_rows(&offsets, &pos, &nbhd, batch).unwrap();
-            let bias_table = offsets.apply(&pos_embed).unwrap();
-            let q_scale = (d as f32).powf(-0.5);
-            let want = cpu_attention(&AttentionInputs {
-                q: &q,
-                q_scale,
-                kv: &kv,
-                nbhd: &nbhd,
-                bias_rows: &bias_rows,
-                bias_table: &bias_table,
-                blank_k: &blank_k,
-                blank_v: &blank_v,
-                batch,
-                tokens: n,
-                heads,
-                head_dim: d,
-            })
-            .unwrap();
             let dnbhd = DeviceNeighbourhood::upload_clustered(&device, &nbhd, s).unwrap();
-            let (dq, dkv, dpos) = (
-                device.upload(&q).unwrap(),
-                device.upload(&kv).unwrap(),
-                device.upload(&pos).unwrap(),
-            );
-            let pos_weight = device.upload(&pos_embed.weight).unwrap();
-            let pos_bias = device.upload(pos_embed.bias.as_ref().unwrap()).unwrap();
-            let (dbk, dbv) = (
-                device.upload(&blank_k).unwrap(),
-                device.upload(&blank_v).unwrap(),
-            );
-            let mut out = device.alloc::<f32>(batch * n * c).unwrap();
-            let inputs = DeviceAttentionInputs {
-                q: &dq,
-                q_scale,
-                kv: &dkv,
-                nbhd: &dnbhd,
-                pos: &dpos,
-                pos_weight: &pos_weight,
-                pos_bias: &pos_bias,
-                blank_k: &dbk,
-                blank_v: &dbv,
-                offset_clamp: None,
-                batch,
-                tokens: n,
-                heads,
-                head_dim: d,
-            };
-            cluster_attention(&device, &inputs, &mut out).unwrap();
             let what = format!("tiled attention n {n} s {s} nnc {nnc} d {d} on {device:?}");
-            assert_close(&what, &device.download(&out).unwrap(), &want, 1e-4);
+            assert_close(
+                &what,
+                &case.on_device::<f32>(&device, &dnbhd),
+                &case.expected(&nbhd),
+                1e-4,
+            );
         }
         // Lists that are not whole clusters are refused for the tiled path.
         let loose = Neighbourhood {

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use autofocus::gpu::Device;
 use autofocus::io::SafetensorsFile;
 use autofocus::{AutoFocusFormer, Tensor};
 
@@ -130,4 +131,20 @@ pub fn assert_exact<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want:
             got[i], want[i]
         );
     }
+}
+
+/// The devices the kernel tests run on: the CPU emulator, and GPU 0 when
+/// there is one.
+pub fn devices() -> Vec<Device> {
+    // With AUTOFOCUS_REQUIRE_GPU=1 (the device check) only the GPU runs:
+    // CI has already run the emulator, and device time is scarce.
+    if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        match Device::cuda(0) {
+            Ok(gpu) => return vec![gpu],
+            Err(e) => panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}"),
+        }
+    }
+    let mut devices = vec![Device::emulator()];
+    devices.extend(Device::cuda(0).ok());
+    devices
 }
