@@ -97,6 +97,16 @@ impl LaunchConfig {
         Self::blocks(op, items.div_ceil(threads as usize), 1, threads, 0)
     }
 
+    /// For a kernel with a grid-stride loop over `items`: one thread per
+    /// item up to a capped grid, past which each thread covers several.
+    ///
+    /// # Errors
+    /// As [`LaunchConfig::blocks`].
+    pub fn grid_stride(op: &str, items: usize, threads: u32) -> Result<Self> {
+        let blocks = items.div_ceil(threads as usize).min(65_535 * 16);
+        Self::blocks(op, blocks, 1, threads, 0)
+    }
+
     /// One warp per row, each with `shared_per_warp` bytes of dynamic shared
     /// memory: up to 4 warps per block, as many as the shared memory allows.
     ///

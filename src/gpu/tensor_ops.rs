@@ -48,9 +48,7 @@ pub fn gather_rows<T: Element>(
             "{OP}: no rows to gather from"
         )));
     }
-    // A grid-stride loop: cap the grid, every thread covers several elements.
-    let blocks = total.div_ceil(THREADS as usize).min(65_535 * 16);
-    let config = LaunchConfig::blocks(OP, blocks, 1, THREADS, 0)?;
+    let config = LaunchConfig::grid_stride(OP, total, THREADS)?;
     // SAFETY: every buffer was checked against the shapes the kernel indexes.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
 }

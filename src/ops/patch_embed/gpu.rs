@@ -164,8 +164,7 @@ pub fn im2col<T: Element>(
     if total == 0 {
         return Ok(());
     }
-    let blocks = total.div_ceil(THREADS as usize).min(65_535 * 16);
-    let config = LaunchConfig::blocks(OP, blocks, 1, THREADS, 0)?;
+    let config = LaunchConfig::grid_stride(OP, total, THREADS)?;
     // SAFETY: the buffers were checked against the shapes the kernel
     // indexes, and the strides against the image size.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
