@@ -144,6 +144,37 @@ __device__ __forceinline__ void insert_nearest(D* best_d, int* best_id, int& fil
   if (filled < k) ++filled;
 }
 
+// e^x as a fixed sequence of correctly rounded f32 operations, step for
+// step `vector_math::exp` of the CPU reference (Cody–Waite reduction by
+// ln 2, degree-7 Taylor series, 2^n through the exponent bits), so both
+// give the same bits: CUDA's expf and a libm exp may differ in the last place.
+__device__ __forceinline__ float exp_exact_twin(float x) {
+  const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.69314575f,
+              kLn2Lo = 1.4286068e-6f, kRound = 12582912.0f;
+  const float x_in = x;
+  x = x > 88.0f ? 88.0f : x;
+  const float shifted = __fadd_rn(__fmul_rn(x, kLog2e), kRound);
+  const float n = __fsub_rn(shifted, kRound);
+  const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, kLn2Hi)), __fmul_rn(n, kLn2Lo));
+  float p = 1.0f / 5040.0f;
+  p = __fadd_rn(1.0f / 720.0f, __fmul_rn(r, p));
+  p = __fadd_rn(1.0f / 120.0f, __fmul_rn(r, p));
+  p = __fadd_rn(1.0f / 24.0f, __fmul_rn(r, p));
+  p = __fadd_rn(1.0f / 6.0f, __fmul_rn(r, p));
+  p = __fadd_rn(0.5f, __fmul_rn(r, p));
+  p = __fadd_rn(1.0f, __fmul_rn(r, p));
+  p = __fadd_rn(1.0f, __fmul_rn(r, p));
+  const uint32_t biased =
+      uint32_t(__float_as_int(shifted)) - uint32_t(__float_as_int(kRound)) + 127u;
+  const float scale = __int_as_float(int(biased << 23));
+  return x_in < -87.0f ? 0.0f : __fmul_rn(p, scale);
+}
+
+// The logistic sigmoid, the same bits as `activation::sigmoid` on the CPU.
+__device__ __forceinline__ float sigmoid_exact_twin(float x) {
+  return __fdiv_rn(1.0f, __fadd_rn(1.0f, exp_exact_twin(-x)));
+}
+
 // Exact GELU, as torch.nn.GELU().
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 

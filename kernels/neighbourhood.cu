@@ -1,8 +1,10 @@
 // Nearest clusters and the neighbour lists built from them (spec §4): one
 // thread per token scans every cluster mean, keeping the nnc nearest in an
-// insertion-sorted list. Squared distances are exact in f64 (differences
-// and squares of f32 values fit its mantissa), so ties are real ties and go
-// to the lower cluster index.
+// insertion-sorted list. Squared distances are ranked in f32 as the
+// published model computes them (spec §4): dx, dy, their squares and the sum
+// each rounded on its own (the _rn intrinsics stop nvcc from fusing them into
+// an FMA), so near-ties rank as there; equal distances go to the lower
+// cluster index. src/ops/neighbourhood.rs is the CPU twin.
 #include "common.cuh"
 
 // Largest nnc a thread keeps in registers; the wrapper checks it.
@@ -12,15 +14,15 @@ __device__ void nearest_neighbourhoods_impl(const NeighbourhoodParams p) {
   const int row = blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= p.batch * p.n) return;
   const int img = row / p.n;
-  const double x = p.pos[2 * row], y = p.pos[2 * row + 1];
+  const float x = p.pos[2 * row], y = p.pos[2 * row + 1];
   const float* means = p.means + size_t(img) * p.clusters * 2;
-  double best_d[kMaxNearest];
+  float best_d[kMaxNearest];
   int best_c[kMaxNearest];
   int filled = 0;
   for (int c = 0; c < p.clusters; ++c) {
-    const double dx = __dsub_rn(x, double(means[2 * c]));
-    const double dy = __dsub_rn(y, double(means[2 * c + 1]));
-    insert_nearest(best_d, best_c, filled, p.nnc, __dadd_rn(__dmul_rn(dx, dx), __dmul_rn(dy, dy)), c);
+    const float dx = __fsub_rn(x, means[2 * c]);
+    const float dy = __fsub_rn(y, means[2 * c + 1]);
+    insert_nearest(best_d, best_c, filled, p.nnc, __fadd_rn(__fmul_rn(dx, dx), __fmul_rn(dy, dy)), c);
   }
   const int m = p.nnc * p.size;
   int32_t* nbhd = p.nbhd + size_t(row) * m;

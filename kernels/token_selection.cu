@@ -8,10 +8,13 @@ __device__ void importance_impl(const ImportanceParams p) {
   const int row = blockIdx.x * warps + threadIdx.x / 32;
   if (row >= p.rows) return;
   const T* x = static_cast<const T*>(p.x) + size_t(row) * p.dim;
+  // The order `token_selection::importance` repeats on the CPU: lane sums,
+  // the warp's butterfly, the bias, then the twin sigmoid; no FMA anywhere,
+  // so the scores (and the selection they decide) are the CPU's bits.
   float acc = 0.0f;
-  for (int e = lane; e < p.dim; e += 32) acc += to_f32(x[e]) * p.weight[e];
-  const float logit = warp_sum(acc) + p.bias;
-  if (lane == 0) static_cast<float*>(p.out)[row] = 1.0f / (1.0f + expf(-logit));
+  for (int e = lane; e < p.dim; e += 32) acc = __fadd_rn(acc, __fmul_rn(to_f32(x[e]), p.weight[e]));
+  const float logit = __fadd_rn(warp_sum(acc), p.bias);
+  if (lane == 0) static_cast<float*>(p.out)[row] = sigmoid_exact_twin(logit);
 }
 
 __device__ __forceinline__ bool divisible(float v, int64_t by) { return int64_t(v) % by == 0; }

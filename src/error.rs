@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 /// Result with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// One tensor that does not fit the model: missing, unexpected, or of the wrong shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One tensor that does not fit the model: missing, unexpected, of the
+/// wrong shape or type, or holding non-finite values.
+#[derive(Debug, Clone, PartialEq)]
 pub enum TensorProblem {
     /// The model needs this tensor and the file lacks it.
     Missing { name: String, expected: Vec<usize> },
@@ -25,6 +26,12 @@ pub enum TensorProblem {
     },
     /// Present, but not stored as a float type the model can read.
     WrongDtype { name: String, found: String },
+    /// Present, but holding a NaN or an infinity (first one shown).
+    NonFinite {
+        name: String,
+        index: Vec<usize>,
+        value: f32,
+    },
 }
 
 impl fmt::Display for TensorProblem {
@@ -43,6 +50,12 @@ impl fmt::Display for TensorProblem {
             } => write!(f, "`{name}` expected shape {expected:?}, found {found:?}"),
             Self::WrongDtype { name, found } => {
                 write!(f, "`{name}` has dtype {found}, expected a float type")
+            }
+            Self::NonFinite { name, index, value } => {
+                write!(
+                    f,
+                    "`{name}` holds the non-finite value {value} at index {index:?}"
+                )
             }
         }
     }
@@ -78,6 +91,15 @@ pub enum Error {
         path: PathBuf,
         name: String,
         reason: String,
+    },
+
+    /// A tensor given to the model holds a NaN or an infinity.
+    #[error("tensor `{tensor}`: non-finite value {value} at index {index:?}")]
+    NonFinite {
+        tensor: String,
+        /// The first offending element, one index per dimension.
+        index: Vec<usize>,
+        value: f32,
     },
 
     /// An invalid or unknown model configuration.

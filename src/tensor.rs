@@ -70,6 +70,39 @@ impl<T: Clone + Default> Tensor<T> {
     }
 }
 
+/// The first value of `data` (row-major, of `shape`) that is NaN or
+/// infinite, with its index per dimension.
+pub fn first_non_finite(shape: &[usize], data: &[f32]) -> Option<(Vec<usize>, f32)> {
+    let flat = data.iter().position(|v| !v.is_finite())?;
+    let mut index = vec![0; shape.len()];
+    let mut rest = flat;
+    for (i, &d) in index.iter_mut().zip(shape).rev() {
+        if d > 0 {
+            *i = rest % d;
+            rest /= d;
+        }
+    }
+    Some((index, data[flat]))
+}
+
+impl Tensor<f32> {
+    /// Checks that every value is finite: the model's clustering and
+    /// selection rank values, and a NaN would silently pick arbitrary tokens.
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] naming `name` and the first offending index.
+    pub fn check_finite(&self, name: &str) -> Result<()> {
+        match first_non_finite(&self.shape, &self.data) {
+            None => Ok(()),
+            Some((index, value)) => Err(Error::NonFinite {
+                tensor: name.to_string(),
+                index,
+                value,
+            }),
+        }
+    }
+}
+
 /// A tensor of any element type the crate reads or writes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AnyTensor {

@@ -223,6 +223,40 @@ fn infer_names_a_bad_input_tensor() {
 }
 
 #[test]
+fn infer_refuses_non_finite_pixels_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = data("tiny-128.weights.safetensors");
+    let out_path = tmp(&dir, "o.safetensors");
+    for (value, shown) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
+        let mut pixels = vec![0.1f32; 2 * 3 * 32 * 32];
+        // Image 1, channel 2, row 5, column 7.
+        pixels[((3 + 2) * 32 + 5) * 32 + 7] = value;
+        let input = tmp(&dir, "nan.safetensors");
+        let image = Tensor::new(vec![2, 3, 32, 32], pixels).unwrap();
+        write_safetensors(
+            &input,
+            &[("input.image".to_string(), AnyTensor::F32(image))],
+            Default::default(),
+        )
+        .unwrap();
+        let args = [
+            "infer",
+            "--weights",
+            &weights,
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+        ];
+        let out = autofocus(&args);
+        assert_error_line(&out, "input.image");
+        let err = stderr(&out);
+        assert!(err.contains(shown) && err.contains("[1, 2, 5, 7]"), "{err}");
+        assert!(!out_path.exists());
+    }
+}
+
+#[test]
 fn convert_reads_the_pth_and_stores_the_config() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = tmp(&dir, "tiny.json");

@@ -5,8 +5,8 @@
 mod common;
 
 use autofocus::gpu::{Device, Element};
-use autofocus::io::SafetensorsFile;
-use autofocus::{AutoFocusFormer, DeviceModel};
+use autofocus::model::ModelKind;
+use autofocus::{AnyTensor, AutoFocusFormer, DeviceModel};
 use common::{Case, assert_close, assert_exact};
 
 fn logits_on<T: Element>(case: &Case, device: &Device) -> Vec<f32> {
@@ -15,29 +15,21 @@ fn logits_on<T: Element>(case: &Case, device: &Device) -> Vec<f32> {
     model.forward(&image).unwrap().data().to_vec()
 }
 
-fn golden_case_on_every_device(case_name: &str) {
-    let Some(case) = Case::load(case_name) else {
-        return;
-    };
-    let want = case.f32("logits");
-    for device in common::devices() {
-        let got = logits_on::<f32>(&case, &device);
-        assert_close(
-            &format!("{case_name} f32 logits on {device:?}"),
-            &got,
-            &want,
-        );
-    }
-}
-
+/// Every classification case's logits through the kernels, f32, on every
+/// device, within 1e-4 of the golden.
 #[test]
-fn tiny_128_f32_matches_the_golden_logits() {
-    golden_case_on_every_device("tiny-128");
-}
-
-#[test]
-fn tiny_160x192_fifth_f32_matches_the_golden_logits() {
-    golden_case_on_every_device("tiny-160x192-fifth");
+fn every_classification_case_matches_its_golden_logits() {
+    common::for_each_golden_case(ModelKind::Classifier, |case| {
+        let want = case.f32("logits");
+        for device in common::devices() {
+            let got = logits_on::<f32>(case, &device);
+            assert_close(
+                &format!("{} f32 logits on {device:?}", case.name),
+                &got,
+                &want,
+            );
+        }
+    });
 }
 
 /// Half-precision storage: the logits agree with the f32 golden to the
@@ -66,29 +58,148 @@ fn half_precision_logits_agree_with_f32() {
     }
 }
 
-/// The segmentation golden (130×190, padded to 132×192; offsets clamped):
-/// every stage's features within 1e-4, positions exact.
+/// Every segmentation case (the bundled one is 130×190, padded to 132×192,
+/// offsets clamped): every stage's features within 1e-4, positions exact.
 #[test]
-fn the_backbone_features_match_the_golden() {
-    let dir = common::data_dir();
-    let model =
-        AutoFocusFormer::load(dir.join("seg-tiny-130x190.weights.safetensors"), None).unwrap();
-    let golden = SafetensorsFile::open(dir.join("seg-tiny-130x190.golden.safetensors")).unwrap();
-    let image = golden.tensor_f32("input.image").unwrap();
-    for device in common::devices() {
-        let on_device = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
-        let features = on_device.features(&image).unwrap();
-        assert_eq!(features.grid, (33, 48));
-        assert_eq!(features.stages.len(), 4);
-        for (s, stage) in features.stages.iter().enumerate() {
-            let key = format!("res{}", s + 2);
-            let want = golden.tensor_f32(&key).unwrap();
-            assert_close(&format!("{key} on {device:?}"), &stage.feat, &want);
-            let pos = golden.tensor_f32(&format!("{key}_pos")).unwrap();
-            assert_exact(&format!("{key}_pos on {device:?}"), &stage.pos, pos.data());
+fn every_backbone_case_matches_its_golden_features() {
+    common::for_each_golden_case(ModelKind::Backbone, |case| {
+        let image = case.f32("input.image");
+        let shape = case.i32("spatial_shape");
+        for device in common::devices() {
+            let on_device = DeviceModel::<f32>::new(&case.model, device.clone()).unwrap();
+            let features = on_device.features(&image).unwrap();
+            let grid = [features.grid.0 as i32, features.grid.1 as i32];
+            assert_eq!(&grid[..], shape.data(), "{} grid", case.name);
+            assert_eq!(features.stages.len(), 4);
+            for (s, stage) in features.stages.iter().enumerate() {
+                let key = format!("res{}", s + 2);
+                let what = format!("{} {key} on {device:?}", case.name);
+                assert_close(&what, &stage.feat, &case.f32(&key));
+                let pos = case.f32(&format!("{key}_pos"));
+                assert_exact(&format!("{what} pos"), &stage.pos, pos.data());
+            }
+            // A backbone has no classification head, on a device as on the CPU.
+            assert!(on_device.forward(&image).is_err());
         }
-        // A backbone has no classification head, on a device as on the CPU.
-        assert!(on_device.forward(&image).is_err());
+    });
+}
+
+/// Sizes whose token counts are not multiples of the cluster size (the last
+/// cluster of every clustered stage padded), batch 2, random weights: the
+/// kernels cluster, find neighbourhoods and select tokens exactly as the
+/// CPU does, stage by stage; importance and logits agree to 1e-4.
+#[test]
+fn odd_sizes_lay_out_tokens_exactly_as_the_cpu() {
+    use autofocus::model::ModelKind;
+    use autofocus::{AffConfig, Trace, TraceLevel};
+    let cases = [
+        (5, [20, 20, 20, 20], (72, 100)),
+        (6, [24, 24, 24, 25], (50, 130)),
+        (7, [35, 35, 35, 36], (72, 100)),
+        (6, [30, 30, 30, 30], (90, 62)),
+    ];
+    for (round, (cluster_size, nbhd, (height, width))) in cases.into_iter().enumerate() {
+        let config = AffConfig {
+            num_classes: 10,
+            embed_dim: vec![16, 32, 64, 96],
+            depths: vec![1, 1, 2, 1],
+            num_heads: vec![2, 2, 4, 8],
+            mlp_ratio: 2.0,
+            cluster_size,
+            nbhd_size: nbhd.to_vec(),
+            alpha: 4.0,
+            ds_rate: 0.25,
+            layer_scale: 0.0,
+            img_size: 128,
+        };
+        let model =
+            AutoFocusFormer::random(config, ModelKind::Classifier, 40 + round as u64).unwrap();
+        // Smooth blobs plus a fixed pseudo-random texture: scores well spread.
+        let batch = 2;
+        let pixels: Vec<f32> = (0..batch * 3 * height * width)
+            .map(|i| {
+                let (x, y) = ((i % width) as f32, ((i / width) % height) as f32);
+                let hash = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+                (x * 0.13 + y * 0.07 + i as f32 * 1e-4).sin()
+                    + (hash as f32 / (1 << 24) as f32 - 0.5)
+            })
+            .collect();
+        let image = autofocus::Tensor::new(vec![batch, 3, height, width], pixels).unwrap();
+        let mut want = Trace::new(TraceLevel::All);
+        model.forward_traced(&image, Some(&mut want)).unwrap();
+        for device in common::devices() {
+            let on_device = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
+            let mut got = Trace::new(TraceLevel::All);
+            let logits = on_device.forward_traced(&image, Some(&mut got)).unwrap();
+            let what = format!("s = {cluster_size}, {height}×{width} on {device:?}");
+            let mut compared = 0;
+            for (key, got) in got.tensors() {
+                let want = want
+                    .tensors()
+                    .get(key)
+                    .unwrap_or_else(|| panic!("{what}: {key} not on the CPU"));
+                assert_eq!(got.shape(), want.shape(), "{what}: {key} shape");
+                match (got, want) {
+                    (AnyTensor::I32(g), AnyTensor::I32(w)) => {
+                        assert_exact(&format!("{what} {key}"), g.data(), w.data())
+                    }
+                    (AnyTensor::F32(g), AnyTensor::F32(w)) if key.ends_with("pos") => {
+                        assert_exact(&format!("{what} {key}"), g.data(), w.data())
+                    }
+                    (AnyTensor::F32(g), AnyTensor::F32(w)) => {
+                        assert_close(&format!("{what} {key}"), g.data(), w)
+                    }
+                    _ => panic!("{what}: {key} has another type"),
+                }
+                compared += 1;
+            }
+            // Per stage: cluster pos, reorder, nbhd idx and mask (clustered
+            // stages), importance, reserve, merged pos; out pos; logits.
+            assert!(compared >= 20, "{what}: only {compared} tensors compared");
+            assert!(
+                got.tensors().keys().any(|k| k.ends_with("nbhd.mask")),
+                "{what}: a padded cluster"
+            );
+            assert_close(
+                &format!("{what} logits"),
+                logits.data(),
+                want.f32("logits").unwrap(),
+            );
+        }
+    }
+}
+
+/// A NaN or an infinity in the image is refused, on the CPU and on every
+/// device, naming the first offending index.
+#[test]
+fn non_finite_pixels_are_refused_on_every_path() {
+    let Some(case) = Case::load("tiny-128") else {
+        return;
+    };
+    let mut image = case.f32("input.image");
+    let &[_, _, h, w] = image.shape() else {
+        panic!("image shape")
+    };
+    image.data_mut()[((3 + 1) * h + 2) * w + 9] = f32::NAN;
+    let check = |err: autofocus::Error, on: &str| match err {
+        autofocus::Error::NonFinite {
+            tensor,
+            index,
+            value,
+        } => {
+            assert_eq!(
+                (tensor.as_str(), &index[..]),
+                ("image", &[1, 1, 2, 9][..]),
+                "{on}"
+            );
+            assert!(value.is_nan(), "{on}");
+        }
+        other => panic!("{on}: expected a non-finite error, got {other}"),
+    };
+    check(case.model.forward(&image).unwrap_err(), "cpu");
+    for device in common::devices() {
+        let model = DeviceModel::<f32>::new(&case.model, device.clone()).unwrap();
+        check(model.forward(&image).unwrap_err(), &format!("{device:?}"));
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use autofocus::model::{StageLayout, Tokens};
+use autofocus::model::{ModelKind, StageLayout, Tokens};
 use autofocus::{AnyTensor, Trace, TraceLevel};
 use common::{Case, assert_close, assert_exact};
 
@@ -47,7 +47,9 @@ fn compare(case: &Case, key: &str, got: &AnyTensor) {
 }
 
 /// The published `pe_idx` encodes each neighbour's offset in a table of
-/// half-width `img_size/4 − 1`; our neighbourhoods must give the same offsets.
+/// half-width `W = img_size/4 − 1` as `(dy+W)·(2W+1) + (dx+W)`, unclamped (an
+/// offset beyond W, as in images larger than `img_size`, lands on another
+/// row's code); our neighbourhoods must give offsets with the same codes.
 fn check_offsets(case: &Case, s: usize, layout: &StageLayout) {
     let key = format!("stage{s}.nbhd.pe_idx");
     let pe = case.i32(&key);
@@ -60,16 +62,16 @@ fn check_offsets(case: &Case, s: usize, layout: &StageLayout) {
         let pos = &layout.pos[img * n * 2..];
         for i in 0..n {
             for (slot, &j) in layout.nbhd().of(img, i).iter().enumerate() {
-                let code = pe.data()[(img * n + i) * m + slot];
-                let want = (code % width - half, code / width - half);
+                let want = pe.data()[(img * n + i) * m + slot];
                 let j = j as usize;
-                let got = (
+                let (dx, dy) = (
                     (pos[2 * j] - pos[2 * i]) as i32,
                     (pos[2 * j + 1] - pos[2 * i + 1]) as i32,
                 );
                 assert_eq!(
-                    got, want,
-                    "{} {key}: image {img} token {i} slot {slot}",
+                    (dy + half) * width + (dx + half),
+                    want,
+                    "{} {key}: image {img} token {i} slot {slot}, offset ({dx}, {dy})",
                     case.name
                 );
             }
@@ -88,16 +90,13 @@ const LAYOUT_KEYS: [&str; 8] = [
     "nbhd.idx",
 ];
 
-fn teacher_forced(case_name: &str) {
-    let Some(case) = Case::load(case_name) else {
-        return;
-    };
+fn teacher_forced(case: &Case) {
     let model = &case.model;
     let grid = case.grid();
     let stages = model.config().num_stages();
     for s in 0..stages {
         let tokens = golden_tokens(
-            &case,
+            case,
             &format!("stage{s}.in.pos"),
             &format!("stage{s}.in.feat"),
         );
@@ -112,7 +111,7 @@ fn teacher_forced(case_name: &str) {
             .chain([format!("stage{s}.nbhd.mask"), format!("stage{s}.blocks.in")])
         {
             match (trace.tensors().get(&key), case.has(&key)) {
-                (Some(got), true) => compare(&case, &key, got),
+                (Some(got), true) => compare(case, &key, got),
                 (None, false) => {}
                 (got, has) => panic!(
                     "{} {key}: traced {}, golden {has}",
@@ -121,7 +120,7 @@ fn teacher_forced(case_name: &str) {
                 ),
             }
         }
-        check_offsets(&case, s, &layout);
+        check_offsets(case, s, &layout);
 
         // Each block from the golden output of the one before.
         let depth = model.config().depths[s];
@@ -148,13 +147,12 @@ fn teacher_forced(case_name: &str) {
             } else {
                 format!("stage{s}.in.pos")
             };
-            let before =
-                golden_tokens(&case, &pos_key, &format!("stage{s}.block{}.out", depth - 1));
+            let before = golden_tokens(case, &pos_key, &format!("stage{s}.block{}.out", depth - 1));
             let mut trace = Trace::new(TraceLevel::All);
             let out = model.merge(s, &before, &layout, Some(&mut trace)).unwrap();
             for key in ["importance", "merge.reserve_num", "merge.pos", "merge.feat"] {
                 let key = format!("stage{s}.{key}");
-                compare(&case, &key, &trace.tensors()[&key]);
+                compare(case, &key, &trace.tensors()[&key]);
             }
             assert_exact(
                 &format!("{} stage{s} merged pos", case.name),
@@ -167,21 +165,19 @@ fn teacher_forced(case_name: &str) {
     // The head from the golden output of the last stage.
     let last = stages - 1;
     let tokens = golden_tokens(
-        &case,
+        case,
         &format!("stage{last}.out.pos"),
         &format!("stage{last}.out.feat"),
     );
     let mut trace = Trace::new(TraceLevel::All);
     model.head(&tokens, Some(&mut trace)).unwrap();
     for key in ["final.norm", "logits"] {
-        compare(&case, key, &trace.tensors()[key]);
+        compare(case, key, &trace.tensors()[key]);
     }
 }
 
-fn end_to_end(case_name: &str) {
-    let Some(case) = Case::load(case_name) else {
-        return;
-    };
+fn end_to_end(case: &Case) {
+    let case_name = &case.name;
     let image = case.f32("input.image");
     let mut trace = Trace::new(TraceLevel::All);
     let logits = case.model.forward_traced(&image, Some(&mut trace)).unwrap();
@@ -199,38 +195,53 @@ fn end_to_end(case_name: &str) {
             .tensors()
             .get(&key)
             .unwrap_or_else(|| panic!("{case_name}: {key} was not traced"));
-        compare(&case, &key, got);
+        compare(case, &key, got);
         checked += 1;
     }
     assert!(checked > 40, "{case_name}: only {checked} tensors compared");
 }
 
+/// Every classification case of `tests/data` and `../shared/golden`, stage
+/// by stage from the golden inputs.
 #[test]
-fn tiny_128_teacher_forced() {
-    teacher_forced("tiny-128");
+fn every_classification_case_teacher_forced() {
+    let checked = common::for_each_golden_case(ModelKind::Classifier, teacher_forced);
+    // The bundled cases are always there.
+    assert!(checked.iter().any(|c| c == "tiny-128"), "{checked:?}");
 }
 
+/// Every classification case end to end, every golden tensor compared.
 #[test]
-fn tiny_128_end_to_end() {
-    end_to_end("tiny-128");
+fn every_classification_case_end_to_end() {
+    common::for_each_golden_case(ModelKind::Classifier, end_to_end);
 }
 
+/// Every segmentation-backbone case (`res2..res5`, their positions and the
+/// grid): features within 1e-4, positions exact.
 #[test]
-fn tiny_160x192_fifth_teacher_forced() {
-    teacher_forced("tiny-160x192-fifth");
-}
-
-#[test]
-fn tiny_160x192_fifth_end_to_end() {
-    end_to_end("tiny-160x192-fifth");
-}
-
-#[test]
-fn mini_224_teacher_forced() {
-    teacher_forced("mini-224");
-}
-
-#[test]
-fn mini_224_end_to_end() {
-    end_to_end("mini-224");
+fn every_backbone_case_end_to_end() {
+    common::for_each_golden_case(ModelKind::Backbone, |case| {
+        let image = case.f32("input.image");
+        let mut trace = Trace::new(TraceLevel::All);
+        case.model
+            .features_traced(&image, Some(&mut trace))
+            .unwrap();
+        let mut checked = 0;
+        for key in case.golden_keys() {
+            if key == "input.image" {
+                continue;
+            }
+            let got = trace
+                .tensors()
+                .get(&key)
+                .unwrap_or_else(|| panic!("{}: {key} was not traced", case.name));
+            compare(case, &key, got);
+            checked += 1;
+        }
+        assert!(
+            checked >= 9,
+            "{}: only {checked} tensors compared",
+            case.name
+        );
+    });
 }

@@ -7,6 +7,7 @@ mod common;
 
 use autofocus::gpu::{Buffer, Device, Element};
 use autofocus::io::F32Buffer;
+use autofocus::ops::LayerNorm;
 use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
 use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention as cpu_attention};
 use autofocus::ops::clustering::space_filling_cluster;
@@ -19,8 +20,7 @@ use autofocus::ops::norm::gpu::{DeviceLayerNorm, layer_norm, layer_norm_in_place
 use autofocus::ops::pointconv_merge::gpu::{DeviceMergeInputs, DeviceWeightNet, pointconv_merge};
 use autofocus::ops::pointconv_merge::{MergeInputs, weight_net_table};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
-use autofocus::ops::token_selection::select_tokens;
-use autofocus::ops::{LayerNorm, activation};
+use autofocus::ops::token_selection::{importance, select_tokens};
 
 /// The run's base seed: `AUTOFOCUS_TEST_SEED`, or fresh from the clock, so
 /// every run draws new inputs; printed, so a failure can be replayed.
@@ -290,6 +290,96 @@ fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
     }
 }
 
+/// The nearest clusters of every token, read back from device neighbour
+/// lists (member `u` of cluster `c` is token `c·s + u`).
+fn device_nearest(device: &Device, nbhd: &DeviceNeighbourhood, s: usize) -> Vec<u32> {
+    let idx = device.download(nbhd.idx.as_ref().unwrap()).unwrap();
+    idx.chunks(s)
+        .map(|members| members[0] as u32 / s as u32)
+        .collect()
+}
+
+/// Brute force in f32 (spec §4): every cluster sorted by (d², index), d²
+/// rounded step by step.
+fn brute_force_nearest(
+    pos: &[f32],
+    means: &[f32],
+    (b, n, k): (usize, usize, usize),
+    nnc: usize,
+) -> Vec<u32> {
+    let mut out = Vec::with_capacity(b * n * nnc);
+    for img in 0..b {
+        for t in 0..n {
+            let p = &pos[(img * n + t) * 2..][..2];
+            let mut all: Vec<(f32, u32)> = (0..k)
+                .map(|c| {
+                    let m = &means[(img * k + c) * 2..][..2];
+                    let (dx, dy) = (p[0] - m[0], p[1] - m[1]);
+                    (dx * dx + dy * dy, c as u32)
+                })
+                .collect();
+            all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            out.extend(all[..nnc].iter().map(|e| e.1));
+        }
+    }
+    out
+}
+
+/// The near-tie that f64 ranks the other way (the issue that brought f32
+/// ranking): from (6, 6), cluster 2 at (9, 1.8333334) and cluster 12 at
+/// (4.8333335, 11) are the same f32 distance away, so 2 comes first.
+#[test]
+fn nearest_clusters_break_an_f32_tie_to_the_lower_index_on_every_device() {
+    let (n, nnc) = (13, 2);
+    let mut pos = vec![0.0f32; 2 * n];
+    let mut means = vec![100.0f32; 2 * n];
+    pos[..2].copy_from_slice(&[6.0, 6.0]);
+    means[4..6].copy_from_slice(&[9.0, 1.833_333_4]);
+    means[24..26].copy_from_slice(&[4.833_333_5, 11.0]);
+    let cpu = nearest_clusters(&pos, &means, 1, n, n, nnc).unwrap();
+    assert_eq!(cpu[..2], [2, 12]);
+    for device in common::devices() {
+        let (dpos, dmeans) = (device.upload(&pos).unwrap(), device.upload(&means).unwrap());
+        let got = nearest_neighbourhoods(&device, &dpos, &dmeans, (1, n, n), nnc, 1).unwrap();
+        assert_eq!(device_nearest(&device, &got, 1), cpu, "on {device:?}");
+    }
+}
+
+/// Property: tokens on the grid, cluster means on thirds and sixths of it
+/// (many exact and near ties); the CPU and every device rank clusters as a
+/// brute-force f32 reference does.
+#[test]
+fn nearest_clusters_match_an_f32_brute_force_on_colliding_means() {
+    let mut rng = Rng::new(11);
+    let devices = common::devices();
+    for round in 0..40 {
+        let (h, w) = (3 + rng.below(20), 3 + rng.below(20));
+        let s = 1 + rng.below(7);
+        let n = (s + rng.below(h * w - s)).min(h * w);
+        let k = n.div_ceil(s);
+        let nnc = 1 + rng.below(k.min(8));
+        let batch = 1 + rng.below(2);
+        let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
+        let means: Vec<f32> = (0..batch * k)
+            .flat_map(|_| {
+                let x = rng.below(3 * w) as f32 / 3.0;
+                let y = rng.below(6 * h) as f32 / 6.0;
+                [x, y]
+            })
+            .collect();
+        let want = brute_force_nearest(&pos, &means, (batch, n, k), nnc);
+        let case = format!("round {round}: {h}×{w}, n {n}, s {s}, k {k}, nnc {nnc}, batch {batch}");
+        let cpu = nearest_clusters(&pos, &means, batch, n, k, nnc).unwrap();
+        assert_eq!(cpu, want, "CPU, {case}");
+        for device in &devices {
+            let (dpos, dmeans) = (device.upload(&pos).unwrap(), device.upload(&means).unwrap());
+            let got =
+                nearest_neighbourhoods(device, &dpos, &dmeans, (batch, n, k), nnc, s).unwrap();
+            assert_eq!(device_nearest(device, &got, s), want, "{device:?}, {case}");
+        }
+    }
+}
+
 /// Random neighbourhoods with padding, as the stage's clusters give them.
 fn random_neighbourhood(rng: &mut Rng, images: usize, n: usize, m: usize) -> Neighbourhood {
     let idx: Vec<u32> = (0..images * n * m).map(|_| rng.below(n) as u32).collect();
@@ -524,31 +614,62 @@ fn token_selection_matches_the_cpu_exactly() {
     }
 }
 
-#[test]
-fn importance_matches_the_cpu() {
-    let mut rng = Rng::new(6);
-    for device in common::devices() {
-        let (rows, d) = (37, 70);
+/// The importance kernel gives the CPU's bits (same operation order, the
+/// twin sigmoid), in every storage type (the CPU reads the stored values),
+/// so a device selects the same tokens however close the scores at the
+/// keep/drop boundary. The CPU op is also checked against a plain sum.
+fn check_importance<T: Element>(device: &Device, rng: &mut Rng) {
+    for (rows, d) in [(37, 70), (5, 31), (64, 1), (3, 512)] {
         let x = rng.floats(rows * d);
-        let weight = rng.floats(d);
-        let want: Vec<f32> = x
+        let weight: Vec<f32> = rng.floats(d).iter().map(|v| 4.0 * v).collect();
+        let bias = rng.float();
+        let dx = upload_as::<T>(device, &x);
+        let stored = download_f32(device, &dx);
+        let want = importance(&stored, &weight, bias, rows, d).unwrap();
+        let plain: Vec<f32> = stored
             .chunks(d)
             .map(|r| {
-                activation::sigmoid(r.iter().zip(&weight).map(|(a, b)| a * b).sum::<f32>() + 0.3)
+                let logit: f64 = r
+                    .iter()
+                    .zip(&weight)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                (1.0 / (1.0 + (-(logit + bias as f64)).exp())) as f32
             })
             .collect();
-        let (dx, dw) = (device.upload(&x).unwrap(), device.upload(&weight).unwrap());
+        assert_close("importance (CPU vs f64)", &want, &plain, 1e-5);
+        let dw = device.upload(&weight).unwrap();
         let mut out = device.alloc::<f32>(rows).unwrap();
         autofocus::ops::token_selection::gpu::importance(
-            &device,
+            device,
             &dx,
             &dw,
-            0.3,
+            bias,
             &mut out,
             (rows, d),
         )
         .unwrap();
-        assert_close("importance", &device.download(&out).unwrap(), &want, 1e-6);
+        let got = device.download(&out).unwrap();
+        let (got_bits, want_bits): (Vec<u32>, Vec<u32>) = (
+            got.iter().map(|v| v.to_bits()).collect(),
+            want.iter().map(|v| v.to_bits()).collect(),
+        );
+        assert_eq!(
+            got_bits,
+            want_bits,
+            "importance {rows}×{d} in {} on {device:?}",
+            T::SUFFIX
+        );
+    }
+}
+
+#[test]
+fn importance_gives_the_cpu_bits() {
+    let mut rng = Rng::new(6);
+    for device in common::devices() {
+        check_importance::<f32>(&device, &mut rng);
+        check_importance::<half::f16>(&device, &mut rng);
+        check_importance::<half::bf16>(&device, &mut rng);
     }
 }
 

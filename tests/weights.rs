@@ -129,6 +129,43 @@ fn integer_tensors_where_floats_belong_are_rejected() {
 }
 
 #[test]
+fn non_finite_weights_are_refused_with_the_first_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tensors = read_all(&tiny_weights());
+    for (name, t) in &mut tensors {
+        let AnyTensor::F32(t) = t else { continue };
+        match name.as_str() {
+            // Shape [32, 32]: element (3, 4).
+            "layers.1.blocks.0.attn.q.weight" => t.data_mut()[3 * 32 + 4] = f32::NAN,
+            "norm.bias" => t.data_mut()[95] = f32::INFINITY,
+            _ => {}
+        }
+    }
+    let path = write(
+        dir.path(),
+        "nan.safetensors",
+        &tensors,
+        Some(&tiny_config()),
+    );
+    let err = AutoFocusFormer::load(&path, None).unwrap_err();
+    let message = err.to_string();
+    let (problems, _) = weight_problems(err);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        matches!(&problems[0], TensorProblem::NonFinite { name, index, value }
+        if name == "layers.1.blocks.0.attn.q.weight" && index == &[3, 4] && value.is_nan())
+    );
+    assert!(
+        matches!(&problems[1], TensorProblem::NonFinite { name, index, value }
+        if name == "norm.bias" && index == &[95] && *value == f32::INFINITY)
+    );
+    assert!(
+        message.contains("nan.safetensors") && message.contains("[3, 4]"),
+        "{message}"
+    );
+}
+
+#[test]
 fn the_error_names_the_preset_the_file_fits() {
     let dir = tempfile::tempdir().unwrap();
     let mini = AffConfig::preset("aff_mini").unwrap();

@@ -110,6 +110,3 @@ inline int __float_as_int(float v) {
   std::memcpy(&i, &v, 4);
   return i;
 }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dsub_rn(double a, double b) { return a - b; }

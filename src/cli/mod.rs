@@ -96,6 +96,13 @@ fn read_input_image(path: &Path) -> Result<Tensor> {
             reason: format!("expected shape [b, 3, H, W], found {:?}", image.shape()),
         });
     }
+    if let Some((index, value)) = autofocus::tensor::first_non_finite(image.shape(), image.data()) {
+        return Err(Error::InputTensor {
+            path: path.to_path_buf(),
+            name: "input.image".into(),
+            reason: format!("non-finite value {value} at index {index:?}"),
+        });
+    }
     Ok(image)
 }
 

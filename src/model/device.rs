@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::trace::{Trace, f32_tensor, i32_tensor, record};
 use super::weights::{BlockWeights, Head, MergeWeights};
 use super::{AutoFocusFormer, BackboneFeatures, Tokens, image_batch_shape, pad_to_multiple};
 use crate::error::{Error, Result};
@@ -188,13 +189,25 @@ impl<'m, T: Element> DeviceModel<'m, T> {
     /// [`Error::Unsupported`] for a backbone; [`Error::Shape`] for a
     /// malformed input; device errors.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
+        self.forward_traced(images, None)
+    }
+
+    /// As [`forward`](Self::forward), recording into `trace` (when given)
+    /// what decides the layout, under the CPU trace's names: per stage
+    /// `global_attn`, `cluster.pos`, `cluster.reorder`, `nbhd.idx`,
+    /// `nbhd.mask`, `importance`, `merge.reserve_num`, `merge.pos` and
+    /// `out.pos`, then `logits`. Each is a download: for tests and checks.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub fn forward_traced(&self, images: &Tensor, mut trace: Option<&mut Trace>) -> Result<Tensor> {
         let DeviceHead::Classifier { norm, head } = &self.head else {
             return Err(Error::Unsupported(
                 "this is a segmentation backbone: it has no classification head".into(),
             ));
         };
         let (x, grid) = self.embed(images)?;
-        let mut x = self.run_stages(x, grid, |_, _| Ok(()))?;
+        let mut x = self.run_stages(x, grid, &mut trace, |_, _| Ok(()))?;
         let device = &self.device;
         let b = x.batch;
         let logits = self.op("head", || {
@@ -215,10 +228,12 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             Ok(logits)
         })?;
         let logits = device.download(&logits)?;
-        Tensor::new(
+        let logits = Tensor::new(
             vec![b, head.out_dim],
             logits.into_iter().map(T::to_f32).collect(),
-        )
+        )?;
+        record(&mut trace, || "logits".into(), || logits.clone());
+        Ok(logits)
     }
 
     /// The multi-scale features of a segmentation backbone, as
@@ -246,7 +261,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             stages.push(tokens.download(device)?);
             Ok(())
         };
-        let last = self.run_stages(x, grid, &mut output)?;
+        let last = self.run_stages(x, grid, &mut None, &mut output)?;
         output(self.stages.len() - 1, last)?;
         Ok(BackboneFeatures { grid, stages })
     }
@@ -288,6 +303,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         s: usize,
         x: DeviceTokens<T>,
         grid: (usize, usize),
+        trace: &mut Option<&mut Trace>,
     ) -> Result<(DeviceTokens<T>, StageNeighbourhood)> {
         let device = &self.device;
         let config = self.model.config();
@@ -296,7 +312,13 @@ impl<'m, T: Element> DeviceModel<'m, T> {
 
         // Layout (spec §3–4): global, the cached grid layout (stage 0), or
         // clusters and their neighbourhoods.
-        let (pos, mut feat, nbhd) = if nbhd_size >= n {
+        let global = nbhd_size >= n;
+        record(
+            trace,
+            || format!("stage{s}.global_attn"),
+            || i32_tensor(&[1], [global as i32]),
+        );
+        let (pos, mut feat, nbhd) = if global {
             let nbhd = StageNeighbourhood::Own(DeviceNeighbourhood::global(n));
             (x.pos, x.feat, nbhd)
         } else if s == 0 {
@@ -306,6 +328,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 gather_rows(device, &x.pos, &layout.reorder, &mut pos, (b, n, n, 2))?;
                 let mut feat = device.alloc::<T>(b * n * c)?;
                 gather_rows(device, &x.feat, &layout.reorder, &mut feat, (b, n, n, c))?;
+                self.trace_layout(trace, s, (b, n), &pos, &layout.reorder, &layout.nbhd)?;
                 Ok((pos, feat, StageNeighbourhood::Grid(layout)))
             })?
         } else {
@@ -314,6 +337,14 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 let mut feat = device.alloc::<T>(b * n * c)?;
                 let shape = (b, n, n, c);
                 gather_rows(device, &x.feat, &clustering.reorder, &mut feat, shape)?;
+                self.trace_layout(
+                    trace,
+                    s,
+                    (b, n),
+                    &clustering.pos,
+                    &clustering.reorder,
+                    &nbhd,
+                )?;
                 Ok((clustering.pos, feat, StageNeighbourhood::Own(nbhd)))
             })?
         };
@@ -328,6 +359,60 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             feat,
         };
         Ok((tokens, nbhd))
+    }
+
+    /// Records a clustered stage's layout (a download each; only with a
+    /// trace). Lists shared by the batch (stage 0) are repeated per image,
+    /// as on the CPU.
+    fn trace_layout(
+        &self,
+        trace: &mut Option<&mut Trace>,
+        s: usize,
+        (b, n): (usize, usize),
+        pos: &Buffer<f32>,
+        reorder: &Buffer<i32>,
+        nbhd: &DeviceNeighbourhood,
+    ) -> Result<()> {
+        if trace.is_none() {
+            return Ok(());
+        }
+        let device = &self.device;
+        let pos = device.download(pos)?;
+        record(
+            trace,
+            || format!("stage{s}.cluster.pos"),
+            || f32_tensor(&[b, n, 2], &pos),
+        );
+        // One image's lists (shared by the batch) become b copies.
+        let repeat = |v: Vec<i32>, per_image: usize| {
+            let copies = if v.len() == per_image { b } else { 1 };
+            v.repeat(copies)
+        };
+        let reorder = repeat(device.download(reorder)?, n);
+        record(
+            trace,
+            || format!("stage{s}.cluster.reorder"),
+            || i32_tensor(&[b, n], reorder),
+        );
+        let m = nbhd.size;
+        if let Some(idx) = &nbhd.idx {
+            let idx = repeat(device.download(idx)?, n * m);
+            record(
+                trace,
+                || format!("stage{s}.nbhd.idx"),
+                || i32_tensor(&[b, n, m], idx),
+            );
+        }
+        if let Some(mask) = &nbhd.mask {
+            let mask: Vec<i32> = device.download(mask)?.into_iter().map(i32::from).collect();
+            let mask = repeat(mask, n * m);
+            record(
+                trace,
+                || format!("stage{s}.nbhd.mask"),
+                || i32_tensor(&[b, n, m], mask),
+            );
+        }
+        Ok(())
     }
 
     /// Clusters stage `s`'s tokens (b×n at `pos`) and finds their neighbourhoods.
@@ -383,6 +468,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         merge: &DeviceMerge<T>,
         x: &DeviceTokens<T>,
         nbhd: &DeviceNeighbourhood,
+        trace: &mut Option<&mut Trace>,
     ) -> Result<DeviceTokens<T>> {
         let device = &self.device;
         let config = self.model.config();
@@ -397,6 +483,20 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             Ok((p, selection))
         })?;
         let kept = selection.kept;
+        if trace.is_some() {
+            let p = device.download(&p)?;
+            record(
+                trace,
+                || format!("stage{s}.importance"),
+                || f32_tensor(&[b, n, 1], &p),
+            );
+            let reserve = selection.reserve as i32;
+            record(
+                trace,
+                || format!("stage{s}.merge.reserve_num"),
+                || i32_tensor(&[1], [reserve]),
+            );
+        }
         let merged = self.op("merge.pointconv", || {
             let mut merged = device.alloc::<T>(b * kept * INNER_CHANNELS * c)?;
             let inputs = DeviceMergeInputs {
@@ -433,6 +533,16 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         })?;
         let mut pos = device.alloc::<f32>(b * kept * 2)?;
         gather_rows(device, &x.pos, &selection.order, &mut pos, (b, n, kept, 2))?;
+        if trace.is_some() {
+            let merged_pos = device.download(&pos)?;
+            for key in ["merge.pos", "out.pos"] {
+                record(
+                    trace,
+                    || format!("stage{s}.{key}"),
+                    || f32_tensor(&[b, kept, 2], &merged_pos),
+                );
+            }
+        }
         Ok(DeviceTokens {
             batch: b,
             tokens: kept,
@@ -448,19 +558,30 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         &self,
         mut x: DeviceTokens<T>,
         grid: (usize, usize),
+        trace: &mut Option<&mut Trace>,
         mut before_merge: impl FnMut(usize, DeviceTokens<T>) -> Result<()>,
     ) -> Result<DeviceTokens<T>> {
         let last = self.stages.len() - 1;
         for s in 0..last {
-            let (tokens, nbhd) = self.run_stage(s, x, grid)?;
+            let (tokens, nbhd) = self.run_stage(s, x, grid, trace)?;
             let merge = self.stages[s]
                 .merge
                 .as_ref()
                 .ok_or_else(|| Error::Unsupported(format!("stage {s} has no merge")))?;
-            x = self.merge(s, merge, &tokens, nbhd.get())?;
+            x = self.merge(s, merge, &tokens, nbhd.get(), trace)?;
             before_merge(s, tokens)?;
         }
-        Ok(self.run_stage(last, x, grid)?.0)
+        let out = self.run_stage(last, x, grid, trace)?.0;
+        if trace.is_some() {
+            let pos = self.device.download(&out.pos)?;
+            let (b, n) = (out.batch, out.tokens);
+            record(
+                trace,
+                || format!("stage{last}.out.pos"),
+                || f32_tensor(&[b, n, 2], &pos),
+            );
+        }
+        Ok(out)
     }
 
     /// `x += g1·proj(attn(LN1(x)))`, `x += g2·fc2(GELU(fc1(LN2(x))))`.

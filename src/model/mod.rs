@@ -109,6 +109,7 @@ pub(crate) fn image_batch_shape(images: &Tensor) -> Result<(usize, usize, usize)
             images.shape(),
         ));
     }
+    images.check_finite("image")?;
     Ok((b, height, width))
 }
 

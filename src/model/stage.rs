@@ -8,12 +8,11 @@ use super::layout::{Attention, ClusterLayout, StageLayout};
 use super::tables::{bias_table, merge_table};
 use super::trace::{Trace, f32_tensor, i32_tensor, record};
 use crate::error::{Error, Result, check_len};
-use crate::ops::activation::sigmoid;
 use crate::ops::clustering::grid_positions;
 use crate::ops::neighbourhood::Neighbourhood;
 use crate::ops::pointconv_merge::{MergeInputs, pointconv_merge};
 use crate::ops::rel_pos::neighbour_rows;
-use crate::ops::token_selection::select_tokens;
+use crate::ops::token_selection::{importance, select_tokens};
 use crate::profile;
 
 /// A batch of token sets between stages: `batch` images of `tokens` tokens.
@@ -36,7 +35,16 @@ impl Tokens {
     pub fn validate(&self) -> Result<()> {
         let (b, n, c) = (self.batch, self.tokens, self.channels);
         check_len("tokens", "pos", &[b, n, 2], self.pos.len())?;
-        check_len("tokens", "feat", &[b, n, c], self.feat.len())
+        check_len("tokens", "feat", &[b, n, c], self.feat.len())?;
+        // Positions are ranked and used as grid cells: a NaN must not reach them.
+        match crate::tensor::first_non_finite(&[b, n, 2], &self.pos) {
+            None => Ok(()),
+            Some((index, value)) => Err(Error::NonFinite {
+                tensor: "tokens.pos".into(),
+                index,
+                value,
+            }),
+        }
     }
 }
 
@@ -243,12 +251,10 @@ impl AutoFocusFormer {
         let grid = layout.geometry.grid;
         let config = self.config();
         let (b, n, c) = (tokens.batch, tokens.tokens, tokens.channels);
-        let importance: Vec<f32> = profile::timed("merge.importance", || {
-            w.prob_net.forward(&tokens.feat, b * n)
-        })?
-        .into_iter()
-        .map(sigmoid)
-        .collect();
+        let prob_bias = w.prob_net.bias.as_ref().map_or(0.0, |bias| bias[0]);
+        let importance = profile::timed("merge.importance", || {
+            importance(&tokens.feat, &w.prob_net.weight, prob_bias, b * n, c)
+        })?;
         record(
             trace,
             || format!("stage{s}.importance"),

@@ -188,7 +188,18 @@ impl<'a> Builder<'a> {
                         placeholder
                     }
                     Some(_) => match src.f32(&key) {
-                        Ok(values) => values,
+                        Ok(values) => {
+                            if let Some((index, value)) =
+                                crate::tensor::first_non_finite(shape, &values)
+                            {
+                                self.problems.push(TensorProblem::NonFinite {
+                                    name: key,
+                                    index,
+                                    value,
+                                });
+                            }
+                            values
+                        }
                         Err(e) => {
                             self.problems.push(TensorProblem::WrongDtype {
                                 name: key,

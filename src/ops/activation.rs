@@ -21,10 +21,14 @@ pub fn gelu_serial(x: &mut [f32]) {
     }
 }
 
-/// The logistic sigmoid `1 / (1 + e^-x)`.
+/// The logistic sigmoid `1 / (1 + e^-x)`, with [`vector_math::exp`]: a fixed
+/// sequence of correctly rounded f32 operations that `sigmoid` in
+/// `kernels/common.cuh` repeats step for step, so importance scores are the
+/// same bits on the CPU and on a device (a libm `exp` and CUDA's `expf`
+/// may differ in the last place).
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + vector_math::exp(-x))
 }
 
 #[cfg(test)]
@@ -52,6 +56,21 @@ mod tests {
                 "gelu({x}) = {got}, want {want}"
             );
         }
+    }
+
+    #[test]
+    fn sigmoid_is_accurate() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.01;
+            let want = 1.0 / (1.0 + (-(x as f64)).exp());
+            let got = sigmoid(x) as f64;
+            assert!(
+                (got - want).abs() <= 3e-7 * want,
+                "sigmoid({x}) = {got}, want {want}"
+            );
+        }
+        assert!(sigmoid(-200.0) < 1e-38);
+        assert_eq!(sigmoid(200.0), 1.0);
     }
 
     #[test]

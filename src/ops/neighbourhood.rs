@@ -123,11 +123,26 @@ impl Neighbourhood {
     }
 }
 
+/// The squared distance from token `t` to cluster mean `c` exactly as the
+/// published model rounds it: `(t.x − c.x)² + (t.y − c.y)²` in f32, each
+/// operation rounded separately (spec §4; `kernels/neighbourhood.cu` does the
+/// same with `__fsub_rn`/`__fmul_rn`/`__fadd_rn`).
+#[inline]
+pub fn squared_distance(t: [f32; 2], c: [f32; 2]) -> f32 {
+    let dx = t[0] - c[0];
+    let dy = t[1] - c[1];
+    dx * dx + dy * dy
+}
+
 /// For every token of every image, the `nnc` nearest cluster means: b×n×nnc
 /// cluster indices, nearest first, ties to the lower index.
 ///
-/// Distances are compared exactly (in f64, where the squared distance between
-/// f32 points is exact).
+/// Distances are compared as the published model computes them (spec §4):
+/// `d² = dx·dx + dy·dy` in f32, every subtraction, square and the sum rounded
+/// on its own (Rust never fuses them into a multiply-add). Not f64: cluster
+/// means on thirds and sixths of the grid come within an f32 rounding of
+/// each other, and there only the f32 sum ranks them as the published model
+/// does. Equal f32 distances go to the lower cluster index.
 ///
 /// # Errors
 /// [`Error::Shape`] on inconsistent sizes, [`Error::InvalidArgument`] when
@@ -149,16 +164,14 @@ pub fn nearest_clusters(
     }
     let mut out = vec![0u32; batch * n * nnc];
     out.par_chunks_mut(nnc).enumerate().for_each_init(
-        || vec![(0.0f64, 0u32); nnc],
+        || vec![(0.0f32, 0u32); nnc],
         |best, (row, dst)| {
             let img = row / n;
-            let p = [pos[2 * row] as f64, pos[2 * row + 1] as f64];
+            let p = [pos[2 * row], pos[2 * row + 1]];
             let img_means = &means[img * k * 2..(img + 1) * k * 2];
             let mut filled = 0;
             for (c, m) in img_means.chunks_exact(2).enumerate() {
-                let dx = p[0] - m[0] as f64;
-                let dy = p[1] - m[1] as f64;
-                let d = dx * dx + dy * dy;
+                let d = squared_distance(p, [m[0], m[1]]);
                 if filled == nnc && d >= best[nnc - 1].0 {
                     continue;
                 }
@@ -183,13 +196,13 @@ pub fn nearest_clusters(
 mod tests {
     use super::*;
 
-    /// Brute force: sort every cluster by (distance, index).
+    /// Brute force: sort every cluster by (f32 distance, index).
     fn reference(p: [f32; 2], means: &[f32], nnc: usize) -> Vec<u32> {
-        let mut all: Vec<(f64, u32)> = means
+        let mut all: Vec<(f32, u32)> = means
             .chunks_exact(2)
             .enumerate()
             .map(|(c, m)| {
-                let (dx, dy) = (p[0] as f64 - m[0] as f64, p[1] as f64 - m[1] as f64);
+                let (dx, dy) = (p[0] - m[0], p[1] - m[1]);
                 (dx * dx + dy * dy, c as u32)
             })
             .collect();
@@ -203,6 +216,29 @@ mod tests {
         let means = [1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.5, 0.0, -1.0];
         let got = nearest_clusters(&[0.0, 0.0], &means, 1, 1, 5, 3).unwrap();
         assert_eq!(got, [3, 0, 1]);
+    }
+
+    /// The near-tie of the issue that found f64 wrong: from (6, 6), cluster
+    /// 2's mean (9, 1.8333334) and cluster 12's (4.8333335, 11) are
+    /// 26.3611098 and 26.3611107 away in f64, but both 26.36111 in f32, where
+    /// the lower index wins (as in the published model).
+    #[test]
+    fn an_f32_tie_goes_to_the_lower_index_where_f64_would_not() {
+        let near = [9.0f32, 1.833_333_4];
+        let far = [4.833_333_5f32, 11.0];
+        let t = [6.0f32, 6.0];
+        assert_eq!(squared_distance(t, near), squared_distance(t, far));
+        let f64_d = |c: [f32; 2]| {
+            let (dx, dy) = (6.0 - c[0] as f64, 6.0 - c[1] as f64);
+            dx * dx + dy * dy
+        };
+        assert!(f64_d(far) < f64_d(near), "f64 ranks 12 first");
+        // Fill clusters 0..13 with far-away means, 2 and 12 the near pair.
+        let mut means = vec![100.0f32; 2 * 13];
+        means[4..6].copy_from_slice(&near);
+        means[24..26].copy_from_slice(&far);
+        let got = nearest_clusters(&t, &means, 1, 1, 13, 2).unwrap();
+        assert_eq!(got, [2, 12]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::activation::sigmoid;
 use super::grid_search::OccupancyGrid;
 use crate::error::{Error, Result, check_len};
 
@@ -21,6 +22,50 @@ pub struct Selection {
     /// b×kept indices into the current tokens: sampled centres by descending
     /// score (ties to the lower index), then reserve tokens in index order.
     pub order: Vec<u32>,
+}
+
+/// Lanes of the importance dot product: a GPU warp.
+const IMPORTANCE_LANES: usize = 32;
+
+/// The importance `p = sigmoid(x · weight + bias)` of every row of `x`
+/// (rows×dim), the `prob_net` of spec §7, computed in the exact order of
+/// the `importance` kernel so that a device selects the same tokens as the
+/// CPU: lane `l` of 32 sums `x[e]·w[e]` for `e = l, l+32, …` (product and sum
+/// each rounded), the lanes are added in a halving tree (16, 8, 4, 2, 1, as
+/// the warp's butterfly), then the bias, then [`sigmoid`]. The scores are
+/// the same bits wherever the rows are (no dependence on batch or threads).
+///
+/// # Errors
+/// [`Error::Shape`] when `x` is not rows×dim or `weight` not dim long.
+pub fn importance(
+    x: &[f32],
+    weight: &[f32],
+    bias: f32,
+    rows: usize,
+    dim: usize,
+) -> Result<Vec<f32>> {
+    check_len("importance", "x", &[rows, dim], x.len())?;
+    check_len("importance", "weight", &[dim], weight.len())?;
+    if dim == 0 {
+        return Ok(vec![sigmoid(0.0 + bias); rows]);
+    }
+    Ok(x.par_chunks(dim)
+        .with_min_len(64)
+        .map(|row| {
+            let mut lanes = [0.0f32; IMPORTANCE_LANES];
+            for (e, (&v, &w)) in row.iter().zip(weight).enumerate() {
+                lanes[e % IMPORTANCE_LANES] += v * w;
+            }
+            let mut width = IMPORTANCE_LANES / 2;
+            while width > 0 {
+                for l in 0..width {
+                    lanes[l] += lanes[l + width];
+                }
+                width /= 2;
+            }
+            sigmoid(lanes[0] + bias)
+        })
+        .collect())
 }
 
 /// The grid prior of spec §7 for one image: at stride 2, 1 where both

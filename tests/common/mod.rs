@@ -51,6 +51,76 @@ pub fn case_dir(case: &str) -> Option<PathBuf> {
     None
 }
 
+/// Every golden case there is: each `<name>.golden.safetensors` with its
+/// `<name>.weights.safetensors`, bundled in `tests/data` or in
+/// `../shared/golden` (a name in both is taken once), sorted by name. New
+/// cases dropped into either folder are tested without naming them here.
+/// With `AUTOFOCUS_REQUIRE_SHARED_GOLDEN=1` the shared folder must hold some.
+pub fn golden_case_names() -> Vec<String> {
+    let cases_in = |dir: &std::path::Path| -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                let case = name.strip_suffix(".golden.safetensors")?.to_string();
+                dir.join(format!("{case}.weights.safetensors"))
+                    .exists()
+                    .then_some(case)
+            })
+            .collect()
+    };
+    let shared = cases_in(&shared_golden_dir());
+    if shared.is_empty() {
+        if std::env::var(REQUIRE_SHARED).is_ok_and(|v| v == "1") {
+            panic!(
+                "no golden case in {} and {REQUIRE_SHARED}=1",
+                shared_golden_dir().display()
+            );
+        }
+        eprintln!(
+            "SKIPPED: no golden case in {}",
+            shared_golden_dir().display()
+        );
+    }
+    let mut names = cases_in(&data_dir());
+    names.extend(shared);
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Runs `check` on every golden case whose model is of `kind` (each case
+/// to the end even when another fails), then fails naming every case that
+/// failed. Returns the cases checked.
+pub fn for_each_golden_case(
+    kind: autofocus::model::ModelKind,
+    check: impl Fn(&Case) + std::panic::RefUnwindSafe,
+) -> Vec<String> {
+    let mut checked = Vec::new();
+    let mut failed = Vec::new();
+    for name in golden_case_names() {
+        let Some(case) = Case::load(&name) else {
+            continue;
+        };
+        if case.model.kind() != kind {
+            continue;
+        }
+        eprintln!("golden case {name}");
+        if std::panic::catch_unwind(|| check(&case)).is_err() {
+            failed.push(name.clone());
+        }
+        checked.push(name);
+    }
+    assert!(
+        failed.is_empty(),
+        "golden cases failed: {failed:?} (of {checked:?})"
+    );
+    assert!(!checked.is_empty(), "no golden case of kind {kind:?}");
+    checked
+}
+
 /// A golden case: the model and its recorded intermediates.
 pub struct Case {
     pub name: String,
