@@ -96,22 +96,75 @@ pub enum Value {
     Mark,
 }
 
+/// Deepest nesting of containers a pickle may build. `torch.save` state
+/// dicts nest a handful of levels; the limit keeps a hostile file from
+/// exhausting the stack (values are dropped recursively).
+pub const MAX_DEPTH: u32 = 256;
+
+/// Values one parse may create, copies out of the memo included: a million
+/// plus 16 per input byte (without copies a pickle creates at most about one
+/// value per opcode). Bounds a "billion laughs" file, whose memo references
+/// would otherwise grow tenfold per level.
+pub fn value_budget(input_len: usize) -> u64 {
+    1_000_000 + 16 * input_len as u64
+}
+
 /// Parses a whole pickle; returns the value `STOP` leaves on the stack.
+///
+/// # Errors
+/// A message for corrupt or truncated input, unsupported opcodes, nesting
+/// deeper than [`MAX_DEPTH`] or more values than [`value_budget`].
 pub fn parse(bytes: &[u8]) -> Result<Value, String> {
     Machine {
         input: bytes,
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
+        created: 0,
+        budget: value_budget(bytes.len()),
     }
     .run()
+}
+
+/// A value on the stack or in the memo, with its nesting depth and the
+/// number of values it holds (itself included), so that copies and nesting
+/// are charged before they happen.
+#[derive(Clone)]
+struct Item {
+    value: Value,
+    depth: u32,
+    nodes: u64,
+}
+
+impl Item {
+    fn leaf(value: Value) -> Self {
+        Self {
+            value,
+            depth: 1,
+            nodes: 1,
+        }
+    }
+
+    /// A new container `make(values)` holding `items`.
+    fn container(items: Vec<Item>, make: impl FnOnce(Vec<Value>) -> Value) -> Self {
+        let depth = 1 + items.iter().map(|i| i.depth).max().unwrap_or(0);
+        let nodes = 1 + items.iter().map(|i| i.nodes).sum::<u64>();
+        Self {
+            value: make(items.into_iter().map(|i| i.value).collect()),
+            depth,
+            nodes,
+        }
+    }
 }
 
 struct Machine<'a> {
     input: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
-    memo: HashMap<u32, Value>,
+    stack: Vec<Item>,
+    memo: HashMap<u32, Item>,
+    /// Values created so far, and how many may be.
+    created: u64,
+    budget: u64,
 }
 
 impl Machine<'_> {
@@ -162,42 +215,109 @@ impl Machine<'_> {
         Ok(s)
     }
 
-    fn pop(&mut self) -> Result<Value, String> {
+    /// Charges `nodes` new values against the budget.
+    fn charge(&mut self, nodes: u64) -> Result<(), String> {
+        self.created = self.created.saturating_add(nodes);
+        if self.created > self.budget {
+            return Err(format!(
+                "the pickle builds more than {} values (at byte {}); refusing it",
+                self.budget, self.pos
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_depth(&self, depth: u32) -> Result<(), String> {
+        if depth > MAX_DEPTH {
+            return Err(format!(
+                "values nested deeper than {MAX_DEPTH} levels at byte {}",
+                self.pos
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pushes a newly made item: one value charged, its depth checked.
+    fn push(&mut self, item: Item) -> Result<(), String> {
+        self.check_depth(item.depth)?;
+        self.charge(1)?;
+        self.stack.push(item);
+        Ok(())
+    }
+
+    fn push_leaf(&mut self, value: Value) -> Result<(), String> {
+        self.push(Item::leaf(value))
+    }
+
+    fn pop_item(&mut self) -> Result<Item, String> {
         match self.stack.pop() {
-            Some(Value::Mark) | None => Err(format!("stack underflow at byte {}", self.pos)),
-            Some(v) => Ok(v),
+            Some(Item {
+                value: Value::Mark, ..
+            })
+            | None => Err(format!("stack underflow at byte {}", self.pos)),
+            Some(item) => Ok(item),
         }
     }
 
-    fn top(&mut self) -> Result<&mut Value, String> {
+    fn pop(&mut self) -> Result<Value, String> {
+        self.pop_item().map(|i| i.value)
+    }
+
+    fn top(&mut self) -> Result<&mut Item, String> {
+        let pos = self.pos;
         match self.stack.last_mut() {
-            Some(Value::Mark) | None => Err(format!("stack underflow at byte {}", self.pos)),
-            Some(v) => Ok(v),
+            Some(Item {
+                value: Value::Mark, ..
+            })
+            | None => Err(format!("stack underflow at byte {pos}")),
+            Some(item) => Ok(item),
         }
     }
 
     /// Pops everything above the topmost mark, and the mark.
-    fn pop_to_mark(&mut self) -> Result<Vec<Value>, String> {
+    fn pop_to_mark(&mut self) -> Result<Vec<Item>, String> {
         let mark = self
             .stack
             .iter()
-            .rposition(|v| matches!(v, Value::Mark))
+            .rposition(|i| matches!(i.value, Value::Mark))
             .ok_or_else(|| format!("no mark on the stack at byte {}", self.pos))?;
         let items = self.stack.split_off(mark + 1);
         self.stack.pop();
         Ok(items)
     }
 
-    fn memo_get(&self, key: u32) -> Result<Value, String> {
-        self.memo
+    /// Moves `items` into the container on top of the stack with `insert`.
+    fn extend_top(
+        &mut self,
+        items: Vec<Item>,
+        insert: fn(&mut Value, Vec<Value>) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let depth = 1 + items.iter().map(|i| i.depth).max().unwrap_or(0);
+        self.check_depth(depth)?;
+        let nodes: u64 = items.iter().map(|i| i.nodes).sum();
+        let top = self.top()?;
+        top.depth = top.depth.max(depth);
+        top.nodes = top.nodes.saturating_add(nodes);
+        insert(&mut top.value, items.into_iter().map(|i| i.value).collect())
+    }
+
+    fn memo_get(&mut self, key: u32) -> Result<(), String> {
+        let nodes = self
+            .memo
             .get(&key)
-            .cloned()
-            .ok_or_else(|| format!("memo key {key} not defined"))
+            .ok_or_else(|| format!("memo key {key} not defined"))?
+            .nodes;
+        self.charge(nodes)?;
+        let item = self.memo[&key].clone();
+        self.stack.push(item);
+        Ok(())
     }
 
     fn memo_put(&mut self, key: u32) -> Result<(), String> {
-        let v = self.top()?.clone();
-        self.memo.insert(key, v);
+        let nodes = self.top()?.nodes;
+        self.charge(nodes)?;
+        let item = self.top()?.clone();
+        self.memo.insert(key, item);
         Ok(())
     }
 
@@ -215,7 +335,11 @@ impl Machine<'_> {
                     self.u64()?; // FRAME: a length hint only
                 }
                 b'.' => return self.pop(),
-                b'(' => self.stack.push(Value::Mark),
+                b'(' => self.stack.push(Item {
+                    value: Value::Mark,
+                    depth: 0,
+                    nodes: 0,
+                }),
                 b'0' => {
                     self.pop()?;
                 }
@@ -223,23 +347,25 @@ impl Machine<'_> {
                     self.pop_to_mark()?;
                 }
                 b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v);
+                    let nodes = self.top()?.nodes;
+                    self.charge(nodes)?;
+                    let item = self.top()?.clone();
+                    self.stack.push(item);
                 }
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
+                b'N' => self.push_leaf(Value::None)?,
+                0x88 => self.push_leaf(Value::Bool(true))?,
+                0x89 => self.push_leaf(Value::Bool(false))?,
                 b'J' => {
                     let v = self.u32()? as i32;
-                    self.stack.push(Value::Int(v.into()));
+                    self.push_leaf(Value::Int(v.into()))?;
                 }
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v.into()));
+                    self.push_leaf(Value::Int(v.into()))?;
                 }
                 b'M' => {
                     let v = self.u16()?;
-                    self.stack.push(Value::Int(v.into()));
+                    self.push_leaf(Value::Int(v.into()))?;
                 }
                 0x8a | 0x8b => {
                     let n = if op == 0x8a {
@@ -257,26 +383,26 @@ impl Machine<'_> {
                         [0u8; 8]
                     };
                     buf[..n].copy_from_slice(bytes);
-                    self.stack.push(Value::Int(i64::from_le_bytes(buf)));
+                    self.push_leaf(Value::Int(i64::from_le_bytes(buf)))?;
                 }
                 b'G' => {
                     let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.stack.push(Value::Float(v));
+                    self.push_leaf(Value::Float(v))?;
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.push_leaf(Value::Str(s))?;
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.push_leaf(Value::Str(s))?;
                 }
                 0x8d => {
                     let n = self.len_u64()?;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.push_leaf(Value::Str(s))?;
                 }
                 b'T' | b'U' | b'B' | b'C' | 0x8e => {
                     let n = match op {
@@ -285,15 +411,14 @@ impl Machine<'_> {
                         _ => self.u8()? as usize,
                     };
                     let bytes = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(bytes));
+                    self.push_leaf(Value::Bytes(bytes))?;
                 }
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET
+                b'}' => self.push_leaf(Value::Dict(Vec::new()))?,
+                b']' | 0x8f => self.push_leaf(Value::List(Vec::new()))?, // 0x8f: EMPTY_SET
+                b')' => self.push_leaf(Value::Tuple(Vec::new()))?,
                 b't' => {
                     let items = self.pop_to_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    self.push(Item::container(items, Value::Tuple))?;
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -301,10 +426,10 @@ impl Machine<'_> {
                         return Err(format!("stack underflow at byte {}", self.pos));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    if items.iter().any(|v| matches!(v, Value::Mark)) {
+                    if items.iter().any(|i| matches!(i.value, Value::Mark)) {
                         return Err(format!("stack underflow at byte {}", self.pos));
                     }
-                    self.stack.push(Value::Tuple(items));
+                    self.push(Item::container(items, Value::Tuple))?;
                 }
                 b'q' => {
                     let k = self.u8()?;
@@ -320,67 +445,72 @@ impl Machine<'_> {
                 }
                 b'h' => {
                     let k = self.u8()?;
-                    let v = self.memo_get(k.into())?;
-                    self.stack.push(v);
+                    self.memo_get(k.into())?;
                 }
                 b'j' => {
                     let k = self.u32()?;
-                    let v = self.memo_get(k)?;
-                    self.stack.push(v);
+                    self.memo_get(k)?;
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Value::Global(module, name));
+                    self.push_leaf(Value::Global(module, name))?;
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(m, n)),
+                        (Value::Str(m), Value::Str(n)) => self.push_leaf(Value::Global(m, n))?,
                         _ => return Err("STACK_GLOBAL needs two strings".into()),
                     }
                 }
                 b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    set_items(self.top()?, vec![k, v])?;
+                    let v = self.pop_item()?;
+                    let k = self.pop_item()?;
+                    self.extend_top(vec![k, v], set_items)?;
                 }
                 b'u' => {
                     let items = self.pop_to_mark()?;
-                    set_items(self.top()?, items)?;
+                    self.extend_top(items, set_items)?;
                 }
                 b'a' => {
-                    let v = self.pop()?;
-                    append(self.top()?, vec![v]);
+                    let v = self.pop_item()?;
+                    self.extend_top(vec![v], append)?;
                 }
                 b'e' | 0x90 => {
                     let items = self.pop_to_mark()?;
-                    append(self.top()?, items);
+                    self.extend_top(items, append)?;
                 }
                 0x91 => {
                     let items = self.pop_to_mark()?;
-                    self.stack.push(Value::List(items));
+                    self.push(Item::container(items, Value::List))?;
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    self.stack.push(persistent_load(pid)?);
+                    self.push_leaf(persistent_load(pid)?)?;
                 }
                 b'R' => {
-                    let args = self.pop()?;
+                    let args = self.pop_item()?;
                     let func = self.pop()?;
-                    self.stack.push(reduce(func, args)?);
+                    // The result is at most as deep and large as its arguments.
+                    let (depth, nodes) = (args.depth, args.nodes);
+                    let value = reduce(func, args.value)?;
+                    self.push(Item {
+                        value,
+                        depth,
+                        nodes,
+                    })?;
                 }
                 0x81 => {
                     let _args = self.pop()?;
                     let class = self.pop()?;
-                    self.stack.push(Value::Object(describe(&class)));
+                    self.push_leaf(Value::Object(describe(&class)))?;
                 }
                 0x92 => {
                     let _kwargs = self.pop()?;
                     let _args = self.pop()?;
                     let class = self.pop()?;
-                    self.stack.push(Value::Object(describe(&class)));
+                    self.push_leaf(Value::Object(describe(&class)))?;
                 }
                 b'b' => {
                     // BUILD sets instance state; tensors and dicts need none of it.
@@ -423,11 +553,12 @@ fn set_items(target: &mut Value, items: Vec<Value>) -> Result<(), String> {
     }
 }
 
-fn append(target: &mut Value, items: Vec<Value>) {
+fn append(target: &mut Value, items: Vec<Value>) -> Result<(), String> {
     if let Value::List(list) = target {
         list.extend(items);
     }
     // Appends to objects of unknown classes are dropped with them.
+    Ok(())
 }
 
 fn persistent_load(pid: Value) -> Result<Value, String> {
@@ -543,6 +674,45 @@ mod tests {
         assert!(parse(b"\x80\x02h\x05.").is_err());
         assert!(parse(b"\x80\x02X\xff\xff\xff\xff.").is_err());
         assert!(parse(b"\x80\x02\xff.").is_err());
+    }
+
+    /// "Billion laughs": each level a list of ten memo references to the
+    /// level below. Copies are charged, so it stops at the budget.
+    #[test]
+    fn memo_bombs_are_refused_within_the_budget() {
+        let mut bytes = b"\x80\x02]q\x00K\x01a".to_vec();
+        for level in 1..=9u8 {
+            // EMPTY_LIST, MARK, BINGET(level - 1) × 10, APPENDS, BINPUT(level)
+            bytes.extend(b"](");
+            for _ in 0..10 {
+                bytes.extend([b'h', level - 1]);
+            }
+            bytes.extend([b'e', b'q', level]);
+        }
+        bytes.push(b'.');
+        let err = parse(&bytes).unwrap_err();
+        assert!(err.contains("values"), "{err}");
+    }
+
+    /// A million nested tuples: refused at the depth limit, and what was
+    /// built is dropped without exhausting the stack.
+    #[test]
+    fn deep_nesting_is_refused() {
+        let mut bytes = b"\x80\x02N".to_vec();
+        bytes.extend(std::iter::repeat_n(0x85u8, 1_000_000)); // TUPLE1
+        bytes.push(b'.');
+        let err = parse(&bytes).unwrap_err();
+        assert!(err.contains("nested"), "{err}");
+        // Nested lists through APPEND, and a shallow file just under the limit.
+        let mut lists = b"\x80\x02".to_vec();
+        lists.extend(std::iter::repeat_n(b']', 300_000));
+        lists.extend(std::iter::repeat_n(b'a', 299_999));
+        lists.push(b'.');
+        assert!(parse(&lists).unwrap_err().contains("nested"));
+        let mut ok = b"\x80\x02N".to_vec();
+        ok.extend(std::iter::repeat_n(0x85u8, MAX_DEPTH as usize - 1));
+        ok.push(b'.');
+        assert!(parse(&ok).is_ok());
     }
 
     #[test]
