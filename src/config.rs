@@ -175,10 +175,57 @@ impl AffConfig {
     /// # Errors
     /// [`Error::Config`] naming the first inconsistent field.
     pub fn validate(&self) -> Result<()> {
+        use crate::limits::{
+            MAX_BLOCKS_PER_STAGE, MAX_CLASSES, MAX_CLUSTER_SIZE, MAX_EMBED_DIM, MAX_HEADS,
+            MAX_IMAGE_SIDE, MAX_MLP_RATIO, MAX_NBHD_SIZE, MAX_STAGES,
+        };
         let stages = self.depths.len();
         let bad = |msg: String| Err(Error::Config(msg));
         if stages == 0 {
             return bad("`depths` is empty".into());
+        }
+        // Upper bounds first: nothing below may overflow or allocate.
+        let too_large = |field: &str, value: String, limit: String| {
+            Err(Error::Config(format!(
+                "`{field}` = {value} is beyond the limit of {limit}"
+            )))
+        };
+        let lists: [(&str, &[usize], usize); 4] = [
+            ("embed_dim", &self.embed_dim, MAX_EMBED_DIM),
+            ("depths", &self.depths, MAX_BLOCKS_PER_STAGE),
+            ("num_heads", &self.num_heads, MAX_HEADS),
+            ("nbhd_size", &self.nbhd_size, MAX_NBHD_SIZE),
+        ];
+        for (field, values, limit) in lists {
+            if values.len() > MAX_STAGES {
+                return too_large(
+                    field,
+                    format!("{} stages", values.len()),
+                    format!("{MAX_STAGES} stages"),
+                );
+            }
+            if let Some(v) = values.iter().find(|&&v| v > limit) {
+                return too_large(field, v.to_string(), limit.to_string());
+            }
+        }
+        for (field, value, limit) in [
+            ("num_classes", self.num_classes, MAX_CLASSES),
+            ("cluster_size", self.cluster_size, MAX_CLUSTER_SIZE),
+            ("img_size", self.img_size, MAX_IMAGE_SIDE),
+        ] {
+            if value > limit {
+                return too_large(field, value.to_string(), limit.to_string());
+            }
+        }
+        if self.mlp_ratio.is_nan() || self.mlp_ratio > MAX_MLP_RATIO {
+            return too_large(
+                "mlp_ratio",
+                self.mlp_ratio.to_string(),
+                MAX_MLP_RATIO.to_string(),
+            );
+        }
+        if self.num_classes == 0 {
+            return bad("num_classes must be at least 1".into());
         }
         for (field, len) in [
             ("embed_dim", self.embed_dim.len()),

@@ -102,6 +102,15 @@ pub enum Error {
         value: f32,
     },
 
+    /// A size from a file, a configuration or an option beyond what can be
+    /// served (see [`crate::limits`]), refused before anything is allocated.
+    #[error("{what}: asks for {asked}, the limit is {limit}")]
+    TooLarge {
+        what: String,
+        asked: String,
+        limit: String,
+    },
+
     /// An invalid or unknown model configuration.
     #[error("config: {0}")]
     Config(String),

@@ -29,6 +29,7 @@ pub mod error;
 pub mod focus;
 pub mod gpu;
 pub mod io;
+pub mod limits;
 pub mod model;
 pub mod ops;
 pub mod profile;

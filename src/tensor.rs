@@ -18,10 +18,13 @@ impl<T> Tensor<T> {
     /// # Errors
     /// [`Error::InvalidArgument`] when the element count disagrees with the shape.
     pub fn new(shape: Vec<usize>, data: Vec<T>) -> Result<Self> {
-        let expected: usize = shape.iter().product();
-        if expected != data.len() {
+        // Checked: a shape whose product wraps around must not pass for
+        // one that matches a short buffer.
+        let expected = crate::limits::checked_product(&shape);
+        if expected != Some(data.len()) {
             return Err(Error::InvalidArgument(format!(
-                "tensor of shape {shape:?} needs {expected} elements, got {}",
+                "tensor of shape {shape:?} needs {} elements, got {}",
+                expected.map_or("more than 2^64".to_string(), |e| e.to_string()),
                 data.len()
             )));
         }

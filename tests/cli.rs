@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use autofocus::io::{SafetensorsFile, write_safetensors};
+use autofocus::io::{SafetensorsFile, TensorSource, write_safetensors};
 use autofocus::{AnyTensor, Tensor};
 
 fn autofocus(args: &[&str]) -> Output {
@@ -254,6 +254,89 @@ fn infer_refuses_non_finite_pixels_naming_the_first() {
         assert!(err.contains(shown) && err.contains("[1, 2, 5, 7]"), "{err}");
         assert!(!out_path.exists());
     }
+}
+
+/// A symlink at the output counts as an existing file (dangling or not):
+/// it is neither followed nor replaced without --force; with --force the
+/// link itself is replaced, never its target.
+#[test]
+fn outputs_never_follow_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = data("tiny-128.weights.safetensors");
+    let input = data("tiny-128.golden.safetensors");
+    let nowhere = tmp(&dir, "nowhere.safetensors");
+    let dangling = tmp(&dir, "dangling.safetensors");
+    std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+    let precious = tmp(&dir, "precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let link = tmp(&dir, "link.safetensors");
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    for out in [&dangling, &link] {
+        let args = [
+            "infer",
+            "--weights",
+            &weights,
+            "--input",
+            &input,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        assert_error_line(&autofocus(&args), "exists");
+    }
+    assert!(!nowhere.exists(), "the dangling link was followed");
+    let forced = [
+        "infer",
+        "--weights",
+        &weights,
+        "--input",
+        &input,
+        "--out",
+        link.to_str().unwrap(),
+        "--force",
+    ];
+    let out = autofocus(&forced);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    assert!(SafetensorsFile::open(&link).is_ok());
+    assert!(
+        !std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+}
+
+/// A checkpoint whose configuration has no classes is refused at load, in
+/// one line (it used to make `classify` panic).
+#[test]
+fn a_checkpoint_with_zero_classes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let source =
+        SafetensorsFile::open(common::data_dir().join("tiny-128.weights.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(source.metadata("config").unwrap()).unwrap();
+    config["num_classes"] = 0.into();
+    let tensors: Vec<(String, AnyTensor)> = source
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = source.tensor_f32(&n).unwrap();
+            let t = match n.as_str() {
+                "head.weight" => Tensor::new(vec![0, 96], vec![]).unwrap(),
+                "head.bias" => Tensor::new(vec![0], vec![]).unwrap(),
+                _ => t,
+            };
+            (n, AnyTensor::F32(t))
+        })
+        .collect();
+    let path = tmp(&dir, "zero.safetensors");
+    let meta = [("config".to_string(), config.to_string())]
+        .into_iter()
+        .collect();
+    write_safetensors(&path, &tensors, meta).unwrap();
+    let imgs = images();
+    let out = autofocus(&["classify", "--weights", path.to_str().unwrap(), &imgs[0]]);
+    assert_error_line(&out, "num_classes");
 }
 
 #[test]

@@ -68,7 +68,9 @@ fn each_panel_shows_one_dot_per_surviving_token() {
         None,
     )
     .unwrap();
-    let img = Preprocess::for_config(model.config()).apply(&decode(&photo()).unwrap());
+    let img = Preprocess::for_config(model.config())
+        .apply(&decode(&photo()).unwrap())
+        .unwrap();
     let input = Tensor::new(vec![1, 3, 128, 128], normalise(&img)).unwrap();
     let counts = token_counts(&model, &input);
     assert_eq!(counts.len(), 3);
@@ -113,6 +115,13 @@ fn the_focus_command_writes_a_png_and_keeps_existing_files() {
     let second = run(&[]);
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("--force"));
+    // --force replaces the picture in one step, leaving nothing beside it.
+    let third = run(&["--force"]);
+    assert!(third.status.success());
+    let replaced = image::open(&out).unwrap().to_rgb8();
+    assert_ne!(replaced, picture, "no heat map now");
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "a temporary was left behind");
 }
 
 #[test]

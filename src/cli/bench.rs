@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use autofocus::{AffConfig, AutoFocusFormer, Error, ModelKind, Result, Tensor, profile};
+use autofocus::{AffConfig, AutoFocusFormer, Error, ModelKind, Result, Tensor, limits, profile};
 
 /// Arguments of `autofocus bench`.
 #[derive(Debug, clap::Args)]
@@ -79,6 +79,16 @@ pub fn run(args: Args) -> Result<()> {
     if size == 0 {
         return Err(Error::InvalidArgument("--size must be at least 1".into()));
     }
+    limits::at_most("--size", size as u64, limits::MAX_IMAGE_SIDE as u64)?;
+    // Everything the run will hold, estimated before anything is allocated.
+    let what = format!("bench --batch {} --size {size}", args.batch);
+    limits::check_forward_memory(
+        &what,
+        &config,
+        ModelKind::Classifier,
+        args.batch,
+        (size, size),
+    )?;
     let model = AutoFocusFormer::random(config, ModelKind::Classifier, 0)?;
     // A smooth, deterministic pseudo-image: varied enough to exercise selection.
     let numel = args.batch * 3 * size * size;

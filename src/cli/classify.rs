@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use autofocus::io::image::{Preprocess, load_image};
-use autofocus::{Error, Result, Tensor};
+use autofocus::{Error, Result, Tensor, limits};
 
 /// ImageNet-1k class names, one per line, in class-index order.
 const IMAGENET_CLASSES: &str = include_str!("../../data/imagenet_classes.txt");
@@ -89,6 +89,10 @@ pub fn run(args: Args) -> Result<()> {
         pre.crop = false;
     }
     let side = pre.size;
+    // The largest batch, estimated before any image is read.
+    let batch = args.batch.min(args.images.len());
+    let what = format!("classify --batch {}", args.batch);
+    limits::check_forward_memory(&what, model.config(), model.kind(), batch, (side, side))?;
     let progress = if args.images.len() > args.batch {
         ProgressBar::new(args.images.len() as u64).with_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use autofocus::io::pth::{EntryChoice, PthCheckpoint, PthTensor};
-use autofocus::io::{TensorSource, write_safetensors};
+use autofocus::io::{Overwrite, TensorSource, write_safetensors_with};
 use autofocus::model::{ModelWeights, detect_kind, fitting_presets};
 use autofocus::{AffConfig, AnyTensor, Result};
 
@@ -29,7 +29,6 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     super::check_output(&args.output, &[&args.input], args.force)?;
-    super::check_output_dir(&args.output)?;
     let choice = if args.ema {
         EntryChoice::ModelEma
     } else {
@@ -67,7 +66,12 @@ pub fn run(args: Args) -> Result<()> {
             (name.clone(), t)
         })
         .collect();
-    write_safetensors(&args.output, &tensors, metadata)?;
+    write_safetensors_with(
+        &args.output,
+        &tensors,
+        metadata,
+        Overwrite::when(args.force),
+    )?;
     eprintln!(
         "wrote {} tensor(s) from {} to {}{}",
         tensors.len(),

@@ -56,7 +56,6 @@ pub fn run(args: Args) -> Result<()> {
     inputs.extend(args.images.iter().map(PathBuf::as_path));
     inputs.extend(args.input.as_deref());
     super::check_output(&args.out, &inputs, args.force)?;
-    super::check_output_dir(&args.out)?;
     let model = args.model.load()?;
     let images = match &args.input {
         Some(path) => super::read_input_image(path)?,
@@ -80,5 +79,5 @@ pub fn run(args: Args) -> Result<()> {
         "spatial_shape".into(),
         Tensor::new(vec![2], vec![h as i32, w as i32])?.into(),
     ));
-    super::write_tensors(&args.out, &tensors, model.config())
+    super::write_tensors(&args.out, &tensors, model.config(), args.force)
 }

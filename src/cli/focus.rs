@@ -27,23 +27,25 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     super::check_output(&args.out, &[&args.model.weights, &args.image], args.force)?;
-    super::check_output_dir(&args.out)?;
     let model = args.model.load()?;
     let photo = decode(&args.image)?;
     // Classifiers see the evaluation crop; backbones the whole image.
     let photo = match model.kind() {
-        ModelKind::Classifier => Preprocess::for_config(model.config()).apply(&photo),
+        ModelKind::Classifier => Preprocess::for_config(model.config()).apply(&photo)?,
         ModelKind::Backbone => photo,
     };
     let (w, h) = photo.dimensions();
     let input = Tensor::new(vec![1, 3, h as usize, w as usize], normalise(&photo))?;
     let picture = focus_picture(&model, &input, args.heatmap)?;
-    picture
-        .save_with_format(&args.out, image::ImageFormat::Png)
-        .map_err(|e| Error::Image {
-            path: args.out.clone(),
-            reason: e.to_string(),
-        })?;
+    let overwrite = autofocus::io::Overwrite::when(args.force);
+    autofocus::io::output::write_file(&args.out, overwrite, |w| {
+        picture
+            .write_with_encoder(image::codecs::png::PngEncoder::new(w))
+            .map_err(|e| Error::Image {
+                path: args.out.clone(),
+                reason: e.to_string(),
+            })
+    })?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -25,7 +25,6 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     super::check_output(&args.out, &[&args.model.weights, &args.input], args.force)?;
-    super::check_output_dir(&args.out)?;
     let model = args.model.load()?;
     let image = super::read_input_image(&args.input)?;
     let mut trace = args.stages.then(|| Trace::new(TraceLevel::StageOutputs));
@@ -42,5 +41,5 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(trace) = trace {
         tensors.extend(trace.into_tensors());
     }
-    super::write_tensors(&args.out, &tensors, model.config())
+    super::write_tensors(&args.out, &tensors, model.config(), args.force)
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use autofocus::io::{SafetensorsFile, write_safetensors};
+use autofocus::io::{Overwrite, SafetensorsFile, write_safetensors_with};
 use autofocus::{AffConfig, AnyTensor, AutoFocusFormer, Error, Result, Tensor};
 
 /// AutoFocusFormer inference, exact to the published model.
@@ -78,10 +78,17 @@ impl ModelArgs {
     }
 }
 
-/// Writes a command's output tensors, with the model's config as metadata.
-fn write_tensors(out: &Path, tensors: &[(String, AnyTensor)], config: &AffConfig) -> Result<()> {
+/// Writes a command's output tensors, with the model's config as metadata
+/// (atomically; an output that appeared since the check is not clobbered
+/// unless `force`).
+fn write_tensors(
+    out: &Path,
+    tensors: &[(String, AnyTensor)],
+    config: &AffConfig,
+    force: bool,
+) -> Result<()> {
     let metadata = HashMap::from([("config".to_string(), config.to_json())]);
-    write_safetensors(out, tensors, metadata)?;
+    write_safetensors_with(out, tensors, metadata, Overwrite::when(force))?;
     eprintln!("wrote {} tensor(s) to {}", tensors.len(), out.display());
     Ok(())
 }
@@ -111,46 +118,20 @@ fn set_threads(threads: usize) -> Result<()> {
     if threads == 0 {
         return Ok(());
     }
+    autofocus::limits::at_most(
+        "--threads",
+        threads as u64,
+        autofocus::limits::MAX_THREADS as u64,
+    )?;
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
         .map_err(|e| Error::InvalidArgument(format!("--threads {threads}: {e}")))
 }
 
-/// Refuses to write `out` when it exists (unless `force`) or when it is one
-/// of the command's inputs: nothing the user gave is overwritten.
+/// Checks, before any work, that `out` can be written: not an input, not
+/// existing unless `force` (a symlink counts), its folder present and
+/// writable. Nothing the user gave is overwritten.
 fn check_output(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
-    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
-    if let Some(out_c) = canonical(out) {
-        if inputs.iter().any(|i| canonical(i).as_ref() == Some(&out_c)) {
-            return Err(Error::InvalidArgument(format!(
-                "{}: the output would overwrite an input",
-                out.display()
-            )));
-        }
-        if !force {
-            return Err(Error::InvalidArgument(format!(
-                "{} exists: pass --force to overwrite it",
-                out.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The output's folder must exist; report it before doing any work.
-fn check_output_dir(out: &Path) -> Result<()> {
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    if dir.is_dir() {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "{}: folder {} does not exist",
-            out.display(),
-            dir.display()
-        )))
-    }
+    autofocus::io::output::check_destination(out, inputs, Overwrite::when(force))
 }

@@ -2,6 +2,7 @@
 //! PyTorch `.pth` checkpoints (read natively), and images.
 
 pub mod image;
+pub mod output;
 mod pickle;
 pub mod pth;
 pub mod safetensors;
@@ -12,8 +13,9 @@ use std::sync::Arc;
 
 use crate::error::Result;
 
+pub use self::output::Overwrite;
 pub use self::pth::PthCheckpoint;
-pub use self::safetensors::{SafetensorsFile, write_safetensors};
+pub use self::safetensors::{SafetensorsFile, write_safetensors, write_safetensors_with};
 
 /// A read-only f32 buffer: borrowed from a memory-mapped file when its bytes
 /// are aligned f32s, owned otherwise (converted dtypes, generated weights).

@@ -58,6 +58,16 @@ pub struct PthCheckpoint {
     skipped: Vec<String>,
 }
 
+impl std::fmt::Debug for PthCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PthCheckpoint")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .field("skipped", &self.skipped)
+            .finish()
+    }
+}
+
 /// True when `path` starts with the zip signature (as `torch.save` files do).
 ///
 /// # Errors
@@ -81,6 +91,7 @@ impl PthCheckpoint {
         let path = path.as_ref();
         let fail = |reason: String| Error::format(path, reason);
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let archive_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let mut zip = zip::ZipArchive::new(file).map_err(|e| {
             fail(format!(
                 "not a torch.save zip archive ({e}); legacy (pre-1.6) checkpoints are not supported"
@@ -93,7 +104,7 @@ impl PthCheckpoint {
             .map(|n| n.into_owned())
             .ok_or_else(|| fail("no <folder>/data.pkl in the archive".into()))?;
         let top = pkl_name.trim_end_matches("data.pkl").to_string();
-        let pkl = read_entry(&mut zip, &pkl_name).map_err(fail)?;
+        let pkl = read_entry(&mut zip, &pkl_name, archive_len).map_err(fail)?;
         let root = pickle::parse(&pkl).map_err(|e| fail(format!("{pkl_name}: {e}")))?;
 
         let Value::Dict(root) = root else {
@@ -129,7 +140,8 @@ impl PthCheckpoint {
                 continue;
             };
             if !storages.contains_key(&t.storage_key) {
-                let bytes = read_entry(&mut zip, &format!("{top}data/{}", t.storage_key))
+                let entry = format!("{top}data/{}", t.storage_key);
+                let bytes = read_entry(&mut zip, &entry, archive_len)
                     .map_err(|e| fail(format!("tensor `{name}`: {e}")))?;
                 storages.insert(t.storage_key.clone(), bytes);
             }
@@ -163,22 +175,58 @@ impl PthCheckpoint {
     }
 }
 
-fn read_entry(zip: &mut zip::ZipArchive<File>, name: &str) -> std::result::Result<Vec<u8>, String> {
-    let mut entry = zip
+/// Largest expansion of a compressed entry (deflate's best ratio is about
+/// 1032:1): an entry declaring more than this over its compressed size lies.
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
+/// Reads one archive entry, never reserving more than the archive can
+/// really hold: the declared size is checked against the file's length
+/// (stored entries) or the compressed size (deflated ones), and the read
+/// stops at the declared size.
+fn read_entry(
+    zip: &mut zip::ZipArchive<File>,
+    name: &str,
+    archive_len: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    let entry = zip
         .by_name(name)
         .map_err(|e| format!("archive entry {name}: {e}"))?;
-    let mut bytes = Vec::with_capacity(entry.size().min(1 << 32) as usize);
+    let declared = entry.size();
+    let possible = archive_len.max(entry.compressed_size().saturating_mul(MAX_DEFLATE_RATIO));
+    if declared > possible {
+        return Err(format!(
+            "archive entry {name} declares {declared} bytes, more than a {archive_len}-byte archive can hold"
+        ));
+    }
+    let mut bytes = Vec::with_capacity(declared as usize);
     entry
+        .take(declared)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("archive entry {name}: {e}"))?;
+    if bytes.len() as u64 != declared {
+        return Err(format!(
+            "archive entry {name}: {} bytes read, {declared} declared",
+            bytes.len()
+        ));
+    }
     Ok(bytes)
 }
 
-/// Copies a (possibly strided) tensor out of its storage bytes.
+/// Copies a (possibly strided) tensor out of its storage bytes. The view is
+/// validated against the storage first: its element count may not overflow
+/// nor exceed the storage's (no stride-0 expansion into a huge tensor), and
+/// every index it touches lies inside the storage.
 fn materialise(t: &TensorRef, storage: &[u8]) -> std::result::Result<PthTensor, String> {
     let size = t.dtype.size();
     let available = storage.len() / size;
-    let numel: usize = t.shape.iter().product();
+    let numel = crate::limits::checked_product(&t.shape)
+        .ok_or_else(|| format!("tensor of shape {:?} has more than 2^64 elements", t.shape))?;
+    if numel > available {
+        return Err(format!(
+            "a view of shape {:?} has {numel} elements, its storage only {available}",
+            t.shape
+        ));
+    }
     // The largest element index the view touches must lie inside the storage.
     if numel > 0 {
         let last = t
@@ -195,11 +243,11 @@ fn materialise(t: &TensorRef, storage: &[u8]) -> std::result::Result<PthTensor, 
             ));
         }
     }
-    let mut indices = Vec::with_capacity(numel);
+    // Element indices in row-major order, made as they are read (no index
+    // array): every one is below `available` by the check above.
     let mut idx = vec![0usize; t.shape.len()];
-    for _ in 0..numel {
+    let indices = (0..numel).map(move |_| {
         let at: usize = t.offset + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
-        indices.push(at);
         for d in (0..idx.len()).rev() {
             idx[d] += 1;
             if idx[d] < t.shape[d] {
@@ -207,13 +255,13 @@ fn materialise(t: &TensorRef, storage: &[u8]) -> std::result::Result<PthTensor, 
             }
             idx[d] = 0;
         }
-    }
+        at
+    });
     let elem = |i: usize| &storage[i * size..(i + 1) * size];
     let shape = t.shape.clone();
     let tensor = if t.dtype.is_float() {
         let values = indices
-            .iter()
-            .map(|&i| {
+            .map(|i| {
                 let b = elem(i);
                 match t.dtype {
                     StorageDtype::F64 => f64::from_le_bytes(b.try_into().unwrap()) as f32,
@@ -226,8 +274,7 @@ fn materialise(t: &TensorRef, storage: &[u8]) -> std::result::Result<PthTensor, 
         PthTensor::Float(Tensor::new(shape, values).map_err(|e| e.to_string())?)
     } else {
         let values = indices
-            .iter()
-            .map(|&i| {
+            .map(|i| {
                 let b = elem(i);
                 match t.dtype {
                     StorageDtype::I64 => i64::from_le_bytes(b.try_into().unwrap()),
@@ -307,6 +354,23 @@ mod tests {
         };
         assert_eq!(t.shape(), &[2, 3]);
         assert_eq!(t.data(), &[1.0, 3.0, 5.0, 2.0, 4.0, 6.0]);
+    }
+
+    /// Stride-0 views that would expand a small storage, and shapes whose
+    /// product wraps around, are refused before anything is allocated.
+    #[test]
+    fn expanding_and_wrapping_views_are_rejected() {
+        let err = materialise(&view(0, &[1 << 20, 1 << 20], &[0, 0]), &storage(4)).unwrap_err();
+        assert!(err.contains("storage only 4"), "{err}");
+        let wrap = [1usize << 32, 1 << 32, 0];
+        assert!(materialise(&view(0, &wrap, &[0, 0, 0]), &storage(4)).is_err());
+        assert!(materialise(&view(0, &[1 << 62, 4], &[1, 1]), &storage(4)).is_err());
+        // An honest broadcast within the storage's size is still read.
+        let PthTensor::Float(t) = materialise(&view(1, &[2, 2], &[0, 1]), &storage(4)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(t.data(), &[1.0, 2.0, 1.0, 2.0]);
     }
 
     #[test]

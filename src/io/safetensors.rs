@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use safetensors::tensor::{Dtype, TensorView};
 
+use super::output::{Overwrite, write_file};
 use super::{F32Buffer, TensorSource};
 use crate::error::{Error, Result};
 use crate::tensor::{AnyTensor, Tensor};
@@ -203,8 +204,8 @@ fn view(t: &AnyTensor) -> (Dtype, &[usize], &[u8]) {
     }
 }
 
-/// Writes `tensors` with `metadata` to `path`, through a temporary file in the
-/// same folder renamed into place, so a failure never leaves a partial file.
+/// Writes `tensors` with `metadata` to `path` atomically (see
+/// [`super::output`]), replacing what is there.
 ///
 /// # Errors
 /// [`Error::Io`] naming `path`.
@@ -212,6 +213,20 @@ pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, AnyTensor)],
     metadata: HashMap<String, String>,
+) -> Result<()> {
+    write_safetensors_with(path, tensors, metadata, Overwrite::Replace)
+}
+
+/// As [`write_safetensors`], with the choice of what to do when `path`
+/// exists.
+///
+/// # Errors
+/// [`Error::Io`] naming `path` (`AlreadyExists` with [`Overwrite::Never`]).
+pub fn write_safetensors_with(
+    path: &Path,
+    tensors: &[(String, AnyTensor)],
+    metadata: HashMap<String, String>,
+    overwrite: Overwrite,
 ) -> Result<()> {
     let views = tensors
         .iter()
@@ -223,8 +238,9 @@ pub fn write_safetensors(
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = (!metadata.is_empty()).then_some(metadata);
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
-        other => Error::format(path, other.to_string()),
+    let bytes =
+        safetensors::serialize(views, metadata).map_err(|e| Error::format(path, e.to_string()))?;
+    write_file(path, overwrite, |w| {
+        w.write_all(&bytes).map_err(|e| Error::io(path, e))
     })
 }

@@ -109,6 +109,14 @@ pub(crate) fn image_batch_shape(images: &Tensor) -> Result<(usize, usize, usize)
             images.shape(),
         ));
     }
+    let side = crate::limits::MAX_IMAGE_SIDE;
+    if height > side || width > side {
+        return Err(Error::TooLarge {
+            what: format!("image of {height}×{width} pixels"),
+            asked: format!("a side of {}", height.max(width)),
+            limit: format!("{side} pixels"),
+        });
+    }
     images.check_finite("image")?;
     Ok((b, height, width))
 }
@@ -202,9 +210,19 @@ impl AutoFocusFormer {
     /// A model with reproducible random weights (benchmarks, tests).
     ///
     /// # Errors
-    /// [`Error::Config`] for an invalid configuration.
+    /// [`Error::Config`] for an invalid configuration; [`Error::TooLarge`]
+    /// when its weights would not fit the memory available.
     pub fn random(config: AffConfig, kind: ModelKind, seed: u64) -> Result<Self> {
         config.validate()?;
+        let bytes = crate::limits::parameter_count(&config, kind).saturating_mul(4);
+        let budget = crate::limits::memory_budget();
+        if bytes > budget {
+            return Err(Error::TooLarge {
+                what: "random weights for this configuration".into(),
+                asked: format!("{} MiB", bytes >> 20),
+                limit: format!("{} MiB available", budget >> 20),
+            });
+        }
         let weights = ModelWeights::random(&config, kind, seed);
         Ok(Self::from_weights(config, kind, weights))
     }
