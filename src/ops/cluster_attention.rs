@@ -19,6 +19,7 @@ use super::neighbourhood::{Neighbourhood, all_below};
 use super::vector_math;
 use crate::error::{Error, Result, check_len};
 
+pub mod backward;
 pub mod gpu;
 
 /// Logit added to padded neighbourhood slots (added, not −∞, as published).
@@ -65,6 +66,44 @@ pub const BLOCK_GROUP: usize = 6;
 /// [`Error::Shape`] when the inputs disagree; [`Error::InvalidArgument`] for
 /// neighbour indices or bias rows out of range.
 pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
+    cluster_attention_with_lse(inp).map(|(out, _)| out)
+}
+
+/// As [`cluster_attention`], also returning the statistic the backward
+/// needs: the log-sum-exp of every query's logits per head (neighbours and
+/// blank token), b×n×h.
+///
+/// # Errors
+/// As [`cluster_attention`].
+pub fn cluster_attention_with_lse(inp: &AttentionInputs<'_>) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_inputs(inp)?;
+    let (b, n, h, d) = (inp.batch, inp.tokens, inp.heads, inp.head_dim);
+    let c = h * d;
+    let m = inp.nbhd.size;
+    if b * n * c == 0 {
+        return Ok((Vec::new(), vec![0.0; b * n * h]));
+    }
+    let keys_t = transpose_keys(inp.kv, b, n, h, d);
+    let mut out = vec![0.0f32; b * n * c];
+    let mut lse = vec![0.0f32; b * n * h];
+    out.par_chunks_mut(c * ROWS_PER_TASK)
+        .zip(lse.par_chunks_mut(h * ROWS_PER_TASK))
+        .enumerate()
+        .for_each_init(
+            || Scratch {
+                logits: vec![0.0f32; m + 1],
+                plan: ScorePlan::default(),
+                query: vec![0.0f32; d],
+            },
+            |scratch, (task, (out, lse))| {
+                attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, lse, scratch)
+            },
+        );
+    Ok((out, lse))
+}
+
+/// Checks every input of the attention (forward and backward).
+pub(crate) fn check_inputs(inp: &AttentionInputs<'_>) -> Result<()> {
     let (b, n, h, d) = (inp.batch, inp.tokens, inp.heads, inp.head_dim);
     let c = h * d;
     let nbhd = inp.nbhd;
@@ -90,22 +129,7 @@ pub fn cluster_attention(inp: &AttentionInputs<'_>) -> Result<Vec<f32>> {
             "{OP}: bias rows must be below the table's {table_rows}"
         )));
     }
-    if b * n * c == 0 {
-        return Ok(Vec::new());
-    }
-    let keys_t = transpose_keys(inp.kv, b, n, h, d);
-    let mut out = vec![0.0f32; b * n * c];
-    out.par_chunks_mut(c * ROWS_PER_TASK)
-        .enumerate()
-        .for_each_init(
-            || Scratch {
-                logits: vec![0.0f32; m + 1],
-                plan: ScorePlan::default(),
-                query: vec![0.0f32; d],
-            },
-            |scratch, (task, out)| attend_rows(inp, &keys_t, task * ROWS_PER_TASK, out, scratch),
-        );
-    Ok(out)
+    Ok(())
 }
 
 /// Per-task buffers: the logits (+ blank) of one query and head, and the
@@ -142,12 +166,25 @@ fn attend_rows(
     keys_t: &[f32],
     first_row: usize,
     out: &mut [f32],
+    lse: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    let c = inp.heads * inp.head_dim;
-    for (r, o) in out.chunks_exact_mut(c).enumerate() {
+    let (c, h) = (inp.heads * inp.head_dim, inp.heads);
+    for (r, (o, l)) in out
+        .chunks_exact_mut(c)
+        .zip(lse.chunks_exact_mut(h))
+        .enumerate()
+    {
         let row = first_row + r;
-        attend_one(inp, keys_t, row / inp.tokens, row % inp.tokens, scratch, o);
+        attend_one(
+            inp,
+            keys_t,
+            row / inp.tokens,
+            row % inp.tokens,
+            scratch,
+            o,
+            l,
+        );
     }
 }
 
@@ -159,6 +196,7 @@ fn attend_one(
     i: usize,
     scratch: &mut Scratch,
     out: &mut [f32],
+    lse: &mut [f32],
 ) {
     let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
     let c = h * d;
@@ -195,7 +233,9 @@ fn attend_one(
 
         // Softmax over the neighbours and the blank token, normalised after
         // the weighted sum (d multiplies instead of m + 1).
-        let inv_sum = 1.0 / vector_math::exp_sum(scratch_logits, max);
+        let sum = vector_math::exp_sum(scratch_logits, max);
+        lse[t] = max + sum.ln();
+        let inv_sum = 1.0 / sum;
         let ot = &mut out[t * d..(t + 1) * d];
         // Value of token j: kv[j·2c + t·2d + d ..][..d].
         weighted_sum(&scratch_logits[..m], nbrs, &kv[t * 2 * d + d..], 2 * c, ot);

@@ -123,6 +123,70 @@ impl Neighbourhood {
     }
 }
 
+/// Who attends to each token: for every token `j`, the `(query, slot)`
+/// pairs whose neighbourhood holds `j` in that slot, in ascending order
+/// (query, then slot). Backward passes gather over these lists to
+/// accumulate key, value and feature gradients without atomics, in an order
+/// that does not depend on threads. Masked (padding) slots are listed too:
+/// they take part in the softmax. Built once per stage layout, shared by
+/// every block and the merge (and, like the lists, by the whole batch when
+/// the neighbourhoods are).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InverseNeighbourhood {
+    /// Images whose lists are stored (1 when shared by the batch).
+    pub images: usize,
+    /// Tokens per image.
+    pub tokens: usize,
+    /// images×(n+1): token `j`'s pairs are `pairs[start[j]..start[j+1]]`
+    /// (offsets into that image's pairs).
+    pub start: Vec<u32>,
+    /// images×(n·m): `(query, slot)` pairs.
+    pub pairs: Vec<(u32, u32)>,
+}
+
+impl InverseNeighbourhood {
+    /// Inverts `nbhd` (a counting sort of every slot by the token it holds).
+    pub fn new(nbhd: &Neighbourhood) -> Self {
+        let (images, n, m) = (nbhd.images, nbhd.tokens, nbhd.size);
+        let mut start = vec![0u32; images * (n + 1)];
+        let mut pairs = vec![(0u32, 0u32); images * n * m];
+        let per_image = start
+            .chunks_mut(n + 1)
+            .zip(pairs.chunks_mut((n * m).max(1)));
+        for (img, (start, pairs)) in per_image.enumerate() {
+            let idx = &nbhd.idx[img * n * m..(img + 1) * n * m];
+            for &j in idx {
+                start[j as usize + 1] += 1;
+            }
+            for t in 0..n {
+                start[t + 1] += start[t];
+            }
+            let mut next: Vec<u32> = start[..n].to_vec();
+            // Slots in ascending (query, slot) order land in that order.
+            for (at, &j) in idx.iter().enumerate() {
+                let fill = &mut next[j as usize];
+                pairs[*fill as usize] = ((at / m) as u32, (at % m) as u32);
+                *fill += 1;
+            }
+        }
+        Self {
+            images,
+            tokens: n,
+            start,
+            pairs,
+        }
+    }
+
+    /// The `(query, slot)` pairs that hold token `j` of image `img`.
+    #[inline]
+    pub fn of(&self, img: usize, j: usize) -> &[(u32, u32)] {
+        let img = if self.images == 1 { 0 } else { img };
+        let start = &self.start[img * (self.tokens + 1)..];
+        let base = img * self.pairs.len() / self.images.max(1);
+        &self.pairs[base + start[j] as usize..base + start[j + 1] as usize]
+    }
+}
+
 /// The squared distance from token `t` to cluster mean `c` exactly as the
 /// published model rounds it: `(t.x − c.x)² + (t.y − c.y)²` in f32, each
 /// operation rounded separately (spec §4; `kernels/neighbourhood.cu` does the
@@ -260,6 +324,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn inverse_lists_hold_every_slot_once_in_order() {
+        // Two images of 5 tokens in clusters of 2 (padded), 2 clusters each.
+        let nearest = [2, 0, 1, 2, 0, 1, 1, 2, 2, 0, 0, 1, 1, 0, 2, 1, 0, 2, 2, 0];
+        let nb = Neighbourhood::from_clusters(&nearest, 2, 5, 2, 2);
+        let inv = InverseNeighbourhood::new(&nb);
+        for img in 0..2 {
+            let mut seen = 0;
+            for j in 0..5 {
+                let pairs = inv.of(img, j);
+                assert!(pairs.windows(2).all(|w| w[0] < w[1]), "sorted");
+                for &(i, slot) in pairs {
+                    assert_eq!(nb.of(img, i as usize)[slot as usize], j as u32);
+                }
+                seen += pairs.len();
+            }
+            assert_eq!(seen, 5 * 4, "every slot once");
+        }
+        // Token 4 is a member of cluster 2 only; padding slots point at 0.
+        assert!(inv.of(0, 0).len() > inv.of(0, 1).len());
     }
 
     #[test]

@@ -1,0 +1,398 @@
+//! Backward ops on the CPU against central finite differences of their own
+//! forward evaluated in f64, on small random problems: clustered stages with
+//! padded last clusters (masks on), global stages (no mask), neighbourhoods
+//! shared by the batch, and arbitrary lists where a token sits in many
+//! queries' lists or in none; head dims 5 and 33; batch > 1. Then
+//! determinism: the same bits twice and for 1 and 2 threads.
+
+use autofocus::io::F32Buffer;
+use autofocus::ops::Linear;
+use autofocus::ops::cluster_attention::backward::{
+    AttentionGradInputs, AttentionGrads, cluster_attention_backward,
+};
+use autofocus::ops::cluster_attention::{
+    AttentionInputs, MASKED_LOGIT, cluster_attention_with_lse,
+};
+use autofocus::ops::neighbourhood::{InverseNeighbourhood, Neighbourhood};
+use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows, rel_pos_features};
+
+/// SplitMix64, fixed seeds: the same problems every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// Uniform in [-1, 1), exactly representable in f32.
+    fn float(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn floats(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| scale * self.float()).collect()
+    }
+}
+
+/// How a problem's neighbourhoods are made.
+#[derive(Debug, Clone, Copy)]
+enum Lists {
+    /// Nearest clusters of `s` tokens (random), `nnc` per token; padded
+    /// when `s` does not divide n.
+    Clusters { s: usize, nnc: usize },
+    /// Every token attends to all.
+    Global,
+    /// Clusters as above, one set shared by every image.
+    SharedClusters { s: usize, nnc: usize },
+    /// `m` arbitrary tokens per query, drawn from a few, so some tokens are
+    /// in many lists and others in none; every fourth slot masked.
+    Arbitrary { m: usize },
+}
+
+/// One attention problem: parameters as f32 (so the f32 forward and the
+/// f64 reference evaluate the same function), positions on a grid.
+struct Problem {
+    b: usize,
+    n: usize,
+    h: usize,
+    d: usize,
+    grid: (usize, usize),
+    pos: Vec<f32>,
+    nbhd: Neighbourhood,
+    q: Vec<f32>,
+    kv: Vec<f32>,
+    pos_weight: Vec<f32>,
+    pos_bias: Vec<f32>,
+    blank_k: Vec<f32>,
+    blank_v: Vec<f32>,
+    /// The loss is Σ out · coef.
+    coef: Vec<f32>,
+}
+
+impl Problem {
+    fn new(seed: u64, b: usize, n: usize, h: usize, d: usize, lists: Lists) -> Self {
+        let mut rng = Rng(seed);
+        let grid = ((n + 6).div_ceil(7).max(6), 7);
+        // Distinct cells per image.
+        let pos: Vec<f32> = (0..b)
+            .flat_map(|_| {
+                let mut cells: Vec<usize> = (0..grid.0 * grid.1).collect();
+                for i in (1..cells.len()).rev() {
+                    cells.swap(i, rng.below(i + 1));
+                }
+                cells[..n]
+                    .iter()
+                    .flat_map(|&c| [(c % grid.1) as f32, (c / grid.1) as f32])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let nbhd = match lists {
+            Lists::Global => Neighbourhood::global(n),
+            Lists::Clusters { s, nnc } | Lists::SharedClusters { s, nnc } => {
+                let images = if matches!(lists, Lists::SharedClusters { .. }) {
+                    1
+                } else {
+                    b
+                };
+                let k = n.div_ceil(s);
+                let nearest: Vec<u32> = (0..images * n)
+                    .flat_map(|_| {
+                        let mut ks: Vec<u32> = (0..k as u32).collect();
+                        for i in (1..ks.len()).rev() {
+                            ks.swap(i, rng.below(i + 1));
+                        }
+                        ks[..nnc].to_vec()
+                    })
+                    .collect();
+                Neighbourhood::from_clusters(&nearest, images, n, nnc, s)
+            }
+            Lists::Arbitrary { m } => {
+                let popular = (n / 3).max(1);
+                let idx: Vec<u32> = (0..b * n * m).map(|_| rng.below(popular) as u32).collect();
+                let mask = (0..b * n * m).map(|e| e % 4 != 3).collect();
+                Neighbourhood {
+                    images: b,
+                    tokens: n,
+                    size: m,
+                    idx,
+                    mask: Some(mask),
+                }
+            }
+        };
+        let c = h * d;
+        Self {
+            b,
+            n,
+            h,
+            d,
+            grid,
+            pos,
+            nbhd,
+            q: rng.floats(b * n * c, 1.0),
+            kv: rng.floats(b * n * 2 * c, 1.0),
+            pos_weight: rng.floats(h * 5, 0.3),
+            pos_bias: rng.floats(h, 0.5),
+            blank_k: rng.floats(c, 1.0),
+            blank_v: rng.floats(c, 1.0),
+            coef: rng.floats(b * n * c, 1.0),
+        }
+    }
+
+    fn q_scale(&self) -> f32 {
+        (self.d as f64).powf(-0.5) as f32
+    }
+
+    fn offsets(&self) -> OffsetTable {
+        OffsetTable::new(self.grid.0, self.grid.1, None)
+    }
+
+    /// The f32 forward (output and log-sum-exp) and its gradients.
+    fn backward(&self) -> (Vec<f32>, AttentionGrads) {
+        let offsets = self.offsets();
+        let layer = Linear {
+            weight: F32Buffer::owned(self.pos_weight.clone()),
+            bias: Some(F32Buffer::owned(self.pos_bias.clone())),
+            in_dim: 5,
+            out_dim: self.h,
+        };
+        let bias_table = offsets.apply(&layer).unwrap();
+        let bias_rows = neighbour_rows(&offsets, &self.pos, &self.nbhd, self.b).unwrap();
+        let inp = AttentionInputs {
+            q: &self.q,
+            q_scale: self.q_scale(),
+            kv: &self.kv,
+            nbhd: &self.nbhd,
+            bias_rows: &bias_rows,
+            bias_table: &bias_table,
+            blank_k: &self.blank_k,
+            blank_v: &self.blank_v,
+            batch: self.b,
+            tokens: self.n,
+            heads: self.h,
+            head_dim: self.d,
+        };
+        let (out, lse) = cluster_attention_with_lse(&inp).unwrap();
+        let inverse = InverseNeighbourhood::new(&self.nbhd);
+        let grads = cluster_attention_backward(&AttentionGradInputs {
+            forward: &inp,
+            out: &out,
+            lse: &lse,
+            grad_out: &self.coef,
+            inverse: &inverse,
+            offsets: &offsets,
+        })
+        .unwrap();
+        (out, grads)
+    }
+
+    /// The f64 reference forward: plain loops, spec §6.
+    fn forward64(&self, p: &Params64) -> Vec<f64> {
+        let (b, n, h, d) = (self.b, self.n, self.h, self.d);
+        let c = h * d;
+        let scale = (d as f64).powf(-0.5);
+        let mut out = vec![0.0f64; b * n * c];
+        for img in 0..b {
+            let pos = &self.pos[img * n * 2..];
+            for i in 0..n {
+                let row = img * n + i;
+                let nbrs = self.nbhd.of(img, i);
+                let mask = self.nbhd.mask_of(img, i);
+                for t in 0..h {
+                    let q: Vec<f64> = (0..d).map(|e| p.q[row * c + t * d + e] * scale).collect();
+                    let key = |j: usize, e: usize| p.kv[(img * n + j) * 2 * c + t * 2 * d + e];
+                    let value = |j: usize, e: usize| key(j, d + e);
+                    let mut logits: Vec<f64> = nbrs
+                        .iter()
+                        .enumerate()
+                        .map(|(s, &j)| {
+                            let j = j as usize;
+                            let f = rel_pos_features(
+                                pos[2 * j] - pos[2 * i],
+                                pos[2 * j + 1] - pos[2 * i + 1],
+                            );
+                            let bias = p.pos_bias[t]
+                                + (0..5)
+                                    .map(|k| p.pos_weight[t * 5 + k] * f[k] as f64)
+                                    .sum::<f64>();
+                            let masked = mask.is_some_and(|m| !m[s]);
+                            (0..d).map(|e| q[e] * key(j, e)).sum::<f64>()
+                                + bias
+                                + if masked { MASKED_LOGIT as f64 } else { 0.0 }
+                        })
+                        .collect();
+                    logits.push((0..d).map(|e| q[e] * p.blank_k[t * d + e]).sum());
+                    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    for e in 0..d {
+                        let mut acc = w[nbrs.len()] * p.blank_v[t * d + e];
+                        for (s, &j) in nbrs.iter().enumerate() {
+                            acc += w[s] * value(j as usize, e);
+                        }
+                        out[row * c + t * d + e] = acc / total;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn loss64(&self, p: &Params64) -> f64 {
+        self.forward64(p)
+            .iter()
+            .zip(&self.coef)
+            .map(|(o, &g)| o * g as f64)
+            .sum()
+    }
+}
+
+/// The differentiable parameters in f64, by name.
+#[derive(Clone)]
+struct Params64 {
+    q: Vec<f64>,
+    kv: Vec<f64>,
+    pos_weight: Vec<f64>,
+    pos_bias: Vec<f64>,
+    blank_k: Vec<f64>,
+    blank_v: Vec<f64>,
+}
+
+impl Params64 {
+    fn of(p: &Problem) -> Self {
+        let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect();
+        Self {
+            q: wide(&p.q),
+            kv: wide(&p.kv),
+            pos_weight: wide(&p.pos_weight),
+            pos_bias: wide(&p.pos_bias),
+            blank_k: wide(&p.blank_k),
+            blank_v: wide(&p.blank_v),
+        }
+    }
+
+    fn get_mut(&mut self, name: &str) -> &mut Vec<f64> {
+        match name {
+            "q" => &mut self.q,
+            "kv" => &mut self.kv,
+            "pos_weight" => &mut self.pos_weight,
+            "pos_bias" => &mut self.pos_bias,
+            "blank_k" => &mut self.blank_k,
+            _ => &mut self.blank_v,
+        }
+    }
+}
+
+/// Every gradient entry against a central difference of the f64 forward,
+/// within `1e-4 · max(1, max |fd|)` per tensor.
+fn check_against_finite_differences(problem: &Problem, what: &str) {
+    let (out, grads) = problem.backward();
+    let base = Params64::of(problem);
+    let reference = problem.forward64(&base);
+    let worst = out
+        .iter()
+        .zip(&reference)
+        .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+    assert!(
+        worst < 1e-5,
+        "{what}: forward differs from f64 by {worst:e}"
+    );
+    let eps = 1e-4;
+    for (name, got) in [
+        ("q", &grads.q),
+        ("kv", &grads.kv),
+        ("pos_weight", &grads.pos_weight),
+        ("pos_bias", &grads.pos_bias),
+        ("blank_k", &grads.blank_k),
+        ("blank_v", &grads.blank_v),
+    ] {
+        let mut params = base.clone();
+        let fd: Vec<f64> = (0..got.len())
+            .map(|e| {
+                let x = params.get_mut(name)[e];
+                params.get_mut(name)[e] = x + eps;
+                let up = problem.loss64(&params);
+                params.get_mut(name)[e] = x - eps;
+                let down = problem.loss64(&params);
+                params.get_mut(name)[e] = x;
+                (up - down) / (2.0 * eps)
+            })
+            .collect();
+        let scale = fd.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (e, (&g, &f)) in got.iter().zip(&fd).enumerate() {
+            assert!(
+                (g as f64 - f).abs() <= 1e-4 * scale,
+                "{what}: d{name}[{e}] = {g}, finite difference {f}"
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_gradients_match_finite_differences_clustered_and_padded() {
+    // 23 tokens in clusters of 4: the last cluster padded, masks on.
+    let p = Problem::new(1, 2, 23, 2, 5, Lists::Clusters { s: 4, nnc: 3 });
+    assert!(p.nbhd.mask.is_some());
+    check_against_finite_differences(&p, "clustered, padded");
+}
+
+#[test]
+fn attention_gradients_match_finite_differences_global_head_dim_33() {
+    let p = Problem::new(2, 2, 9, 1, 33, Lists::Global);
+    check_against_finite_differences(&p, "global");
+}
+
+#[test]
+fn attention_gradients_match_finite_differences_shared_lists() {
+    let p = Problem::new(3, 3, 16, 2, 5, Lists::SharedClusters { s: 4, nnc: 2 });
+    assert_eq!(p.nbhd.images, 1);
+    check_against_finite_differences(&p, "shared by the batch");
+}
+
+#[test]
+fn attention_gradients_match_finite_differences_many_and_no_queries_per_key() {
+    let p = Problem::new(4, 2, 12, 2, 5, Lists::Arbitrary { m: 7 });
+    let inverse = InverseNeighbourhood::new(&p.nbhd);
+    assert!(
+        (0..12).any(|j| inverse.of(0, j).is_empty()),
+        "a key in no list"
+    );
+    assert!(
+        (0..12).any(|j| inverse.of(0, j).len() > 14),
+        "a key in many lists"
+    );
+    check_against_finite_differences(&p, "arbitrary lists");
+}
+
+/// The same bits twice, and with 1 and 2 threads.
+#[test]
+fn attention_gradients_are_deterministic() {
+    let p = Problem::new(5, 2, 150, 2, 8, Lists::Clusters { s: 8, nnc: 4 });
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| p.backward().1)
+    };
+    let bits = |g: &AttentionGrads| -> Vec<u32> {
+        [
+            &g.q,
+            &g.kv,
+            &g.pos_weight,
+            &g.pos_bias,
+            &g.blank_k,
+            &g.blank_v,
+        ]
+        .iter()
+        .flat_map(|v| v.iter().map(|x| x.to_bits()))
+        .collect()
+    };
+    let one = bits(&run(1));
+    assert_eq!(one, bits(&run(2)), "1 vs 2 threads");
+    assert_eq!(one, bits(&run(2)), "run to run");
+}
