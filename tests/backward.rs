@@ -396,3 +396,352 @@ fn attention_gradients_are_deterministic() {
     assert_eq!(one, bits(&run(2)), "1 vs 2 threads");
     assert_eq!(one, bits(&run(2)), "run to run");
 }
+
+// ------------------------------------------------------------ merge ----
+
+use autofocus::ops::LayerNorm;
+use autofocus::ops::pointconv_merge::backward::{
+    MergeGradInputs, MergeGrads, pointconv_merge_backward,
+};
+use autofocus::ops::pointconv_merge::{
+    INNER_CHANNELS, MergeInputs, pointconv_merge, weight_net_table,
+};
+use autofocus::ops::token_selection::{importance, importance_backward};
+
+/// erf in f64 by its Taylor series (|x| < 6; beyond, ±1 to 1e-16).
+fn erf64(x: f64) -> f64 {
+    if x.abs() >= 6.0 {
+        return x.signum();
+    }
+    let mut term = x;
+    let mut sum = x;
+    for k in 1..200 {
+        term *= -x * x / k as f64;
+        let add = term / (2 * k + 1) as f64;
+        sum += add;
+        if add.abs() < 1e-17 * sum.abs() {
+            break;
+        }
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+fn gelu64(x: f64) -> f64 {
+    0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2))
+}
+
+/// A merge problem: an attention problem's tokens and lists, plus
+/// importance, centres and the weight net.
+struct MergeProblem {
+    base: Problem,
+    c: usize,
+    feat: Vec<f32>,
+    p: Vec<f32>,
+    centres: Vec<u32>,
+    kept: usize,
+    net_weight: Vec<f32>,
+    net_bias: Vec<f32>,
+    norm_weight: Vec<f32>,
+    norm_bias: Vec<f32>,
+    coef: Vec<f32>,
+}
+
+#[derive(Clone)]
+struct Merge64 {
+    feat: Vec<f64>,
+    p: Vec<f64>,
+    net_weight: Vec<f64>,
+    net_bias: Vec<f64>,
+    norm_weight: Vec<f64>,
+    norm_bias: Vec<f64>,
+}
+
+impl Merge64 {
+    fn get_mut(&mut self, name: &str) -> &mut Vec<f64> {
+        match name {
+            "feat" => &mut self.feat,
+            "importance" => &mut self.p,
+            "net_weight" => &mut self.net_weight,
+            "net_bias" => &mut self.net_bias,
+            "norm_weight" => &mut self.norm_weight,
+            _ => &mut self.norm_bias,
+        }
+    }
+}
+
+impl MergeProblem {
+    fn new(seed: u64, b: usize, n: usize, c: usize, kept: usize, lists: Lists) -> Self {
+        let base = Problem::new(seed, b, n, 1, 1, lists);
+        let mut rng = Rng(seed ^ 0xFEED);
+        let centres = (0..b)
+            .flat_map(|_| {
+                let mut t: Vec<u32> = (0..n as u32).collect();
+                for i in (1..t.len()).rev() {
+                    t.swap(i, rng.below(i + 1));
+                }
+                t[..kept].to_vec()
+            })
+            .collect();
+        Self {
+            c,
+            feat: rng.floats(b * n * c, 1.0),
+            p: (0..b * n).map(|_| 0.5 + 0.45 * rng.float()).collect(),
+            centres,
+            kept,
+            net_weight: rng.floats(INNER_CHANNELS * 5, 0.5),
+            net_bias: rng.floats(INNER_CHANNELS, 0.5),
+            norm_weight: (0..INNER_CHANNELS)
+                .map(|_| 1.0 + 0.3 * rng.float())
+                .collect(),
+            norm_bias: rng.floats(INNER_CHANNELS, 0.3),
+            coef: rng.floats(b * kept * INNER_CHANNELS * c, 1.0),
+            base,
+        }
+    }
+
+    fn layers(&self) -> (Linear, LayerNorm) {
+        (
+            Linear {
+                weight: F32Buffer::owned(self.net_weight.clone()),
+                bias: Some(F32Buffer::owned(self.net_bias.clone())),
+                in_dim: 5,
+                out_dim: INNER_CHANNELS,
+            },
+            LayerNorm {
+                weight: F32Buffer::owned(self.norm_weight.clone()),
+                bias: F32Buffer::owned(self.norm_bias.clone()),
+            },
+        )
+    }
+
+    fn backward(&self) -> (Vec<f32>, MergeGrads) {
+        let pb = &self.base;
+        let offsets = pb.offsets();
+        let (linear, norm) = self.layers();
+        let table = weight_net_table(&offsets, &linear, &norm).unwrap();
+        let rows = neighbour_rows(&offsets, &pb.pos, &pb.nbhd, pb.b).unwrap();
+        let inp = MergeInputs {
+            feat: &self.feat,
+            importance: &self.p,
+            nbhd: &pb.nbhd,
+            centres: &self.centres,
+            weight_rows: &rows,
+            weight_table: &table,
+            batch: pb.b,
+            tokens: pb.n,
+            channels: self.c,
+        };
+        let out = pointconv_merge(&inp).unwrap();
+        let inverse = InverseNeighbourhood::new(&pb.nbhd);
+        let grads = pointconv_merge_backward(&MergeGradInputs {
+            forward: &inp,
+            grad_out: &self.coef,
+            inverse: &inverse,
+            offsets: &offsets,
+            weight_net: &linear,
+            weight_norm: &norm,
+        })
+        .unwrap();
+        (out, grads)
+    }
+
+    fn forward64(&self, q: &Merge64) -> Vec<f64> {
+        let pb = &self.base;
+        let (b, n, c, kept) = (pb.b, pb.n, self.c, self.kept);
+        let mut out = vec![0.0f64; b * kept * INNER_CHANNELS * c];
+        for img in 0..b {
+            let pos = &pb.pos[img * n * 2..];
+            for r in 0..kept {
+                let i = self.centres[img * kept + r] as usize;
+                let u = &mut out[(img * kept + r) * INNER_CHANNELS * c..][..INNER_CHANNELS * c];
+                let mask = pb.nbhd.mask_of(img, i);
+                for (s, &j) in pb.nbhd.of(img, i).iter().enumerate() {
+                    let j = j as usize;
+                    if mask.is_some_and(|m| !m[s]) {
+                        continue;
+                    }
+                    let f =
+                        rel_pos_features(pos[2 * j] - pos[2 * i], pos[2 * j + 1] - pos[2 * i + 1]);
+                    let z: Vec<f64> = (0..4)
+                        .map(|o| {
+                            q.net_bias[o]
+                                + (0..5)
+                                    .map(|k| q.net_weight[o * 5 + k] * f[k] as f64)
+                                    .sum::<f64>()
+                        })
+                        .collect();
+                    let mean = z.iter().sum::<f64>() / 4.0;
+                    let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 4.0;
+                    let scale = q.p[img * n + j];
+                    for o in 0..4 {
+                        let y =
+                            (z[o] - mean) / (var + 1e-5).sqrt() * q.norm_weight[o] + q.norm_bias[o];
+                        let w = gelu64(y) * scale;
+                        for e in 0..c {
+                            u[o * c + e] += w * q.feat[(img * n + j) * c + e];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn params64(&self) -> Merge64 {
+        let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect();
+        Merge64 {
+            feat: wide(&self.feat),
+            p: wide(&self.p),
+            net_weight: wide(&self.net_weight),
+            net_bias: wide(&self.net_bias),
+            norm_weight: wide(&self.norm_weight),
+            norm_bias: wide(&self.norm_bias),
+        }
+    }
+}
+
+fn check_merge_against_finite_differences(problem: &MergeProblem, what: &str) {
+    let (out, grads) = problem.backward();
+    let base = problem.params64();
+    let reference = problem.forward64(&base);
+    let worst = out
+        .iter()
+        .zip(&reference)
+        .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+    assert!(
+        worst < 1e-5,
+        "{what}: merge forward differs from f64 by {worst:e}"
+    );
+    let loss = |q: &Merge64| -> f64 {
+        problem
+            .forward64(q)
+            .iter()
+            .zip(&problem.coef)
+            .map(|(o, &g)| o * g as f64)
+            .sum()
+    };
+    let eps = 1e-4;
+    for (name, got) in [
+        ("feat", &grads.feat),
+        ("importance", &grads.importance),
+        ("net_weight", &grads.net_weight),
+        ("net_bias", &grads.net_bias),
+        ("norm_weight", &grads.norm_weight),
+        ("norm_bias", &grads.norm_bias),
+    ] {
+        let mut q = base.clone();
+        let fd: Vec<f64> = (0..got.len())
+            .map(|e| {
+                let x = q.get_mut(name)[e];
+                q.get_mut(name)[e] = x + eps;
+                let up = loss(&q);
+                q.get_mut(name)[e] = x - eps;
+                let down = loss(&q);
+                q.get_mut(name)[e] = x;
+                (up - down) / (2.0 * eps)
+            })
+            .collect();
+        let scale = fd.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (e, (&g, &f)) in got.iter().zip(&fd).enumerate() {
+            assert!(
+                (g as f64 - f).abs() <= 1e-4 * scale,
+                "{what}: d{name}[{e}] = {g}, finite difference {f}"
+            );
+        }
+    }
+}
+
+#[test]
+fn merge_gradients_match_finite_differences_clustered_and_padded() {
+    let p = MergeProblem::new(11, 2, 23, 5, 7, Lists::Clusters { s: 4, nnc: 3 });
+    check_merge_against_finite_differences(&p, "clustered, padded");
+}
+
+#[test]
+fn merge_gradients_match_finite_differences_global_wide() {
+    let p = MergeProblem::new(12, 2, 9, 33, 3, Lists::Global);
+    check_merge_against_finite_differences(&p, "global");
+}
+
+#[test]
+fn merge_gradients_match_finite_differences_shared_and_arbitrary_lists() {
+    let p = MergeProblem::new(13, 3, 16, 5, 5, Lists::SharedClusters { s: 4, nnc: 2 });
+    check_merge_against_finite_differences(&p, "shared by the batch");
+    let p = MergeProblem::new(14, 2, 12, 5, 4, Lists::Arbitrary { m: 7 });
+    check_merge_against_finite_differences(&p, "arbitrary lists");
+}
+
+#[test]
+fn merge_gradients_are_deterministic() {
+    let p = MergeProblem::new(15, 2, 150, 16, 40, Lists::Clusters { s: 8, nnc: 4 });
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| p.backward().1)
+    };
+    let bits = |g: &MergeGrads| -> Vec<u32> {
+        [
+            &g.feat,
+            &g.importance,
+            &g.net_weight,
+            &g.net_bias,
+            &g.norm_weight,
+            &g.norm_bias,
+        ]
+        .iter()
+        .flat_map(|v| v.iter().map(|x| x.to_bits()))
+        .collect()
+    };
+    let one = bits(&run(1));
+    assert_eq!(one, bits(&run(2)), "1 vs 2 threads");
+    assert_eq!(one, bits(&run(2)), "run to run");
+}
+
+// ------------------------------------------------------- importance ----
+
+#[test]
+fn importance_gradients_match_finite_differences() {
+    let mut rng = Rng(21);
+    let (rows, dim) = (37, 45);
+    let x = rng.floats(rows * dim, 1.0);
+    let w = rng.floats(dim, 0.3);
+    let bias = 0.2f32;
+    let coef = rng.floats(rows, 1.0);
+    let p = importance(&x, &w, bias, rows, dim).unwrap();
+    let grads = importance_backward(&x, &w, &p, &coef, rows, dim).unwrap();
+    let loss = |x: &[f64], w: &[f64], b: f64| -> f64 {
+        x.chunks(dim)
+            .zip(&coef)
+            .map(|(r, &g)| {
+                let logit: f64 = r.iter().zip(w).map(|(a, b)| a * b).sum::<f64>() + b;
+                g as f64 / (1.0 + (-logit).exp())
+            })
+            .sum()
+    };
+    let (x64, w64): (Vec<f64>, Vec<f64>) = (
+        x.iter().map(|&v| v as f64).collect(),
+        w.iter().map(|&v| v as f64).collect(),
+    );
+    let eps = 1e-5;
+    let fd = |f: &dyn Fn(f64) -> f64| (f(eps) - f(-eps)) / (2.0 * eps);
+    for e in (0..rows * dim).step_by(7) {
+        let want = fd(&|h| {
+            let mut x = x64.clone();
+            x[e] += h;
+            loss(&x, &w64, bias as f64)
+        });
+        assert!((grads.x[e] as f64 - want).abs() < 1e-5, "dx[{e}]");
+    }
+    for e in 0..dim {
+        let want = fd(&|h| {
+            let mut w = w64.clone();
+            w[e] += h;
+            loss(&x64, &w, bias as f64)
+        });
+        assert!((grads.weight[e] as f64 - want).abs() < 1e-4, "dw[{e}]");
+    }
+    let want = fd(&|h| loss(&x64, &w64, bias as f64 + h));
+    assert!((grads.bias as f64 - want).abs() < 1e-4, "db");
+}

@@ -15,6 +15,7 @@ use super::rel_pos::OffsetTable;
 use super::vector_math;
 use crate::error::{Error, Result, check_len};
 
+pub mod backward;
 pub mod gpu;
 
 /// Inner channels of the PointConv weight net.

@@ -68,6 +68,83 @@ pub fn importance(
         .collect())
 }
 
+/// Gradients of [`importance`] with respect to its input rows and the
+/// `prob_net` parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportanceGrads {
+    /// rows×dim.
+    pub x: Vec<f32>,
+    /// dim: `prob_net.weight`.
+    pub weight: Vec<f32>,
+    /// `prob_net.bias`.
+    pub bias: f32,
+}
+
+/// The backward of [`importance`]: from its output `p` and the gradient
+/// `grad_p` (what the merge's backward returns for the importance; the
+/// selection itself used the detached score), `dlogit = dp·p·(1 − p)`, then
+/// `dx = dlogit·w`, and `dw = Σ dlogit·x`, `db = Σ dlogit` summed in fixed
+/// chunks of rows added in order (the same bits for any thread count).
+///
+/// # Errors
+/// [`Error::Shape`] when the lengths disagree.
+pub fn importance_backward(
+    x: &[f32],
+    weight: &[f32],
+    p: &[f32],
+    grad_p: &[f32],
+    rows: usize,
+    dim: usize,
+) -> Result<ImportanceGrads> {
+    const OP: &str = "importance_backward";
+    check_len(OP, "x", &[rows, dim], x.len())?;
+    check_len(OP, "weight", &[dim], weight.len())?;
+    check_len(OP, "p", &[rows], p.len())?;
+    check_len(OP, "grad_p", &[rows], grad_p.len())?;
+    const ROWS_PER_CHUNK: usize = 64;
+    let dlogit: Vec<f32> = p
+        .iter()
+        .zip(grad_p)
+        .map(|(&p, &g)| g * p * (1.0 - p))
+        .collect();
+    let mut dx = vec![0.0f32; rows * dim];
+    if dim > 0 {
+        dx.par_chunks_mut(dim)
+            .zip(dlogit.par_iter())
+            .for_each(|(row, &dl)| {
+                for (o, &w) in row.iter_mut().zip(weight) {
+                    *o = dl * w;
+                }
+            });
+    }
+    let partials: Vec<(Vec<f32>, f32)> = dlogit
+        .par_chunks(ROWS_PER_CHUNK)
+        .enumerate()
+        .map(|(chunk, dls)| {
+            let mut dw = vec![0.0f32; dim];
+            let mut db = 0.0f32;
+            for (r, &dl) in dls.iter().enumerate() {
+                let row = chunk * ROWS_PER_CHUNK + r;
+                super::vector_math::axpy(dl, &x[row * dim..(row + 1) * dim], &mut dw);
+                db += dl;
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut grads = ImportanceGrads {
+        x: dx,
+        weight: vec![0.0; dim],
+        bias: 0.0,
+    };
+    for (dw, db) in partials {
+        for (a, v) in grads.weight.iter_mut().zip(dw) {
+            *a += v;
+        }
+        grads.bias += db;
+    }
+    Ok(grads)
+}
+
 /// The grid prior of spec §7 for one image: at stride 2, 1 where both
 /// coordinates are even; later, 1 where both are divisible by
 /// `ada = 2^(e+1)`, `e` the smallest integer with `4^e ≥ δ²`, `δ` the

@@ -49,6 +49,19 @@ pub fn exp(x: f32) -> f32 {
 /// for negative `x`.
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
+    0.5 * x * erfc_of_minus_scaled(x)
+}
+
+/// The derivative of the exact GELU, `Φ(x) + x·φ(x)`, with the same `erfc`.
+#[inline(always)]
+pub fn gelu_grad(x: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    0.5 * erfc_of_minus_scaled(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
+/// `erfc(−x/√2)` (= 2Φ(x)), shared by the GELU and its derivative.
+#[inline(always)]
+fn erfc_of_minus_scaled(x: f32) -> f32 {
     let u = -x * std::f32::consts::FRAC_1_SQRT_2;
     let z = u.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
@@ -62,8 +75,7 @@ pub fn gelu(x: f32) -> f32 {
                                 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
     // Beyond z = 9, erfc(z) < 1e-36: flush it rather than go subnormal.
     let r = if z < 9.0 { t * exp(poly - z * z) } else { 0.0 };
-    let erfc = if u >= 0.0 { r } else { 2.0 - r };
-    0.5 * x * erfc
+    if u >= 0.0 { r } else { 2.0 - r }
 }
 
 /// Sum of a slice with [`LANES`] independent accumulators (vectorisable).
