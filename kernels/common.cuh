@@ -178,6 +178,11 @@ __device__ __forceinline__ float sigmoid_exact_twin(float x) {
 // Exact GELU, as torch.nn.GELU().
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
+// Its derivative, Φ(x) + x·φ(x).
+__device__ __forceinline__ float gelu_grad(float x) {
+  return 0.5f * (1.0f + erff(x * 0.70710678118654752f)) + x * 0.39894228040143268f * expf(-0.5f * x * x);
+}
+
 // The relative-position features of spec §5 for offset (dx, dy).
 __device__ __forceinline__ void rel_pos_features(float dx, float dy, float f[5]) {
   float d = sqrtf(__fadd_rn(__fmul_rn(dy, dy), __fmul_rn(dx, dx)));

@@ -80,6 +80,26 @@ struct AttentionParams {
   int32_t cluster_size, tile_clusters;
 };
 
+// Backward of the cluster attention (kernels/cluster_attention_backward.cu).
+// The query kernel recomputes each row's log-sum-exp and D = dO·O and
+// writes dq and the row's share of the parameter gradients; the key kernel
+// gathers dk, dv over the inverse lists; the params kernel sums the rows'
+// shares in row order.
+struct AttentionBackwardParams {
+  AttentionParams forward;   // the forward's inputs (forward.out unused)
+  const void* out;           // T, batch × tokens × c: the forward's output
+  const void* grad_out;      // T, batch × tokens × c
+  const int32_t* inv_start;  // nbhd_images × (tokens + 1), or null: global
+  const int32_t* inv_pairs;  // nbhd_images × tokens·m × 2: (query, slot)
+  float* lse;                // batch × tokens × heads
+  float* delta;              // batch × tokens × heads
+  void* grad_q;              // T, batch × tokens × c
+  void* grad_kv;             // T, batch × tokens × 2c
+  float* row_partials;       // batch·tokens × params: each row's share
+  float* grad_params;        // params = 6·heads + 2·c: pos_weight, pos_bias, blank_k, blank_v
+  int32_t params;
+};
+
 // Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,
 // and the batch's largest ratio.
 struct ClusterRatioParams {
@@ -162,6 +182,32 @@ struct MergeParams {
   void* out;                 // T, batch × kept × 4·channels
   int32_t batch, n, m, nbhd_images, kept, channels;
   float offset_clamp, eps;
+};
+
+// Backward of the PointConv merge (kernels/pointconv_merge_backward.cu).
+struct MergeBackwardParams {
+  MergeParams forward;       // the forward's inputs (forward.out unused)
+  const void* grad_out;      // T, batch × kept × 4·channels
+  const int32_t* inv_start;  // nbhd_images × (n + 1), or null: global
+  const int32_t* inv_pairs;  // nbhd_images × n·m × 2: (query, slot)
+  int32_t* centre_row;       // batch × n: each centre's output row, −1 for other tokens
+  void* grad_feat;           // T, batch × n × channels
+  float* grad_importance;    // batch × n
+  float* row_partials;       // batch·kept × 32: each centre's share
+  float* grad_params;        // 32: net_weight (4×5), net_bias, norm_weight, norm_bias (4 each)
+};
+
+// Backward of the importance p = sigmoid(x·w + b): dx, and the rows' shares
+// of dw, db summed in row order.
+struct ImportanceBackwardParams {
+  const void* x;          // T, rows × dim
+  const float* weight;    // dim
+  const float* p;         // rows: the forward's output
+  const float* grad_p;    // rows
+  void* grad_x;           // T, rows × dim
+  float* row_partials;    // rows × (dim + 1)
+  float* grad_params;     // dim + 1: dw, then db
+  int32_t rows, dim;
 };
 
 // Tokens onto the h × w grid; empty cells by inverse-distance weighting of

@@ -65,6 +65,37 @@ __device__ void selection_order_impl(const SelectionOrderParams p) {
   p.order[e] = p.sorted[size_t(img) * p.n + clamp_index(from, p.n)];
 }
 
+// Backward of the importance, one thread per element of x (and of the
+// rows' shares): dlogit = dp·p·(1 − p), dx = dlogit·w, share = dlogit·x.
+template <class T>
+__device__ void importance_backward_impl(const ImportanceBackwardParams p) {
+  const size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int width = p.dim + 1;
+  if (e >= size_t(p.rows) * width) return;
+  const size_t row = e / width;
+  const int k = int(e % width);
+  const float prob = p.p[row];
+  const float dlogit = p.grad_p[row] * prob * (1.0f - prob);
+  if (k == p.dim) {
+    p.row_partials[e] = dlogit;
+    return;
+  }
+  const T* x = static_cast<const T*>(p.x) + row * p.dim;
+  static_cast<T*>(p.grad_x)[row * p.dim + k] = from_f32<T>(dlogit * p.weight[k]);
+  p.row_partials[e] = dlogit * to_f32(x[k]);
+}
+
+// One thread per parameter: the rows' shares summed in row order.
+__device__ void importance_backward_params_impl(const ImportanceBackwardParams p) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k > p.dim) return;
+  float acc = 0.0f;
+  for (size_t r = 0; r < size_t(p.rows); ++r) acc += p.row_partials[r * (p.dim + 1) + k];
+  p.grad_params[k] = acc;
+}
+
 AF_KERNEL_ALL_TYPES(importance, ImportanceParams, importance_impl)
+AF_KERNEL_ALL_TYPES(importance_backward, ImportanceBackwardParams, importance_backward_impl)
+AF_KERNEL(importance_backward_params, ImportanceBackwardParams, importance_backward_params_impl(p))
 AF_KERNEL(selection_keys, SelectionKeysParams, selection_keys_impl(p))
 AF_KERNEL(selection_order, SelectionOrderParams, selection_order_impl(p))

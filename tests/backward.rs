@@ -5,6 +5,9 @@
 //! queries' lists or in none; head dims 5 and 33; batch > 1. Then
 //! determinism: the same bits twice and for 1 and 2 threads.
 
+mod common;
+
+use autofocus::gpu::{Buffer, Device, Element};
 use autofocus::io::F32Buffer;
 use autofocus::ops::Linear;
 use autofocus::ops::cluster_attention::backward::{
@@ -56,6 +59,7 @@ enum Lists {
 
 /// One attention problem: parameters as f32 (so the f32 forward and the
 /// f64 reference evaluate the same function), positions on a grid.
+#[derive(Clone)]
 struct Problem {
     b: usize,
     n: usize,
@@ -432,6 +436,7 @@ fn gelu64(x: f64) -> f64 {
 
 /// A merge problem: an attention problem's tokens and lists, plus
 /// importance, centres and the weight net.
+#[derive(Clone)]
 struct MergeProblem {
     base: Problem,
     c: usize,
@@ -744,4 +749,286 @@ fn importance_gradients_match_finite_differences() {
     }
     let want = fd(&|h| loss(&x64, &w64, bias as f64 + h));
     assert!((grads.bias as f64 - want).abs() < 1e-4, "db");
+}
+
+// --------------------------------------------------- device kernels ----
+
+use autofocus::ops::cluster_attention::gpu::{
+    DeviceAttentionInputs, cluster_attention_backward as device_attention_backward,
+    split_param_grads,
+};
+use autofocus::ops::neighbourhood::gpu::{DeviceInverse, DeviceNeighbourhood};
+
+fn upload_as<T: Element>(device: &Device, v: &[f32]) -> Buffer<T> {
+    device
+        .upload(&v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())
+        .unwrap()
+}
+
+fn download_f32<T: Element>(device: &Device, b: &Buffer<T>) -> Vec<f32> {
+    device
+        .download(b)
+        .unwrap()
+        .into_iter()
+        .map(T::to_f32)
+        .collect()
+}
+
+/// max |got − want| ≤ tol · max(1, max |want|).
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}: element {i}: got {g}, want {w} (tolerance {tol} × {scale})"
+        );
+    }
+}
+
+/// The attention backward kernels against the CPU backward, on the
+/// problem's inputs as stored in `T` (so only the kernels' arithmetic differs).
+fn check_attention_kernels<T: Element>(device: &Device, problem: &Problem, global: bool, tol: f32) {
+    let stored = |v: &[f32]| download_f32(device, &upload_as::<T>(device, v));
+    let rounded = Problem {
+        q: stored(&problem.q),
+        kv: stored(&problem.kv),
+        coef: stored(&problem.coef),
+        ..problem.clone()
+    };
+    let (out, want) = rounded.backward();
+    let (b, n, h, d) = (problem.b, problem.n, problem.h, problem.d);
+    let nbhd = if global {
+        DeviceNeighbourhood::global(n)
+    } else {
+        DeviceNeighbourhood::upload(device, &problem.nbhd).unwrap()
+    };
+    let inverse = if global {
+        DeviceInverse::global(n)
+    } else {
+        DeviceInverse::upload(device, &InverseNeighbourhood::new(&problem.nbhd)).unwrap()
+    };
+    let (q, kv) = (
+        upload_as::<T>(device, &rounded.q),
+        upload_as::<T>(device, &rounded.kv),
+    );
+    let pos = device.upload(&problem.pos).unwrap();
+    let (pw, pb) = (
+        device.upload(&problem.pos_weight).unwrap(),
+        device.upload(&problem.pos_bias).unwrap(),
+    );
+    let (bk, bv) = (
+        device.upload(&problem.blank_k).unwrap(),
+        device.upload(&problem.blank_v).unwrap(),
+    );
+    let inp = DeviceAttentionInputs {
+        q: &q,
+        q_scale: problem.q_scale(),
+        kv: &kv,
+        nbhd: &nbhd,
+        pos: &pos,
+        pos_weight: &pw,
+        pos_bias: &pb,
+        blank_k: &bk,
+        blank_v: &bv,
+        offset_clamp: None,
+        batch: b,
+        tokens: n,
+        heads: h,
+        head_dim: d,
+    };
+    let (dout, dgrad) = (
+        upload_as::<T>(device, &out),
+        upload_as::<T>(device, &rounded.coef),
+    );
+    let got = device_attention_backward(device, &inp, &dout, &dgrad, &inverse).unwrap();
+    let what = format!("{} on {device:?} (global lists: {global})", T::SUFFIX);
+    assert_close(
+        &format!("dq, {what}"),
+        &download_f32(device, &got.q),
+        &want.q,
+        tol,
+    );
+    assert_close(
+        &format!("dkv, {what}"),
+        &download_f32(device, &got.kv),
+        &want.kv,
+        tol,
+    );
+    let params = device.download(&got.params).unwrap();
+    let (pw, pb, bk, bv) = split_param_grads(&params, h);
+    assert_close(&format!("dpos_weight, {what}"), pw, &want.pos_weight, tol);
+    assert_close(&format!("dpos_bias, {what}"), pb, &want.pos_bias, tol);
+    assert_close(&format!("dblank_k, {what}"), bk, &want.blank_k, tol);
+    assert_close(&format!("dblank_v, {what}"), bv, &want.blank_v, tol);
+    // No atomics: a second run gives the same bits.
+    let again = device_attention_backward(device, &inp, &dout, &dgrad, &inverse).unwrap();
+    assert_eq!(
+        device.download(&again.params).unwrap(),
+        params,
+        "{what}: rerun"
+    );
+    assert_eq!(
+        download_f32(device, &again.kv),
+        download_f32(device, &got.kv),
+        "{what}: rerun"
+    );
+}
+
+#[test]
+fn attention_backward_kernels_match_the_cpu() {
+    let cases = [
+        Problem::new(31, 2, 23, 2, 5, Lists::Clusters { s: 4, nnc: 3 }),
+        Problem::new(32, 2, 9, 1, 33, Lists::Global),
+        Problem::new(33, 3, 16, 2, 5, Lists::SharedClusters { s: 4, nnc: 2 }),
+        Problem::new(34, 2, 12, 2, 5, Lists::Arbitrary { m: 7 }),
+        Problem::new(35, 2, 40, 2, 40, Lists::Clusters { s: 8, nnc: 3 }),
+    ];
+    for device in common::devices() {
+        for (k, problem) in cases.iter().enumerate() {
+            check_attention_kernels::<f32>(&device, problem, false, 1e-4);
+            if k == 1 {
+                check_attention_kernels::<f32>(&device, problem, true, 1e-4);
+            }
+        }
+        check_attention_kernels::<half::f16>(&device, &cases[0], false, 5e-3);
+        check_attention_kernels::<half::bf16>(&device, &cases[0], false, 3e-2);
+    }
+}
+
+use autofocus::ops::pointconv_merge::gpu::{
+    DeviceMergeInputs, DeviceWeightNet, pointconv_merge_backward as device_merge_backward,
+};
+
+/// The merge backward kernels against the CPU backward, inputs as stored in `T`.
+fn check_merge_kernels<T: Element>(
+    device: &Device,
+    problem: &MergeProblem,
+    global: bool,
+    tol: f32,
+) {
+    let stored = |v: &[f32]| download_f32(device, &upload_as::<T>(device, v));
+    let rounded = MergeProblem {
+        feat: stored(&problem.feat),
+        coef: stored(&problem.coef),
+        ..problem.clone()
+    };
+    let (_, want) = rounded.backward();
+    let pb = &problem.base;
+    let (b, n, c, kept) = (pb.b, pb.n, problem.c, problem.kept);
+    let nbhd = if global {
+        DeviceNeighbourhood::global(n)
+    } else {
+        DeviceNeighbourhood::upload(device, &pb.nbhd).unwrap()
+    };
+    let inverse = if global {
+        DeviceInverse::global(n)
+    } else {
+        DeviceInverse::upload(device, &InverseNeighbourhood::new(&pb.nbhd)).unwrap()
+    };
+    let (linear, norm) = problem.layers();
+    let net = DeviceWeightNet::upload(device, &linear, &norm).unwrap();
+    let feat = upload_as::<T>(device, &rounded.feat);
+    let importance = device.upload(&problem.p).unwrap();
+    let centres: Vec<i32> = problem.centres.iter().map(|&i| i as i32).collect();
+    let centres = device.upload(&centres).unwrap();
+    let pos = device.upload(&pb.pos).unwrap();
+    let inp = DeviceMergeInputs {
+        feat: &feat,
+        importance: &importance,
+        nbhd: &nbhd,
+        centres: &centres,
+        pos: &pos,
+        weight_net: &net,
+        offset_clamp: None,
+        batch: b,
+        tokens: n,
+        kept,
+        channels: c,
+    };
+    let grad_out = upload_as::<T>(device, &rounded.coef);
+    let got = device_merge_backward(device, &inp, &grad_out, &inverse).unwrap();
+    let what = format!("{} on {device:?} (global lists: {global})", T::SUFFIX);
+    assert_close(
+        &format!("dfeat, {what}"),
+        &download_f32(device, &got.feat),
+        &want.feat,
+        tol,
+    );
+    let dp = device.download(&got.importance).unwrap();
+    assert_close(&format!("dimportance, {what}"), &dp, &want.importance, tol);
+    let net_grads = device.download(&got.weight_net).unwrap();
+    let want_net: Vec<f32> = [
+        &want.net_weight,
+        &want.net_bias,
+        &want.norm_weight,
+        &want.norm_bias,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
+    .collect();
+    assert_close(&format!("dweight_net, {what}"), &net_grads, &want_net, tol);
+    let again = device_merge_backward(device, &inp, &grad_out, &inverse).unwrap();
+    assert_eq!(
+        device.download(&again.weight_net).unwrap(),
+        net_grads,
+        "{what}: rerun"
+    );
+}
+
+#[test]
+fn merge_backward_kernels_match_the_cpu() {
+    let cases = [
+        MergeProblem::new(41, 2, 23, 5, 7, Lists::Clusters { s: 4, nnc: 3 }),
+        MergeProblem::new(42, 2, 9, 33, 3, Lists::Global),
+        MergeProblem::new(43, 3, 16, 5, 5, Lists::SharedClusters { s: 4, nnc: 2 }),
+        MergeProblem::new(44, 2, 12, 5, 4, Lists::Arbitrary { m: 7 }),
+        MergeProblem::new(45, 2, 40, 300, 10, Lists::Clusters { s: 8, nnc: 3 }),
+    ];
+    for device in common::devices() {
+        for (k, problem) in cases.iter().enumerate() {
+            check_merge_kernels::<f32>(&device, problem, false, 1e-4);
+            if k == 1 {
+                check_merge_kernels::<f32>(&device, problem, true, 1e-4);
+            }
+        }
+        check_merge_kernels::<half::f16>(&device, &cases[0], false, 5e-3);
+        check_merge_kernels::<half::bf16>(&device, &cases[0], false, 3e-2);
+    }
+}
+
+#[test]
+fn importance_backward_kernels_match_the_cpu() {
+    let mut rng = Rng(51);
+    for device in common::devices() {
+        for (rows, dim) in [(37, 45), (5, 1), (64, 300)] {
+            let x = rng.floats(rows * dim, 1.0);
+            let w = rng.floats(dim, 0.3);
+            let p = importance(&x, &w, 0.1, rows, dim).unwrap();
+            let coef = rng.floats(rows, 1.0);
+            let want = importance_backward(&x, &w, &p, &coef, rows, dim).unwrap();
+            let (dx, dw) = (device.upload(&x).unwrap(), device.upload(&w).unwrap());
+            let (dp, dg) = (device.upload(&p).unwrap(), device.upload(&coef).unwrap());
+            let got = autofocus::ops::token_selection::gpu::importance_backward(
+                &device,
+                &dx,
+                &dw,
+                &dp,
+                &dg,
+                (rows, dim),
+            )
+            .unwrap();
+            let what = format!("{rows}×{dim} on {device:?}");
+            assert_close(
+                &format!("dx, {what}"),
+                &device.download(&got.x).unwrap(),
+                &want.x,
+                1e-5,
+            );
+            let params = device.download(&got.params).unwrap();
+            assert_close(&format!("dw, {what}"), &params[..dim], &want.weight, 1e-5);
+            assert_close(&format!("db, {what}"), &params[dim..], &[want.bias], 1e-5);
+        }
+    }
 }

@@ -17,6 +17,7 @@ extern "C" size_t af_emu_params_layout(const char* name, size_t* align) {
   AF_LAYOUT(MeanTokensParams)
   AF_LAYOUT(GatherRowsParams)
   AF_LAYOUT(AttentionParams)
+  AF_LAYOUT(AttentionBackwardParams)
   AF_LAYOUT(ClusterRatioParams)
   AF_LAYOUT(ClusterKeysParams)
   AF_LAYOUT(StableSortParams)
@@ -25,6 +26,8 @@ extern "C" size_t af_emu_params_layout(const char* name, size_t* align) {
   AF_LAYOUT(SelectionKeysParams)
   AF_LAYOUT(SelectionOrderParams)
   AF_LAYOUT(MergeParams)
+  AF_LAYOUT(MergeBackwardParams)
+  AF_LAYOUT(ImportanceBackwardParams)
   AF_LAYOUT(DenseParams)
   AF_LAYOUT(Im2colParams)
   *align = 0;

@@ -131,6 +131,35 @@ pub struct AttentionParams {
     pub tile_clusters: i32,
 }
 
+/// Backward of the cluster attention (kernels/cluster_attention_backward.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttentionBackwardParams {
+    /// the forward's inputs (forward.out unused)
+    pub forward: AttentionParams,
+    /// T, batch × tokens × c: the forward's output
+    pub out: Ptr,
+    /// T, batch × tokens × c
+    pub grad_out: Ptr,
+    /// nbhd_images × (tokens + 1), or null: global
+    pub inv_start: Ptr,
+    /// nbhd_images × tokens·m × 2: (query, slot)
+    pub inv_pairs: Ptr,
+    /// batch × tokens × heads
+    pub lse: Ptr,
+    /// batch × tokens × heads
+    pub delta: Ptr,
+    /// T, batch × tokens × c
+    pub grad_q: Ptr,
+    /// T, batch × tokens × 2c
+    pub grad_kv: Ptr,
+    /// batch·tokens × params: each row's share
+    pub row_partials: Ptr,
+    /// params = 6·heads + 2·c: pos_weight, pos_bias, blank_k, blank_v
+    pub grad_params: Ptr,
+    pub params: i32,
+}
+
 /// Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,
 /// and the batch's largest ratio.
 #[repr(C)]
@@ -288,6 +317,52 @@ pub struct MergeParams {
     pub eps: f32,
 }
 
+/// Backward of the PointConv merge (kernels/pointconv_merge_backward.cu).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MergeBackwardParams {
+    /// the forward's inputs (forward.out unused)
+    pub forward: MergeParams,
+    /// T, batch × kept × 4·channels
+    pub grad_out: Ptr,
+    /// nbhd_images × (n + 1), or null: global
+    pub inv_start: Ptr,
+    /// nbhd_images × n·m × 2: (query, slot)
+    pub inv_pairs: Ptr,
+    /// batch × n: each centre's output row, −1 for other tokens
+    pub centre_row: Ptr,
+    /// T, batch × n × channels
+    pub grad_feat: Ptr,
+    /// batch × n
+    pub grad_importance: Ptr,
+    /// batch·kept × 32: each centre's share
+    pub row_partials: Ptr,
+    /// 32: net_weight (4×5), net_bias, norm_weight, norm_bias (4 each)
+    pub grad_params: Ptr,
+}
+
+/// Backward of the importance p = sigmoid(x·w + b).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImportanceBackwardParams {
+    /// T, rows × dim
+    pub x: Ptr,
+    /// dim
+    pub weight: Ptr,
+    /// rows: the forward's output
+    pub p: Ptr,
+    /// rows
+    pub grad_p: Ptr,
+    /// T, rows × dim
+    pub grad_x: Ptr,
+    /// rows × (dim + 1)
+    pub row_partials: Ptr,
+    /// dim + 1: dw, then db
+    pub grad_params: Ptr,
+    pub rows: i32,
+    pub dim: i32,
+}
+
 /// Tokens onto the h × w grid; empty cells by inverse-distance weighting of
 /// the k nearest tokens (ties to the lower index).
 #[repr(C)]
@@ -357,6 +432,7 @@ kernel_params!(
     MeanTokensParams,
     GatherRowsParams,
     AttentionParams,
+    AttentionBackwardParams,
     ClusterRatioParams,
     ClusterKeysParams,
     StableSortParams,
@@ -365,6 +441,8 @@ kernel_params!(
     SelectionKeysParams,
     SelectionOrderParams,
     MergeParams,
+    MergeBackwardParams,
+    ImportanceBackwardParams,
     DenseParams,
     Im2colParams
 );

@@ -3,9 +3,9 @@
 //! positions per neighbour, so no per-offset table or row index is needed.
 
 use crate::error::{Error, Result};
-use crate::gpu::params::AttentionParams;
+use crate::gpu::params::{AttentionBackwardParams, AttentionParams};
 use crate::gpu::{Buffer, Device, Element, LaunchConfig, MAX_SHARED_BYTES, dim, kernel_name};
-use crate::ops::neighbourhood::gpu::DeviceNeighbourhood;
+use crate::ops::neighbourhood::gpu::{DeviceInverse, DeviceNeighbourhood};
 
 /// Inputs of [`cluster_attention`]: as [`super::AttentionInputs`], with
 /// positions and the `pos_embed` layer in place of the bias table.
@@ -38,6 +38,40 @@ fn shared_floats_per_warp(c: usize, m: usize) -> usize {
     c + 6 * m + 1
 }
 
+/// The parameters' checked launch fields, shared by the forward and the backward.
+fn forward_params<T: Element>(
+    device: &Device,
+    op: &'static str,
+    inp: &DeviceAttentionInputs<'_, T>,
+) -> Result<AttentionParams> {
+    let (b, n, h, d) = (inp.batch, inp.tokens, inp.heads, inp.head_dim);
+    let c = h * d;
+    let m = inp.nbhd.size;
+    let (nbhd, mask) = inp.nbhd.check(device, op, b, n)?;
+    Ok(AttentionParams {
+        q: device.check(op, "q", inp.q, &[b, n, c])?,
+        kv: device.check(op, "kv", inp.kv, &[b, n, 2 * c])?,
+        nbhd,
+        mask,
+        pos: device.check(op, "pos", inp.pos, &[b, n, 2])?,
+        pos_weight: device.check(op, "pos_weight", inp.pos_weight, &[h, 5])?,
+        pos_bias: device.check(op, "pos_bias", inp.pos_bias, &[h])?,
+        blank_k: device.check(op, "blank_k", inp.blank_k, &[c])?,
+        blank_v: device.check(op, "blank_v", inp.blank_v, &[c])?,
+        out: 0,
+        batch: dim(op, "batch", b)?,
+        tokens: dim(op, "tokens", n)?,
+        m: dim(op, "m", m)?,
+        heads: dim(op, "heads", h)?,
+        head_dim: dim(op, "head_dim", d)?,
+        nbhd_images: dim(op, "nbhd.images", inp.nbhd.images)?,
+        q_scale: inp.q_scale,
+        offset_clamp: inp.offset_clamp.unwrap_or(f32::INFINITY),
+        cluster_size: 0,
+        tile_clusters: 0,
+    })
+}
+
 /// Computes the attention output (b×n×c, heads concatenated, before `proj`) into `out`.
 ///
 /// # Errors
@@ -52,28 +86,9 @@ pub fn cluster_attention<T: Element>(
     let (b, n, h, d) = (inp.batch, inp.tokens, inp.heads, inp.head_dim);
     let c = h * d;
     let m = inp.nbhd.size;
-    let (nbhd, mask) = inp.nbhd.check(device, OP, b, n)?;
     let params = AttentionParams {
-        q: device.check(OP, "q", inp.q, &[b, n, c])?,
-        kv: device.check(OP, "kv", inp.kv, &[b, n, 2 * c])?,
-        nbhd,
-        mask,
-        pos: device.check(OP, "pos", inp.pos, &[b, n, 2])?,
-        pos_weight: device.check(OP, "pos_weight", inp.pos_weight, &[h, 5])?,
-        pos_bias: device.check(OP, "pos_bias", inp.pos_bias, &[h])?,
-        blank_k: device.check(OP, "blank_k", inp.blank_k, &[c])?,
-        blank_v: device.check(OP, "blank_v", inp.blank_v, &[c])?,
         out: device.check_mut(OP, "out", out, &[b, n, c])?,
-        batch: dim(OP, "batch", b)?,
-        tokens: dim(OP, "tokens", n)?,
-        m: dim(OP, "m", m)?,
-        heads: dim(OP, "heads", h)?,
-        head_dim: dim(OP, "head_dim", d)?,
-        nbhd_images: dim(OP, "nbhd.images", inp.nbhd.images)?,
-        q_scale: inp.q_scale,
-        offset_clamp: inp.offset_clamp.unwrap_or(f32::INFINITY),
-        cluster_size: 0,
-        tile_clusters: 0,
+        ..forward_params(device, OP, inp)?
     };
     if b * n * c == 0 {
         return Ok(());
@@ -138,4 +153,128 @@ fn tiled_launch(
     let shared = fixed + tile_clusters * per_cluster;
     let config = LaunchConfig::blocks("cluster_attention", blocks, 1, 32 * s as u32, shared)?;
     Ok(Some((s, tile_clusters, config)))
+}
+
+/// Gradients of the attention on a device.
+#[derive(Debug)]
+pub struct DeviceAttentionGrads<T: Element> {
+    /// b×n×c, with respect to the unscaled `q`.
+    pub q: Buffer<T>,
+    /// b×n×2c, keys and values in the forward's layout.
+    pub kv: Buffer<T>,
+    /// `6·heads + 2·c` values: `pos_embed.weight` (heads×5), `pos_embed.bias`
+    /// (heads), `blank_k` (c), `blank_v` (c); see [`split_param_grads`].
+    pub params: Buffer<f32>,
+}
+
+/// Splits downloaded [`DeviceAttentionGrads::params`] into `(pos_weight,
+/// pos_bias, blank_k, blank_v)`.
+pub fn split_param_grads(params: &[f32], heads: usize) -> (&[f32], &[f32], &[f32], &[f32]) {
+    let c = (params.len() - 6 * heads) / 2;
+    let (pos_weight, rest) = params.split_at(5 * heads);
+    let (pos_bias, rest) = rest.split_at(heads);
+    let (blank_k, blank_v) = rest.split_at(c);
+    (pos_weight, pos_bias, blank_k, blank_v)
+}
+
+/// Channels per head the backward kernels keep in registers (32 lanes × 8).
+pub const MAX_BACKWARD_HEAD_DIM: usize = 256;
+
+/// The backward of [`cluster_attention`] (`kernels/cluster_attention_backward.cu`),
+/// as [`super::backward::cluster_attention_backward`] on the CPU: from the
+/// forward's inputs, its output `out` and the output gradient `grad_out`.
+/// The log-sum-exp is recomputed per row by the first kernel (the device
+/// forward does not keep it); dk and dv are gathered over `inverse`; the
+/// parameter gradients are each row's share summed in row order. No atomics:
+/// the same bits on every run.
+///
+/// # Errors
+/// Shape errors naming the buffer; [`Error::Unsupported`] for head dims over
+/// [`MAX_BACKWARD_HEAD_DIM`]; [`Error::InvalidArgument`] for inverse lists
+/// that do not match the neighbourhoods; device errors.
+pub fn cluster_attention_backward<T: Element>(
+    device: &Device,
+    inp: &DeviceAttentionInputs<'_, T>,
+    out: &Buffer<T>,
+    grad_out: &Buffer<T>,
+    inverse: &DeviceInverse,
+) -> Result<DeviceAttentionGrads<T>> {
+    const OP: &str = "cluster_attention_backward";
+    let (b, n, h, d) = (inp.batch, inp.tokens, inp.heads, inp.head_dim);
+    let c = h * d;
+    let m = inp.nbhd.size;
+    if d > MAX_BACKWARD_HEAD_DIM {
+        return Err(Error::Unsupported(format!(
+            "{OP}: head dim {d} is beyond {MAX_BACKWARD_HEAD_DIM}"
+        )));
+    }
+    let global = inp.nbhd.idx.is_none();
+    let lists_match = inverse.tokens == n
+        && inverse.images == inp.nbhd.images
+        && (inverse.start.is_none() == global);
+    if !lists_match {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: the inverse lists are not those of the neighbourhoods"
+        )));
+    }
+    let params_len = 6 * h + 2 * c;
+    let mut grads = DeviceAttentionGrads {
+        q: device.alloc::<T>(b * n * c)?,
+        kv: device.alloc::<T>(b * n * 2 * c)?,
+        params: device.alloc::<f32>(params_len)?,
+    };
+    let rows = b * n;
+    let mut lse = device.alloc::<f32>(rows * h)?;
+    let mut delta = device.alloc::<f32>(rows * h)?;
+    let mut partials = device.alloc::<f32>(rows * params_len)?;
+    let images = inverse.images;
+    let (inv_start, inv_pairs) = match (&inverse.start, &inverse.pairs) {
+        (Some(start), Some(pairs)) => (
+            device.check(OP, "inverse.start", start, &[images, n + 1])?,
+            device.check(OP, "inverse.pairs", pairs, &[images, n * m, 2])?,
+        ),
+        _ => (0, 0),
+    };
+    let params = AttentionBackwardParams {
+        forward: forward_params(device, OP, inp)?,
+        out: device.check(OP, "out", out, &[b, n, c])?,
+        grad_out: device.check(OP, "grad_out", grad_out, &[b, n, c])?,
+        inv_start,
+        inv_pairs,
+        lse: device.check_mut(OP, "lse", &mut lse, &[rows, h])?,
+        delta: device.check_mut(OP, "delta", &mut delta, &[rows, h])?,
+        grad_q: device.check_mut(OP, "grad_q", &mut grads.q, &[b, n, c])?,
+        grad_kv: device.check_mut(OP, "grad_kv", &mut grads.kv, &[b, n, 2 * c])?,
+        row_partials: device.check_mut(OP, "row_partials", &mut partials, &[rows, params_len])?,
+        grad_params: device.check_mut(OP, "grad_params", &mut grads.params, &[params_len])?,
+        params: dim(OP, "params", params_len)?,
+    };
+    if rows * c == 0 {
+        grads.params = device.zeros(params_len)?;
+        return Ok(grads);
+    }
+    // Shared memory per warp: da of every slot (query kernel); 32 staged
+    // (da, p, query) triples (key kernel).
+    let what = format!("a neighbourhood of {m} tokens");
+    let per_query = LaunchConfig::warp_per_row(OP, rows * h, m * size_of::<f32>(), what)?;
+    let per_key = LaunchConfig::warp_per_row(OP, rows * h, 3 * 32 * size_of::<f32>(), "")?;
+    // SAFETY: every buffer was checked against the shapes the kernels index;
+    // neighbour and inverse indices are clamped into range by the kernels;
+    // the query kernel writes lse and delta before the key kernel reads them
+    // (same stream), and every row of the partials before the params kernel.
+    unsafe {
+        device.launch(
+            &kernel_name::<T>("cluster_attention_backward_query"),
+            per_query,
+            &params,
+        )?;
+        device.launch(
+            &kernel_name::<T>("cluster_attention_backward_key"),
+            per_key,
+            &params,
+        )?;
+        let per_param = LaunchConfig::per_item(OP, params_len, 128)?;
+        device.launch("cluster_attention_backward_params", per_param, &params)?;
+    }
+    Ok(grads)
 }

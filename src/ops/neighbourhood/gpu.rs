@@ -125,6 +125,59 @@ impl DeviceNeighbourhood {
     }
 }
 
+/// [`super::InverseNeighbourhood`] on a device, for the backward kernels:
+/// per image `tokens + 1` list starts and `tokens·m` (query, slot) pairs;
+/// none at all for a global stage (every query holds every token).
+#[derive(Debug)]
+pub struct DeviceInverse {
+    pub images: usize,
+    pub tokens: usize,
+    /// `None`: global.
+    pub start: Option<Buffer<i32>>,
+    pub pairs: Option<Buffer<i32>>,
+}
+
+impl DeviceInverse {
+    /// No lists: the inverse of [`DeviceNeighbourhood::global`].
+    pub fn global(n: usize) -> Self {
+        Self {
+            images: 1,
+            tokens: n,
+            start: None,
+            pairs: None,
+        }
+    }
+
+    /// Uploads `inverse`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for lists too long for 32-bit indices;
+    /// device errors.
+    pub fn upload(device: &Device, inverse: &super::InverseNeighbourhood) -> Result<Self> {
+        let narrow = |v: u32| {
+            i32::try_from(v).map_err(|_| {
+                Error::InvalidArgument("inverse neighbourhood: index beyond i32".into())
+            })
+        };
+        let start: Vec<i32> = inverse
+            .start
+            .iter()
+            .map(|&v| narrow(v))
+            .collect::<Result<_>>()?;
+        let pairs: Vec<i32> = inverse
+            .pairs
+            .iter()
+            .flat_map(|&(i, slot)| [narrow(i), narrow(slot)])
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            images: inverse.images,
+            tokens: inverse.tokens,
+            start: Some(device.upload(&start)?),
+            pairs: Some(device.upload(&pairs)?),
+        })
+    }
+}
+
 /// Largest `nnc` the kernel supports (kept in registers).
 pub const MAX_NEAREST_CLUSTERS: usize = 32;
 

@@ -2,7 +2,9 @@
 //! (`kernels/token_selection.cu`, and the stable sort of `kernels/sort.cu`).
 
 use crate::error::{Error, Result};
-use crate::gpu::params::{ImportanceParams, SelectionKeysParams, SelectionOrderParams};
+use crate::gpu::params::{
+    ImportanceBackwardParams, ImportanceParams, SelectionKeysParams, SelectionOrderParams,
+};
 use crate::gpu::sort::stable_sort;
 use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
 
@@ -47,6 +49,59 @@ pub fn importance<T: Element>(
     let config = LaunchConfig::per_item(OP, rows * 32, THREADS)?;
     // SAFETY: every buffer was checked against the shapes the kernel indexes.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
+}
+
+/// Gradients of [`importance`] on a device: `x` (rows×dim) and the
+/// `prob_net` parameters (`dim` weights, then the bias, in `params`).
+#[derive(Debug)]
+pub struct DeviceImportanceGrads<T: Element> {
+    pub x: Buffer<T>,
+    pub params: Buffer<f32>,
+}
+
+/// The backward of [`importance`], as [`super::importance_backward`]: from
+/// the forward's output `p` and its gradient `grad_p` (what the merge's
+/// backward returns). The weight and bias gradients are each row's share
+/// summed in row order: the same bits on every run.
+///
+/// # Errors
+/// Shape errors naming the buffer; device errors.
+pub fn importance_backward<T: Element>(
+    device: &Device,
+    x: &Buffer<T>,
+    weight: &Buffer<f32>,
+    p: &Buffer<f32>,
+    grad_p: &Buffer<f32>,
+    (rows, d): (usize, usize),
+) -> Result<DeviceImportanceGrads<T>> {
+    const OP: &str = "importance_backward";
+    let mut grads = DeviceImportanceGrads {
+        x: device.alloc::<T>(rows * d)?,
+        params: device.alloc::<f32>(d + 1)?,
+    };
+    let mut partials = device.alloc::<f32>(rows * (d + 1))?;
+    let params = ImportanceBackwardParams {
+        x: device.check(OP, "x", x, &[rows, d])?,
+        weight: device.check(OP, "weight", weight, &[d])?,
+        p: device.check(OP, "p", p, &[rows])?,
+        grad_p: device.check(OP, "grad_p", grad_p, &[rows])?,
+        grad_x: device.check_mut(OP, "grad_x", &mut grads.x, &[rows, d])?,
+        row_partials: device.check_mut(OP, "row_partials", &mut partials, &[rows, d + 1])?,
+        grad_params: device.check_mut(OP, "grad_params", &mut grads.params, &[d + 1])?,
+        rows: dim(OP, "rows", rows)?,
+        dim: dim(OP, "dim", d)?,
+    };
+    let elements = LaunchConfig::per_item(OP, rows * (d + 1), THREADS)?;
+    let per_param = LaunchConfig::per_item(OP, d + 1, THREADS)?;
+    // SAFETY: every buffer was checked against the shapes the kernels index;
+    // the first kernel writes every share before the second reads them.
+    unsafe {
+        if rows > 0 {
+            device.launch(&kernel_name::<T>(OP), elements, &params)?;
+        }
+        device.launch("importance_backward_params", per_param, &params)?;
+    }
+    Ok(grads)
 }
 
 /// As [`super::select_tokens`], on a device. Reads back one count per image
