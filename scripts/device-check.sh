@@ -24,7 +24,7 @@ build() {
   cargo build --release --locked
   cp target/release/autofocus device-bin/
   # Test and bench executables, found from cargo's JSON messages.
-  cargo test --release --locked --no-run --test kernels --test device_model --message-format=json \
+  cargo test --release --locked --no-run --test kernels --test device_model --test backward --message-format=json \
     | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -68,6 +68,9 @@ run() {
   step golden-on-gpu device-bin/test-device_model --test-threads=1 --nocapture
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 device-bin/test-kernels --test-threads=1
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 device-bin/test-kernels --test-threads=1
+  step backward-tests device-bin/test-backward --test-threads=1
+  step backward-memcheck compute-sanitizer --tool memcheck --error-exitcode 1 device-bin/test-backward kernels --test-threads=1
+  step backward-racecheck compute-sanitizer --tool racecheck --error-exitcode 1 device-bin/test-backward kernels --test-threads=1
   step attention-bench device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
   for dtype in f32 bf16; do
     step "bench-aff_mini-$dtype" device-bin/autofocus bench --device cuda --dtype "$dtype" \

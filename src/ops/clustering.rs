@@ -5,6 +5,10 @@
 //! over distance to the next); consecutive runs of `s` tokens form clusters.
 //! The keys are computed in f32 with every operation rounded as the published
 //! model rounds it and sorted stably, so the clusters match it bit for bit.
+//!
+//! No gradient: clustering produces a permutation and cluster indices, which
+//! a backward pass carries through unchanged (the positions it ranks are not
+//! learned).
 
 use crate::error::{Error, Result, check_len};
 

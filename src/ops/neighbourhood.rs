@@ -3,6 +3,10 @@
 //! A token's neighbourhood is the members of its `nnc` nearest clusters (or,
 //! for a global stage, every token). It is shared by the attention of every
 //! block of the stage and by the merge that ends it.
+//!
+//! No gradient: nearest clusters and neighbourhoods are indices. Their
+//! inverse ([`InverseNeighbourhood`]) is what the backward passes of the
+//! attention and the merge gather over.
 
 use rayon::prelude::*;
 

@@ -1,5 +1,9 @@
 //! Choosing the tokens a merge keeps (spec §7): grid prior, reserve tokens,
 //! stable top-k of `grid prior + alpha · importance`.
+//!
+//! The grid prior and the top-k produce indices and have no gradient: the
+//! selection uses the detached score. The importance itself is learned
+//! through the merge's weights ([`importance_backward`]).
 
 use rayon::prelude::*;
 

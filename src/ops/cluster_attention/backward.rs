@@ -177,10 +177,11 @@ pub fn cluster_attention_backward(g: &AttentionGradInputs<'_>) -> Result<Attenti
     }
 
     // Pass 2, by key: dk and dv gathered from the queries that hold it.
-    grads.kv.par_chunks_mut(2 * c).enumerate().for_each_init(
-        || vec![0.0f32; d],
-        |qs, (row, dkv)| key_backward(g, &delta, row / n, row % n, qs, dkv),
-    );
+    grads
+        .kv
+        .par_chunks_mut(2 * c)
+        .enumerate()
+        .for_each(|(row, dkv)| key_backward(g, &delta, row / n, row % n, dkv));
     Ok(grads)
 }
 
@@ -243,14 +244,7 @@ fn query_backward(
 
 /// Pass 2 for key `j` of image `img`: `dk_j` and `dv_j` (into `dkv`, the
 /// forward's kv layout), gathered over the (query, slot) pairs holding `j`.
-fn key_backward(
-    g: &AttentionGradInputs<'_>,
-    delta: &[f32],
-    img: usize,
-    j: usize,
-    qs: &mut [f32],
-    dkv: &mut [f32],
-) {
+fn key_backward(g: &AttentionGradInputs<'_>, delta: &[f32], img: usize, j: usize, dkv: &mut [f32]) {
     let inp = g.forward;
     let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
     let c = h * d;
@@ -265,12 +259,11 @@ fn key_backward(
         let bias_row = inp.bias_rows[row * m + slot] as usize;
         let masked = inp.nbhd.mask_of(img, i).is_some_and(|mask| !mask[slot]);
         for t in 0..h {
-            for (s, &v) in qs.iter_mut().zip(&q[t * d..(t + 1) * d]) {
-                *s = v * inp.q_scale;
-            }
+            let q_t = &q[t * d..(t + 1) * d];
             let k = &kv_j[t * 2 * d..t * 2 * d + d];
             let v = &kv_j[t * 2 * d + d..(t + 1) * 2 * d];
-            let mut a = dot(qs, k) + inp.bias_table[t * table_rows + bias_row];
+            // The scale applied to the dot product and to da, not to q.
+            let mut a = dot(q_t, k) * inp.q_scale + inp.bias_table[t * table_rows + bias_row];
             if masked {
                 a += MASKED_LOGIT;
             }
@@ -278,7 +271,7 @@ fn key_backward(
             let go = &go_row[t * d..(t + 1) * d];
             let da = p * (dot(go, v) - delta[row * h + t]);
             let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
-            axpy(da, qs, dk);
+            axpy(da * inp.q_scale, q_t, dk);
             axpy(p, go, dv);
         }
     }
