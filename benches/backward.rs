@@ -58,7 +58,7 @@ fn backward(c: &mut Criterion) {
     let pos = grid_positions(GRID.0, GRID.1);
     let n = pos.len() / 2;
     let layout = ClusterLayout::build(&pos, 1, n, 8, 48, &offsets, GRID).unwrap();
-    let inverse = InverseNeighbourhood::new(&layout.nbhd);
+    let inverse = InverseNeighbourhood::new(&layout.nbhd).unwrap();
     let bias_rows = layout.bias_rows.repeat(BATCH);
 
     let mut g = c.benchmark_group("attention_aff_tiny_stage0_b8");

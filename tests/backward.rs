@@ -181,7 +181,7 @@ impl Problem {
             head_dim: self.d,
         };
         let (out, lse) = cluster_attention_with_lse(&inp).unwrap();
-        let inverse = InverseNeighbourhood::new(&self.nbhd);
+        let inverse = InverseNeighbourhood::new(&self.nbhd).unwrap();
         let grads = cluster_attention_backward(&AttentionGradInputs {
             forward: &inp,
             out: &out,
@@ -360,7 +360,7 @@ fn attention_gradients_match_finite_differences_shared_lists() {
 #[test]
 fn attention_gradients_match_finite_differences_many_and_no_queries_per_key() {
     let p = Problem::new(4, 2, 12, 2, 5, Lists::Arbitrary { m: 7 });
-    let inverse = InverseNeighbourhood::new(&p.nbhd);
+    let inverse = InverseNeighbourhood::new(&p.nbhd).unwrap();
     assert!(
         (0..12).any(|j| inverse.of(0, j).is_empty()),
         "a key in no list"
@@ -537,7 +537,7 @@ impl MergeProblem {
             channels: self.c,
         };
         let out = pointconv_merge(&inp).unwrap();
-        let inverse = InverseNeighbourhood::new(&pb.nbhd);
+        let inverse = InverseNeighbourhood::new(&pb.nbhd).unwrap();
         let grads = pointconv_merge_backward(&MergeGradInputs {
             forward: &inp,
             grad_out: &self.coef,
@@ -806,7 +806,7 @@ fn check_attention_kernels<T: Element>(device: &Device, problem: &Problem, globa
     let inverse = if global {
         DeviceInverse::global(n)
     } else {
-        DeviceInverse::upload(device, &InverseNeighbourhood::new(&problem.nbhd)).unwrap()
+        DeviceInverse::upload(device, &InverseNeighbourhood::new(&problem.nbhd).unwrap()).unwrap()
     };
     let (q, kv) = (
         upload_as::<T>(device, &rounded.q),
@@ -924,7 +924,7 @@ fn check_merge_kernels<T: Element>(
     let inverse = if global {
         DeviceInverse::global(n)
     } else {
-        DeviceInverse::upload(device, &InverseNeighbourhood::new(&pb.nbhd)).unwrap()
+        DeviceInverse::upload(device, &InverseNeighbourhood::new(&pb.nbhd).unwrap()).unwrap()
     };
     let (linear, norm) = problem.layers();
     let net = DeviceWeightNet::upload(device, &linear, &norm).unwrap();

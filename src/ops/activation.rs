@@ -22,8 +22,8 @@ pub fn gelu_serial(x: &mut [f32]) {
 }
 
 /// The logistic sigmoid `1 / (1 + e^-x)`, with [`vector_math::exp`]: a fixed
-/// sequence of correctly rounded f32 operations that `sigmoid` in
-/// `kernels/common.cuh` repeats step for step, so importance scores are the
+/// sequence of correctly rounded f32 operations that `sigmoid_exact_twin`
+/// in `kernels/common.cuh` repeats step for step, so importance scores are the
 /// same bits on the CPU and on a device (a libm `exp` and CUDA's `expf`
 /// may differ in the last place).
 #[inline]

@@ -150,7 +150,12 @@ pub struct InverseNeighbourhood {
 
 impl InverseNeighbourhood {
     /// Inverts `nbhd` (a counting sort of every slot by the token it holds).
-    pub fn new(nbhd: &Neighbourhood) -> Self {
+    ///
+    /// # Errors
+    /// As [`Neighbourhood::check`]: lists of the wrong length or indices
+    /// outside the tokens.
+    pub fn new(nbhd: &Neighbourhood) -> Result<Self> {
+        nbhd.check("inverse_neighbourhood", nbhd.images, nbhd.tokens)?;
         let (images, n, m) = (nbhd.images, nbhd.tokens, nbhd.size);
         let mut start = vec![0u32; images * (n + 1)];
         let mut pairs = vec![(0u32, 0u32); images * n * m];
@@ -173,12 +178,12 @@ impl InverseNeighbourhood {
                 *fill += 1;
             }
         }
-        Self {
+        Ok(Self {
             images,
             tokens: n,
             start,
             pairs,
-        }
+        })
     }
 
     /// The `(query, slot)` pairs that hold token `j` of image `img`.
@@ -335,7 +340,7 @@ mod tests {
         // Two images of 5 tokens in clusters of 2 (padded), 2 clusters each.
         let nearest = [2, 0, 1, 2, 0, 1, 1, 2, 2, 0, 0, 1, 1, 0, 2, 1, 0, 2, 2, 0];
         let nb = Neighbourhood::from_clusters(&nearest, 2, 5, 2, 2);
-        let inv = InverseNeighbourhood::new(&nb);
+        let inv = InverseNeighbourhood::new(&nb).unwrap();
         for img in 0..2 {
             let mut seen = 0;
             for j in 0..5 {
@@ -350,6 +355,12 @@ mod tests {
         }
         // Token 4 is a member of cluster 2 only; padding slots point at 0.
         assert!(inv.of(0, 0).len() > inv.of(0, 1).len());
+        // Indices outside the tokens are an error, not a panic.
+        let bad = Neighbourhood {
+            idx: vec![7; 20],
+            ..nb.clone()
+        };
+        assert!(InverseNeighbourhood::new(&bad).is_err());
     }
 
     #[test]
