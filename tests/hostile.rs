@@ -144,9 +144,10 @@ fn an_extreme_aspect_ratio_is_refused_before_resizing() {
     let err = load_image(&path, pre).unwrap_err();
     assert_too_large(&err, "thin.png");
     assert!(err.to_string().contains("1×60000"), "{err}");
-    // An ordinary image still loads.
+    // An ordinary image still loads; an empty one is an error, not a division by zero.
     let ok = write(dir.path(), "ok.png", &png_bytes(40, 30));
     assert_eq!(load_image(&ok, pre).unwrap().len(), 3 * 224 * 224);
+    assert!(pre.apply(&image::RgbImage::new(0, 5)).is_err());
 }
 
 /// A PNG declaring 100000×100000 pixels is stopped by the decoder's limits.

@@ -41,7 +41,7 @@ impl Preprocess {
     /// # Errors
     /// [`Error::TooLarge`] when the size or the image's aspect ratio would
     /// make the resized image larger than [`MAX_RESIZED_PIXELS`] (checked
-    /// before resizing).
+    /// before resizing); [`Error::InvalidArgument`] for an empty image or size.
     pub fn apply(&self, img: &RgbImage) -> Result<RgbImage> {
         let (w, h) = img.dimensions();
         let too_large = |nw: u64, nh: u64| Error::TooLarge {
@@ -54,6 +54,11 @@ impl Preprocess {
         };
         let size =
             u32::try_from(self.size).map_err(|_| too_large(self.size as u64, self.size as u64))?;
+        if w == 0 || h == 0 || size == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "cannot resize a {w}×{h} image to {size}×{size}"
+            )));
+        }
         // Catmull-Rom is the a = -0.5 bicubic of PIL, which the published
         // evaluation uses; the image crate widens it when downscaling as PIL does.
         if !self.crop {
