@@ -153,20 +153,12 @@ __device__ void cluster_attention_backward_key_impl(const AttentionBackwardParam
   const T* q_img = static_cast<const T*>(p.q) + size_t(img) * p.tokens * c;
   const T* go_img = static_cast<const T*>(bp.grad_out) + size_t(img) * p.tokens * c;
   float dk[kMaxPerLane] = {}, dv[kMaxPerLane] = {};
-  // Global stages have no lists: every query holds the key in slot j.
-  int first = 0, last = p.tokens;
-  const int32_t* pairs = nullptr;
-  if (bp.inv_start) {
-    const int32_t* start = bp.inv_start + size_t(list) * (p.tokens + 1);
-    first = start[j];
-    last = start[j + 1];
-    pairs = bp.inv_pairs + size_t(list) * p.tokens * m * 2;
-  }
+  const InversePairs holders = inverse_pairs(bp.inv_start, bp.inv_pairs, list, p.tokens, m, j);
+  const int first = holders.first, last = holders.last;
   for (int base = first; base < last; base += 32) {
     const int e = base + lane;
     if (e < last) {
-      const int i = pairs ? clamp_index(pairs[2 * e], p.tokens) : e;
-      const int slot = pairs ? clamp_index(pairs[2 * e + 1], m) : j;
+      const int i = holders.query(e), slot = holders.slot(e);
       const size_t qrow = size_t(img) * p.tokens + i;
       const bool masked = p.mask && !p.mask[(size_t(list) * p.tokens + i) * m + slot];
       float f[5];

@@ -198,6 +198,24 @@ __device__ __forceinline__ void rel_pos_features(float dx, float dy, float f[5])
 // cannot check indices that live on the device).
 __device__ __forceinline__ int clamp_index(int i, int bound) { return i < 0 ? 0 : (i >= bound ? bound - 1 : i); }
 
+// The (query, slot) pairs that hold token j, from the inverse lists of a
+// backward pass (image list `list` of tokens × m slots); with no lists (a
+// global stage) every query holds token j in slot j.
+struct InversePairs {
+  int first, last;
+  const int32_t* pairs;  // null: global
+  int tokens, m, j;
+  __device__ __forceinline__ int query(int e) const { return pairs ? clamp_index(pairs[2 * e], tokens) : e; }
+  __device__ __forceinline__ int slot(int e) const { return pairs ? clamp_index(pairs[2 * e + 1], m) : j; }
+};
+
+__device__ __forceinline__ InversePairs inverse_pairs(const int32_t* inv_start, const int32_t* inv_pairs,
+                                                      int list, int tokens, int m, int j) {
+  if (!inv_start) return InversePairs{0, tokens, nullptr, tokens, m, j};
+  const int32_t* start = inv_start + size_t(list) * (tokens + 1);
+  return InversePairs{start[j], start[j + 1], inv_pairs + size_t(list) * tokens * m * 2, tokens, m, j};
+}
+
 // Offset from `from` to `to`, clamped to ±clamp per axis (segmentation mode).
 __device__ __forceinline__ float clamped_offset(float from, float to, float clamp) {
   float d = to - from;

@@ -115,14 +115,8 @@ __device__ void pointconv_merge_backward_tokens_impl(const MergeBackwardParams b
   const T* x = static_cast<const T*>(p.feat) + row * C;
   const T* du_img = static_cast<const T*>(bp.grad_out) + size_t(img) * p.kept * kInnerBackward * C;
   const float importance = p.importance[row];
-  int first = 0, last = p.n;
-  const int32_t* pairs = nullptr;
-  if (bp.inv_start) {
-    const int32_t* start = bp.inv_start + size_t(list) * (p.n + 1);
-    first = start[j];
-    last = start[j + 1];
-    pairs = bp.inv_pairs + size_t(list) * p.n * m * 2;
-  }
+  const InversePairs holders = inverse_pairs(bp.inv_start, bp.inv_pairs, list, p.n, m, j);
+  const int first = holders.first, last = holders.last;
   // Lanes over channels: at most 8 per lane are kept (C ≤ 256 per pass).
   float dp = 0.0f;
   for (int c0 = 0; c0 < C; c0 += 32 * 8) {
@@ -130,8 +124,7 @@ __device__ void pointconv_merge_backward_tokens_impl(const MergeBackwardParams b
     for (int base = first; base < last; base += 32) {
       const int at = base + lane;
       if (at < last) {
-        const int i = pairs ? clamp_index(pairs[2 * at], p.n) : at;
-        const int slot = pairs ? clamp_index(pairs[2 * at + 1], m) : j;
+        const int i = holders.query(at), slot = holders.slot(at);
         const int r = bp.centre_row[size_t(img) * p.n + i];
         const bool masked = p.mask && !p.mask[(size_t(list) * p.n + i) * m + slot];
         float f[5], zhat[kInnerBackward], inv_std, w[kInnerBackward];

@@ -186,6 +186,22 @@ impl InverseNeighbourhood {
         })
     }
 
+    /// Checks that these are the lists of `nbhd` (same images, tokens and
+    /// slots), as a backward pass over `nbhd` needs.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `op`.
+    pub fn check_inverts(&self, op: &str, nbhd: &Neighbourhood) -> Result<()> {
+        let (n, m) = (nbhd.tokens, nbhd.size);
+        if self.tokens != n || self.images != nbhd.images || self.pairs.len() != self.images * n * m
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: the inverse lists are not those of the forward's neighbourhoods"
+            )));
+        }
+        Ok(())
+    }
+
     /// The `(query, slot)` pairs that hold token `j` of image `img`.
     #[inline]
     pub fn of(&self, img: usize, j: usize) -> &[(u32, u32)] {

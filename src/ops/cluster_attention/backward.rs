@@ -113,12 +113,7 @@ pub fn cluster_attention_backward(g: &AttentionGradInputs<'_>) -> Result<Attenti
     if g.offsets.len() != table_rows {
         return Err(Error::shape(OP, "offsets", table_rows, g.offsets.len()));
     }
-    let inv = g.inverse;
-    if inv.tokens != n || inv.images != inp.nbhd.images || inv.pairs.len() != inv.images * n * m {
-        return Err(Error::InvalidArgument(format!(
-            "{OP}: the inverse lists are not those of the forward's neighbourhoods"
-        )));
-    }
+    g.inverse.check_inverts(OP, inp.nbhd)?;
     let mut grads = AttentionGrads {
         q: vec![0.0; b * n * c],
         kv: vec![0.0; b * n * 2 * c],

@@ -208,15 +208,7 @@ pub fn cluster_attention_backward<T: Element>(
             "{OP}: head dim {d} is beyond {MAX_BACKWARD_HEAD_DIM}"
         )));
     }
-    let global = inp.nbhd.idx.is_none();
-    let lists_match = inverse.tokens == n
-        && inverse.images == inp.nbhd.images
-        && (inverse.start.is_none() == global);
-    if !lists_match {
-        return Err(Error::InvalidArgument(format!(
-            "{OP}: the inverse lists are not those of the neighbourhoods"
-        )));
-    }
+    let (inv_start, inv_pairs) = inverse.check(device, OP, inp.nbhd)?;
     let params_len = 6 * h + 2 * c;
     let mut grads = DeviceAttentionGrads {
         q: device.alloc::<T>(b * n * c)?,
@@ -227,14 +219,6 @@ pub fn cluster_attention_backward<T: Element>(
     let mut lse = device.alloc::<f32>(rows * h)?;
     let mut delta = device.alloc::<f32>(rows * h)?;
     let mut partials = device.alloc::<f32>(rows * params_len)?;
-    let images = inverse.images;
-    let (inv_start, inv_pairs) = match (&inverse.start, &inverse.pairs) {
-        (Some(start), Some(pairs)) => (
-            device.check(OP, "inverse.start", start, &[images, n + 1])?,
-            device.check(OP, "inverse.pairs", pairs, &[images, n * m, 2])?,
-        ),
-        _ => (0, 0),
-    };
     let params = AttentionBackwardParams {
         forward: forward_params(device, OP, inp)?,
         out: device.check(OP, "out", out, &[b, n, c])?,

@@ -148,6 +148,33 @@ impl DeviceInverse {
         }
     }
 
+    /// Checks that these are the lists of `nbhd` over `n` tokens and
+    /// returns the addresses of the starts and pairs (0, 0 for a global stage).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when they are not; shape errors naming `op`.
+    pub fn check(
+        &self,
+        device: &Device,
+        op: &'static str,
+        nbhd: &DeviceNeighbourhood,
+    ) -> Result<(u64, u64)> {
+        let (n, m) = (nbhd.tokens, nbhd.size);
+        let global = nbhd.idx.is_none();
+        if self.tokens != n || self.images != nbhd.images || self.start.is_none() != global {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: the inverse lists are not those of the neighbourhoods"
+            )));
+        }
+        match (&self.start, &self.pairs) {
+            (Some(start), Some(pairs)) => Ok((
+                device.check(op, "inverse.start", start, &[self.images, n + 1])?,
+                device.check(op, "inverse.pairs", pairs, &[self.images, n * m, 2])?,
+            )),
+            _ => Ok((0, 0)),
+        }
+    }
+
     /// Uploads `inverse`.
     ///
     /// # Errors

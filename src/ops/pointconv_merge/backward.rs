@@ -102,12 +102,7 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
             [g.weight_net.out_dim, g.weight_net.in_dim],
         ));
     }
-    let inv = g.inverse;
-    if inv.tokens != n || inv.images != inp.nbhd.images || inv.pairs.len() != inv.images * n * m {
-        return Err(Error::InvalidArgument(format!(
-            "{OP}: the inverse lists are not those of the forward's neighbourhoods"
-        )));
-    }
+    g.inverse.check_inverts(OP, inp.nbhd)?;
     // Each token's output row, if it is a centre.
     let mut centre_row = vec![u32::MAX; b * n];
     for (e, &i) in inp.centres.iter().enumerate() {

@@ -184,13 +184,7 @@ pub fn pointconv_merge_backward<T: Element>(
     const NET_PARAMS: usize = 32;
     let (b, n, kept, c) = (inp.batch, inp.tokens, inp.kept, inp.channels);
     let m = inp.nbhd.size;
-    let global = inp.nbhd.idx.is_none();
-    if inverse.tokens != n || inverse.images != inp.nbhd.images || inverse.start.is_none() != global
-    {
-        return Err(Error::InvalidArgument(format!(
-            "{OP}: the inverse lists are not those of the neighbourhoods"
-        )));
-    }
+    let (inv_start, inv_pairs) = inverse.check(device, OP, inp.nbhd)?;
     let mut grads = DeviceMergeGrads {
         feat: device.alloc::<T>(b * n * c)?,
         importance: device.alloc::<f32>(b * n)?,
@@ -198,14 +192,6 @@ pub fn pointconv_merge_backward<T: Element>(
     };
     let mut centre_row = device.alloc::<i32>(b * n)?;
     let mut partials = device.alloc::<f32>(b * kept * NET_PARAMS)?;
-    let images = inverse.images;
-    let (inv_start, inv_pairs) = match (&inverse.start, &inverse.pairs) {
-        (Some(start), Some(pairs)) => (
-            device.check(OP, "inverse.start", start, &[images, n + 1])?,
-            device.check(OP, "inverse.pairs", pairs, &[images, n * m, 2])?,
-        ),
-        _ => (0, 0),
-    };
     let params = MergeBackwardParams {
         forward: forward_params(device, OP, inp)?,
         grad_out: device.check(OP, "grad_out", grad_out, &[b, kept, INNER_CHANNELS * c])?,
