@@ -7,7 +7,7 @@
 
 mod common;
 
-use autofocus::gpu::{Buffer, Device, Element};
+use autofocus::gpu::{Device, Element};
 use autofocus::io::F32Buffer;
 use autofocus::ops::Linear;
 use autofocus::ops::cluster_attention::backward::{
@@ -18,29 +18,10 @@ use autofocus::ops::cluster_attention::{
 };
 use autofocus::ops::neighbourhood::{InverseNeighbourhood, Neighbourhood};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows, rel_pos_features};
+use common::{assert_slices_close, download_f32, upload_as};
 
-/// SplitMix64, fixed seeds: the same problems every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// Uniform in [-1, 1), exactly representable in f32.
-    fn float(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn floats(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| scale * self.float()).collect()
-    }
-}
+/// Fixed seeds: the same problems every run.
+use common::SplitMix as Rng;
 
 /// How a problem's neighbourhoods are made.
 #[derive(Debug, Clone, Copy)]
@@ -278,7 +259,9 @@ impl Params64 {
             blank_v: wide(&p.blank_v),
         }
     }
+}
 
+impl NamedParams for Params64 {
     fn get_mut(&mut self, name: &str) -> &mut Vec<f64> {
         match name {
             "q" => &mut self.q,
@@ -289,6 +272,64 @@ impl Params64 {
             _ => &mut self.blank_v,
         }
     }
+}
+
+/// Parameters in f64 that a finite difference can move, by name.
+trait NamedParams: Clone {
+    fn get_mut(&mut self, name: &str) -> &mut Vec<f64>;
+}
+
+/// Every entry of `got`, the gradient of parameter `name`, against a central
+/// difference of `loss` around `base`, within `1e-4 · max(1, max |fd|)`.
+fn assert_matches_finite_differences<P: NamedParams>(
+    what: &str,
+    name: &str,
+    got: &[f32],
+    base: &P,
+    loss: impl Fn(&P) -> f64,
+) {
+    let eps = 1e-4;
+    let mut params = base.clone();
+    let fd: Vec<f64> = (0..got.len())
+        .map(|e| {
+            let x = params.get_mut(name)[e];
+            params.get_mut(name)[e] = x + eps;
+            let up = loss(&params);
+            params.get_mut(name)[e] = x - eps;
+            let down = loss(&params);
+            params.get_mut(name)[e] = x;
+            (up - down) / (2.0 * eps)
+        })
+        .collect();
+    let scale = fd.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    for (e, (&g, &f)) in got.iter().zip(&fd).enumerate() {
+        assert!(
+            (g as f64 - f).abs() <= 1e-4 * scale,
+            "{what}: d{name}[{e}] = {g}, finite difference {f}"
+        );
+    }
+}
+
+/// Runs `backward` with 1 and with 2 threads, twice: the same bits each time.
+fn assert_deterministic<G: Send>(backward: impl Fn() -> G + Sync, bits: impl Fn(&G) -> Vec<u32>) {
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(&backward)
+    };
+    let one = bits(&run(1));
+    assert_eq!(one, bits(&run(2)), "1 vs 2 threads");
+    assert_eq!(one, bits(&run(2)), "run to run");
+}
+
+/// The bits of every value of `tensors`, in order.
+fn bits_of(tensors: &[&Vec<f32>]) -> Vec<u32> {
+    tensors
+        .iter()
+        .flat_map(|v| v.iter().map(|x| x.to_bits()))
+        .collect()
 }
 
 /// Every gradient entry against a central difference of the f64 forward,
@@ -305,7 +346,6 @@ fn check_against_finite_differences(problem: &Problem, what: &str) {
         worst < 1e-5,
         "{what}: forward differs from f64 by {worst:e}"
     );
-    let eps = 1e-4;
     for (name, got) in [
         ("q", &grads.q),
         ("kv", &grads.kv),
@@ -314,25 +354,7 @@ fn check_against_finite_differences(problem: &Problem, what: &str) {
         ("blank_k", &grads.blank_k),
         ("blank_v", &grads.blank_v),
     ] {
-        let mut params = base.clone();
-        let fd: Vec<f64> = (0..got.len())
-            .map(|e| {
-                let x = params.get_mut(name)[e];
-                params.get_mut(name)[e] = x + eps;
-                let up = problem.loss64(&params);
-                params.get_mut(name)[e] = x - eps;
-                let down = problem.loss64(&params);
-                params.get_mut(name)[e] = x;
-                (up - down) / (2.0 * eps)
-            })
-            .collect();
-        let scale = fd.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        for (e, (&g, &f)) in got.iter().zip(&fd).enumerate() {
-            assert!(
-                (g as f64 - f).abs() <= 1e-4 * scale,
-                "{what}: d{name}[{e}] = {g}, finite difference {f}"
-            );
-        }
+        assert_matches_finite_differences(what, name, got, &base, |p| problem.loss64(p));
     }
 }
 
@@ -376,29 +398,19 @@ fn attention_gradients_match_finite_differences_many_and_no_queries_per_key() {
 #[test]
 fn attention_gradients_are_deterministic() {
     let p = Problem::new(5, 2, 150, 2, 8, Lists::Clusters { s: 8, nnc: 4 });
-    let run = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| p.backward().1)
-    };
-    let bits = |g: &AttentionGrads| -> Vec<u32> {
-        [
-            &g.q,
-            &g.kv,
-            &g.pos_weight,
-            &g.pos_bias,
-            &g.blank_k,
-            &g.blank_v,
-        ]
-        .iter()
-        .flat_map(|v| v.iter().map(|x| x.to_bits()))
-        .collect()
-    };
-    let one = bits(&run(1));
-    assert_eq!(one, bits(&run(2)), "1 vs 2 threads");
-    assert_eq!(one, bits(&run(2)), "run to run");
+    assert_deterministic(
+        || p.backward().1,
+        |g: &AttentionGrads| {
+            bits_of(&[
+                &g.q,
+                &g.kv,
+                &g.pos_weight,
+                &g.pos_bias,
+                &g.blank_k,
+                &g.blank_v,
+            ])
+        },
+    );
 }
 
 // ------------------------------------------------------------ merge ----
@@ -461,7 +473,7 @@ struct Merge64 {
     norm_bias: Vec<f64>,
 }
 
-impl Merge64 {
+impl NamedParams for Merge64 {
     fn get_mut(&mut self, name: &str) -> &mut Vec<f64> {
         match name {
             "feat" => &mut self.feat,
@@ -625,7 +637,6 @@ fn check_merge_against_finite_differences(problem: &MergeProblem, what: &str) {
             .map(|(o, &g)| o * g as f64)
             .sum()
     };
-    let eps = 1e-4;
     for (name, got) in [
         ("feat", &grads.feat),
         ("importance", &grads.importance),
@@ -634,25 +645,7 @@ fn check_merge_against_finite_differences(problem: &MergeProblem, what: &str) {
         ("norm_weight", &grads.norm_weight),
         ("norm_bias", &grads.norm_bias),
     ] {
-        let mut q = base.clone();
-        let fd: Vec<f64> = (0..got.len())
-            .map(|e| {
-                let x = q.get_mut(name)[e];
-                q.get_mut(name)[e] = x + eps;
-                let up = loss(&q);
-                q.get_mut(name)[e] = x - eps;
-                let down = loss(&q);
-                q.get_mut(name)[e] = x;
-                (up - down) / (2.0 * eps)
-            })
-            .collect();
-        let scale = fd.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        for (e, (&g, &f)) in got.iter().zip(&fd).enumerate() {
-            assert!(
-                (g as f64 - f).abs() <= 1e-4 * scale,
-                "{what}: d{name}[{e}] = {g}, finite difference {f}"
-            );
-        }
+        assert_matches_finite_differences(what, name, got, &base, loss);
     }
 }
 
@@ -679,29 +672,19 @@ fn merge_gradients_match_finite_differences_shared_and_arbitrary_lists() {
 #[test]
 fn merge_gradients_are_deterministic() {
     let p = MergeProblem::new(15, 2, 150, 16, 40, Lists::Clusters { s: 8, nnc: 4 });
-    let run = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| p.backward().1)
-    };
-    let bits = |g: &MergeGrads| -> Vec<u32> {
-        [
-            &g.feat,
-            &g.importance,
-            &g.net_weight,
-            &g.net_bias,
-            &g.norm_weight,
-            &g.norm_bias,
-        ]
-        .iter()
-        .flat_map(|v| v.iter().map(|x| x.to_bits()))
-        .collect()
-    };
-    let one = bits(&run(1));
-    assert_eq!(one, bits(&run(2)), "1 vs 2 threads");
-    assert_eq!(one, bits(&run(2)), "run to run");
+    assert_deterministic(
+        || p.backward().1,
+        |g: &MergeGrads| {
+            bits_of(&[
+                &g.feat,
+                &g.importance,
+                &g.net_weight,
+                &g.net_bias,
+                &g.norm_weight,
+                &g.norm_bias,
+            ])
+        },
+    );
 }
 
 // ------------------------------------------------------- importance ----
@@ -758,33 +741,6 @@ use autofocus::ops::cluster_attention::gpu::{
     split_param_grads,
 };
 use autofocus::ops::neighbourhood::gpu::{DeviceInverse, DeviceNeighbourhood};
-
-fn upload_as<T: Element>(device: &Device, v: &[f32]) -> Buffer<T> {
-    device
-        .upload(&v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())
-        .unwrap()
-}
-
-fn download_f32<T: Element>(device: &Device, b: &Buffer<T>) -> Vec<f32> {
-    device
-        .download(b)
-        .unwrap()
-        .into_iter()
-        .map(T::to_f32)
-        .collect()
-}
-
-/// max |got − want| ≤ tol · max(1, max |want|).
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * scale,
-            "{what}: element {i}: got {g}, want {w} (tolerance {tol} × {scale})"
-        );
-    }
-}
 
 /// The attention backward kernels against the CPU backward, on the
 /// problem's inputs as stored in `T` (so only the kernels' arithmetic differs).
@@ -843,13 +799,13 @@ fn check_attention_kernels<T: Element>(device: &Device, problem: &Problem, globa
     );
     let got = device_attention_backward(device, &inp, &dout, &dgrad, &inverse).unwrap();
     let what = format!("{} on {device:?} (global lists: {global})", T::SUFFIX);
-    assert_close(
+    assert_slices_close(
         &format!("dq, {what}"),
         &download_f32(device, &got.q),
         &want.q,
         tol,
     );
-    assert_close(
+    assert_slices_close(
         &format!("dkv, {what}"),
         &download_f32(device, &got.kv),
         &want.kv,
@@ -857,10 +813,10 @@ fn check_attention_kernels<T: Element>(device: &Device, problem: &Problem, globa
     );
     let params = device.download(&got.params).unwrap();
     let (pw, pb, bk, bv) = split_param_grads(&params, h);
-    assert_close(&format!("dpos_weight, {what}"), pw, &want.pos_weight, tol);
-    assert_close(&format!("dpos_bias, {what}"), pb, &want.pos_bias, tol);
-    assert_close(&format!("dblank_k, {what}"), bk, &want.blank_k, tol);
-    assert_close(&format!("dblank_v, {what}"), bv, &want.blank_v, tol);
+    assert_slices_close(&format!("dpos_weight, {what}"), pw, &want.pos_weight, tol);
+    assert_slices_close(&format!("dpos_bias, {what}"), pb, &want.pos_bias, tol);
+    assert_slices_close(&format!("dblank_k, {what}"), bk, &want.blank_k, tol);
+    assert_slices_close(&format!("dblank_v, {what}"), bv, &want.blank_v, tol);
     // No atomics: a second run gives the same bits.
     let again = device_attention_backward(device, &inp, &dout, &dgrad, &inverse).unwrap();
     assert_eq!(
@@ -949,14 +905,14 @@ fn check_merge_kernels<T: Element>(
     let grad_out = upload_as::<T>(device, &rounded.coef);
     let got = device_merge_backward(device, &inp, &grad_out, &inverse).unwrap();
     let what = format!("{} on {device:?} (global lists: {global})", T::SUFFIX);
-    assert_close(
+    assert_slices_close(
         &format!("dfeat, {what}"),
         &download_f32(device, &got.feat),
         &want.feat,
         tol,
     );
     let dp = device.download(&got.importance).unwrap();
-    assert_close(&format!("dimportance, {what}"), &dp, &want.importance, tol);
+    assert_slices_close(&format!("dimportance, {what}"), &dp, &want.importance, tol);
     let net_grads = device.download(&got.weight_net).unwrap();
     let want_net: Vec<f32> = [
         &want.net_weight,
@@ -968,7 +924,7 @@ fn check_merge_kernels<T: Element>(
     .flatten()
     .copied()
     .collect();
-    assert_close(&format!("dweight_net, {what}"), &net_grads, &want_net, tol);
+    assert_slices_close(&format!("dweight_net, {what}"), &net_grads, &want_net, tol);
     let again = device_merge_backward(device, &inp, &grad_out, &inverse).unwrap();
     assert_eq!(
         device.download(&again.weight_net).unwrap(),
@@ -1020,15 +976,15 @@ fn importance_backward_kernels_match_the_cpu() {
             )
             .unwrap();
             let what = format!("{rows}×{dim} on {device:?}");
-            assert_close(
+            assert_slices_close(
                 &format!("dx, {what}"),
                 &device.download(&got.x).unwrap(),
                 &want.x,
                 1e-5,
             );
             let params = device.download(&got.params).unwrap();
-            assert_close(&format!("dw, {what}"), &params[..dim], &want.weight, 1e-5);
-            assert_close(&format!("db, {what}"), &params[dim..], &[want.bias], 1e-5);
+            assert_slices_close(&format!("dw, {what}"), &params[..dim], &want.weight, 1e-5);
+            assert_slices_close(&format!("db, {what}"), &params[dim..], &[want.bias], 1e-5);
         }
     }
 }

@@ -319,21 +319,8 @@ const CHILD: &str = "AUTOFOCUS_HOSTILE_CHILD";
 /// The child's address-space cap.
 const MEMORY_CAP: u64 = 4 << 30;
 
-/// A small deterministic generator (SplitMix64): the same mutations every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+/// Fixed seeds: the same mutations every run.
+use common::SplitMix as Rng;
 
 /// Sizes that have broken parsers: limits, wrap-around points, zero.
 const HOSTILE: [u64; 9] = [

@@ -5,7 +5,7 @@
 
 mod common;
 
-use autofocus::gpu::{Buffer, Device, Element};
+use autofocus::gpu::{Device, Element};
 use autofocus::io::F32Buffer;
 use autofocus::ops::LayerNorm;
 use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
@@ -21,6 +21,7 @@ use autofocus::ops::pointconv_merge::gpu::{DeviceMergeInputs, DeviceWeightNet, p
 use autofocus::ops::pointconv_merge::{MergeInputs, weight_net_table};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
 use autofocus::ops::token_selection::{importance, select_tokens};
+use common::{assert_slices_close, download_f32, upload_as};
 
 /// The run's base seed: `AUTOFOCUS_TEST_SEED`, or fresh from the clock, so
 /// every run draws new inputs; printed, so a failure can be replayed.
@@ -83,33 +84,6 @@ fn linear_layer(rng: &mut Rng, in_dim: usize, out_dim: usize, bias: bool) -> Lin
     }
 }
 
-/// Max |got − want| ≤ tol · max(1, max |want|).
-fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * scale,
-            "{what}: element {i}: got {g}, want {w} (tolerance {tol} × {scale})"
-        );
-    }
-}
-
-fn upload_as<T: Element>(device: &Device, v: &[f32]) -> Buffer<T> {
-    device
-        .upload(&v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())
-        .unwrap()
-}
-
-fn download_f32<T: Element>(device: &Device, b: &Buffer<T>) -> Vec<f32> {
-    device
-        .download(b)
-        .unwrap()
-        .into_iter()
-        .map(T::to_f32)
-        .collect()
-}
-
 /// Per storage type: how far a kernel may stray from the f32 reference.
 fn tolerance<T: Element>() -> f32 {
     match T::SUFFIX {
@@ -144,7 +118,7 @@ fn check_linear<T: Element>(device: &Device) {
         )
         .unwrap();
         let what = format!("linear {rows}×{k}→{n} on {device:?} {}", T::SUFFIX);
-        assert_close(&what, &download_f32(device, &out), &want, tolerance::<T>());
+        assert_slices_close(&what, &download_f32(device, &out), &want, tolerance::<T>());
 
         // Residual with layer scale: out = r + gamma ∘ y.
         let residual = rng.floats(rows * n);
@@ -158,7 +132,7 @@ fn check_linear<T: Element>(device: &Device) {
         let want: Vec<f32> = (0..rows * n)
             .map(|e| residual[e] + gamma[e % n] * want[e])
             .collect();
-        assert_close(
+        assert_slices_close(
             &format!("{what} + residual"),
             &download_f32(device, &acc),
             &want,
@@ -191,10 +165,10 @@ fn layer_norm_matches_the_cpu() {
             let dx = device.upload(&x).unwrap();
             let mut out = device.alloc::<f32>(rows * d).unwrap();
             layer_norm(&device, &dx, &dnorm, &mut out, rows).unwrap();
-            assert_close("layer_norm", &device.download(&out).unwrap(), &want, 1e-5);
+            assert_slices_close("layer_norm", &device.download(&out).unwrap(), &want, 1e-5);
             let mut inplace = device.upload(&x).unwrap();
             layer_norm_in_place(&device, &mut inplace, &dnorm, rows).unwrap();
-            assert_close(
+            assert_slices_close(
                 "layer_norm in place",
                 &device.download(&inplace).unwrap(),
                 &want,
@@ -537,7 +511,7 @@ fn check_attention<T: Element>(device: &Device, rng: &mut Rng) {
         } else {
             10.0 * tolerance::<T>()
         };
-        assert_close(
+        assert_slices_close(
             &what,
             &case.on_device::<T>(device, &dnbhd),
             &case.expected(&nbhd),
@@ -637,7 +611,7 @@ fn check_importance<T: Element>(device: &Device, rng: &mut Rng) {
                 (1.0 / (1.0 + (-(logit + bias as f64)).exp())) as f32
             })
             .collect();
-        assert_close("importance (CPU vs f64)", &want, &plain, 1e-5);
+        assert_slices_close("importance (CPU vs f64)", &want, &plain, 1e-5);
         let dw = device.upload(&weight).unwrap();
         let mut out = device.alloc::<f32>(rows).unwrap();
         autofocus::ops::token_selection::gpu::importance(
@@ -744,7 +718,7 @@ fn check_merge<T: Element>(device: &Device, rng: &mut Rng) {
         } else {
             10.0 * tolerance::<T>()
         };
-        assert_close(&what, &download_f32(device, &out), &want, tol);
+        assert_slices_close(&what, &download_f32(device, &out), &want, tol);
     }
 }
 
@@ -782,7 +756,7 @@ fn to_dense_matches_the_cpu() {
                 options,
             )
             .unwrap();
-            assert_close("to_dense", &device.download(&out).unwrap(), &want, 1e-5);
+            assert_slices_close("to_dense", &device.download(&out).unwrap(), &want, 1e-5);
         }
     }
 }
@@ -863,7 +837,7 @@ fn gather_and_mean_match_plain_loops() {
                     / rows as f32
             })
             .collect();
-        assert_close("mean_tokens", &device.download(&mean).unwrap(), &want, 1e-6);
+        assert_slices_close("mean_tokens", &device.download(&mean).unwrap(), &want, 1e-6);
     }
 }
 
@@ -933,7 +907,7 @@ fn patch_embed_matches_the_cpu_on_odd_sizes() {
                 .unwrap();
             assert_eq!(dgrid, grid);
             let what = format!("patch_embed {batch}×3×{height}×{width} on {device:?}");
-            assert_close(&what, &device.download(&got).unwrap(), &want, 1e-4);
+            assert_slices_close(&what, &device.download(&got).unwrap(), &want, 1e-4);
         }
     }
 }
@@ -958,7 +932,7 @@ fn tiled_cluster_attention_matches_the_cpu() {
             let nbhd = Neighbourhood::from_clusters(&nearest, images, n, nnc, s);
             let dnbhd = DeviceNeighbourhood::upload_clustered(&device, &nbhd, s).unwrap();
             let what = format!("tiled attention n {n} s {s} nnc {nnc} d {d} on {device:?}");
-            assert_close(
+            assert_slices_close(
                 &what,
                 &case.on_device::<f32>(&device, &dnbhd),
                 &case.expected(&nbhd),
