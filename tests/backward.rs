@@ -11,7 +11,7 @@ use autofocus::gpu::{Device, Element};
 use autofocus::io::F32Buffer;
 use autofocus::ops::Linear;
 use autofocus::ops::cluster_attention::backward::{
-    AttentionGradInputs, AttentionGrads, cluster_attention_backward,
+    AttentionGradInputs, AttentionGrads, TILE_FLOATS, cluster_attention_backward_tiled,
 };
 use autofocus::ops::cluster_attention::{
     AttentionInputs, MASKED_LOGIT, cluster_attention_with_lse,
@@ -138,6 +138,11 @@ impl Problem {
 
     /// The f32 forward (output and log-sum-exp) and its gradients.
     fn backward(&self) -> (Vec<f32>, AttentionGrads) {
+        self.backward_tiled(TILE_FLOATS)
+    }
+
+    /// As [`Self::backward`], with tiles of at most `tile_floats`.
+    fn backward_tiled(&self, tile_floats: usize) -> (Vec<f32>, AttentionGrads) {
         let offsets = self.offsets();
         let layer = Linear {
             weight: F32Buffer::owned(self.pos_weight.clone()),
@@ -163,14 +168,17 @@ impl Problem {
         };
         let (out, lse) = cluster_attention_with_lse(&inp).unwrap();
         let inverse = InverseNeighbourhood::new(&self.nbhd).unwrap();
-        let grads = cluster_attention_backward(&AttentionGradInputs {
-            forward: &inp,
-            out: &out,
-            lse: &lse,
-            grad_out: &self.coef,
-            inverse: &inverse,
-            offsets: &offsets,
-        })
+        let grads = cluster_attention_backward_tiled(
+            &AttentionGradInputs {
+                forward: &inp,
+                out: &out,
+                lse: &lse,
+                grad_out: &self.coef,
+                inverse: &inverse,
+                offsets: &offsets,
+            },
+            tile_floats,
+        )
         .unwrap();
         (out, grads)
     }
@@ -392,6 +400,25 @@ fn attention_gradients_match_finite_differences_many_and_no_queries_per_key() {
         "a key in many lists"
     );
     check_against_finite_differences(&p, "arbitrary lists");
+}
+
+/// Tiles of one chunk of 32 queries, some across two images, against one
+/// tile: dq and the parameters are the same bits (the chunks do not
+/// change), dk and dv within rounding (one partial sum per tile).
+#[test]
+fn attention_gradients_do_not_depend_on_the_tile_size() {
+    let p = Problem::new(6, 2, 150, 2, 8, Lists::Clusters { s: 8, nnc: 4 });
+    let per_row = 2 * p.h * p.nbhd.size;
+    assert!(2 * 150 * per_row <= TILE_FLOATS, "one tile by default");
+    let (_, whole) = p.backward();
+    let (_, tiled) = p.backward_tiled(32 * per_row);
+    assert_eq!(tiled.q, whole.q);
+    assert_eq!(tiled.pos_weight, whole.pos_weight);
+    assert_eq!(tiled.pos_bias, whole.pos_bias);
+    assert_eq!(tiled.blank_k, whole.blank_k);
+    assert_eq!(tiled.blank_v, whole.blank_v);
+    assert_slices_close("dkv, tiled", &tiled.kv, &whole.kv, 1e-6);
+    assert_ne!(tiled.kv, vec![0.0; tiled.kv.len()]);
 }
 
 /// The same bits twice, and with 1 and 2 threads.

@@ -8,13 +8,14 @@
 //!
 //! Speed: keys are transposed per head (d×n) so that the members of a
 //! cluster, contiguous tokens, are contiguous in every key dimension; the
-//! scores of up to [`BLOCK_GROUP`] clusters accumulate together in registers.
+//! scores of up to [`gather::BLOCK_GROUP`] clusters accumulate together in registers.
 //! The hot loops use `mul_add` and are compiled per instruction set
 //! (multiversioned), so FMA units are used where the CPU has them.
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use super::gather::{self, ScorePlan, score};
 use super::neighbourhood::{Neighbourhood, all_below};
 use super::vector_math;
 use crate::error::{Error, Result, check_len};
@@ -53,13 +54,6 @@ pub struct AttentionInputs<'a> {
 /// Query rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
 
-/// Neighbour slots scored as one block: a cluster's members (or part of them).
-const SLOT_BLOCK: usize = 8;
-
-/// Contiguous blocks whose scores accumulate at once (6 clusters of 8 make
-/// the published neighbourhood of 48).
-pub const BLOCK_GROUP: usize = 6;
-
 /// Computes the attention output (b×n×c, heads concatenated, before `proj`).
 ///
 /// # Errors
@@ -83,7 +77,7 @@ pub fn cluster_attention_with_lse(inp: &AttentionInputs<'_>) -> Result<(Vec<f32>
     if b * n * c == 0 {
         return Ok((Vec::new(), vec![0.0; b * n * h]));
     }
-    let keys_t = transpose_keys(inp.kv, b, n, h, d);
+    let keys_t = transpose_heads(inp.kv, b, n, h, d, KEYS);
     let mut out = vec![0.0f32; b * n * c];
     let mut lse = vec![0.0f32; b * n * h];
     out.par_chunks_mut(c * ROWS_PER_TASK)
@@ -141,23 +135,15 @@ struct Scratch {
     query: Vec<f32>,
 }
 
-/// Keys per image and head, dimension-major: `[img][t][e][j] = k_j[t·d + e]`.
-fn transpose_keys(kv: &[f32], b: usize, n: usize, h: usize, d: usize) -> Vec<f32> {
-    let c = h * d;
-    let mut keys_t = vec![0.0f32; b * n * c];
-    keys_t
-        .par_chunks_mut(d * n)
-        .enumerate()
-        .for_each(|(img_head, dst)| {
-            let (img, t) = (img_head / h, img_head % h);
-            let kv = &kv[img * n * 2 * c..(img + 1) * n * 2 * c];
-            for (j, row) in kv.chunks_exact(2 * c).enumerate() {
-                for (e, &k) in row[t * 2 * d..t * 2 * d + d].iter().enumerate() {
-                    dst[e * n + j] = k;
-                }
-            }
-        });
-    keys_t
+/// Which half of a kv row [`transpose_heads`] reads.
+const KEYS: usize = 0;
+const VALUES: usize = 1;
+
+/// Keys (`part` = [`KEYS`]) or values ([`VALUES`]) per image and head,
+/// dimension-major: `[img][t][e][j] = kv_j[t·2d + part·d + e]`.
+fn transpose_heads(kv: &[f32], b: usize, n: usize, h: usize, d: usize, part: usize) -> Vec<f32> {
+    let columns: Vec<usize> = (0..h).map(|t| t * 2 * d + part * d).collect();
+    gather::transpose_columns(kv, b, n, 2 * h * d, &columns, d)
 }
 
 #[multiversion(targets = "simd")]
@@ -238,142 +224,10 @@ fn attend_one(
         let inv_sum = 1.0 / sum;
         let ot = &mut out[t * d..(t + 1) * d];
         // Value of token j: kv[j·2c + t·2d + d ..][..d].
-        weighted_sum(&scratch_logits[..m], nbrs, &kv[t * 2 * d + d..], 2 * c, ot);
+        gather::gather_weighted_sum(&scratch_logits[..m], nbrs, &kv[t * 2 * d + d..], 2 * c, ot);
         vector_math::axpy(scratch_logits[m], &inp.blank_v[t * d..(t + 1) * d], ot);
         for o in ot.iter_mut() {
             *o *= inv_sum;
-        }
-    }
-}
-
-/// How one query's neighbour slots are scored, the same for every head:
-/// blocks of [`SLOT_BLOCK`] contiguous neighbours (a cluster's members) in
-/// groups of [`BLOCK_GROUP`], whose sums stay in registers across the key
-/// dimensions, and the other slots (padding, odd sizes) one by one.
-#[derive(Default)]
-struct ScorePlan {
-    /// (first token of each block, its first slot, blocks used).
-    groups: Vec<([usize; BLOCK_GROUP], [usize; BLOCK_GROUP], usize)>,
-    singles: Vec<usize>,
-}
-
-impl ScorePlan {
-    #[inline(always)]
-    fn build(&mut self, nbrs: &[u32]) {
-        self.groups.clear();
-        self.singles.clear();
-        let mut group = ([0usize; BLOCK_GROUP], [0usize; BLOCK_GROUP], 0usize);
-        let mut slot = 0;
-        while slot < nbrs.len() {
-            let block = &nbrs[slot..nbrs.len().min(slot + SLOT_BLOCK)];
-            let first = block[0] as usize;
-            let contiguous = block.len() == SLOT_BLOCK
-                && block
-                    .iter()
-                    .enumerate()
-                    .all(|(u, &j)| j as usize == first + u);
-            if contiguous {
-                group.0[group.2] = first;
-                group.1[group.2] = slot;
-                group.2 += 1;
-                if group.2 == BLOCK_GROUP {
-                    self.groups.push(group);
-                    group.2 = 0;
-                }
-            } else {
-                self.singles.extend(slot..slot + block.len());
-            }
-            slot += block.len();
-        }
-        if group.2 > 0 {
-            // Unused entries score the first block again; their results are dropped.
-            for g in group.2..BLOCK_GROUP {
-                group.0[g] = group.0[0];
-            }
-            self.groups.push(group);
-        }
-    }
-}
-
-/// `logits[slot] = q · k_{nbrs[slot]}` from dimension-major keys `kt` (d×n),
-/// following `plan`.
-#[inline(always)]
-fn score(plan: &ScorePlan, q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], logits: &mut [f32]) {
-    for (starts, slots, count) in &plan.groups {
-        score_group(q, kt, n, starts, slots, *count, logits);
-    }
-    for &slot in &plan.singles {
-        let j = nbrs[slot] as usize;
-        let mut acc = 0.0f32;
-        for (e, &qe) in q.iter().enumerate() {
-            acc = qe.mul_add(kt[e * n + j], acc);
-        }
-        logits[slot] = acc;
-    }
-}
-
-/// Scores [`BLOCK_GROUP`] contiguous blocks starting at tokens `starts`
-/// into `logits` at `slots`; only the first `count` are kept.
-#[inline(always)]
-fn score_group(
-    q: &[f32],
-    kt: &[f32],
-    n: usize,
-    starts: &[usize; BLOCK_GROUP],
-    slots: &[usize; BLOCK_GROUP],
-    count: usize,
-    logits: &mut [f32],
-) {
-    let mut acc = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
-    for (e, &qe) in q.iter().enumerate() {
-        let row = &kt[e * n..(e + 1) * n];
-        for g in 0..BLOCK_GROUP {
-            let k: &[f32; SLOT_BLOCK] = row[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
-            for u in 0..SLOT_BLOCK {
-                acc[g][u] = qe.mul_add(k[u], acc[g][u]);
-            }
-        }
-    }
-    for g in 0..count {
-        logits[slots[g]..slots[g] + SLOT_BLOCK].copy_from_slice(&acc[g]);
-    }
-}
-
-/// `out = Σ_slot p[slot] · v_{nbrs[slot]}` with `v_j = values[j·stride..][..d]`,
-/// accumulated in registers (blocks of [`vector_math::LANES`] dimensions,
-/// two alternating sums).
-#[inline(always)]
-fn weighted_sum(p: &[f32], nbrs: &[u32], values: &[f32], stride: usize, out: &mut [f32]) {
-    const L: usize = vector_math::LANES;
-    let d = out.len();
-    let value = |j: u32| &values[j as usize * stride..j as usize * stride + d];
-    let mut start = 0;
-    while start + L <= d {
-        let (mut even, mut odd) = ([0.0f32; L], [0.0f32; L]);
-        let mut pairs = p.chunks_exact(2).zip(nbrs.chunks_exact(2));
-        for (pp, jj) in pairs.by_ref() {
-            let v0: &[f32; L] = value(jj[0])[start..start + L].try_into().unwrap();
-            let v1: &[f32; L] = value(jj[1])[start..start + L].try_into().unwrap();
-            for l in 0..L {
-                even[l] = pp[0].mul_add(v0[l], even[l]);
-                odd[l] = pp[1].mul_add(v1[l], odd[l]);
-            }
-        }
-        if p.len() % 2 == 1 {
-            let v = &value(nbrs[p.len() - 1])[start..start + L];
-            for l in 0..L {
-                even[l] = p[p.len() - 1].mul_add(v[l], even[l]);
-            }
-        }
-        for l in 0..L {
-            out[start + l] = even[l] + odd[l];
-        }
-        start += L;
-    }
-    if start < d {
-        out[start..].fill(0.0);
-        for (&pv, &j) in p.iter().zip(nbrs) {
-            vector_math::axpy(pv, &value(j)[start..], &mut out[start..]);
         }
     }
 }

@@ -15,11 +15,13 @@
 //! | [`dense`] | | tokens back onto the pixel grid |
 //! | [`grid_search`] | | nearest tokens on the grid |
 //! | [`linear`], [`norm`], [`activation`] | | dense layers |
+//! | [`gather`], [`vector_math`] | | shared loops: gathered rows, vectorised math |
 
 pub mod activation;
 pub mod cluster_attention;
 pub mod clustering;
 pub mod dense;
+pub mod gather;
 pub mod grid_search;
 pub mod linear;
 pub mod neighbourhood;

@@ -1,24 +1,30 @@
 //! The backward of [`super::cluster_attention`] on the CPU.
 //!
 //! The softmax is recomputed from the log-sum-exp the forward saves
-//! ([`super::cluster_attention_with_lse`]), never stored: with `p = e^(a −
-//! lse)`, `D = dO·O` (the blank token's share included, since `O` holds it),
-//! `da = p·(dO·v − D)`:
-//! - `dq = scale · (Σ_j da_j k_j + da_blank · blank_k)`, per query;
-//! - `dk_j = Σ da · scale·q`, `dv_j = Σ p · dO` over the queries whose
-//!   neighbourhood holds `j`: a gather over [`InverseNeighbourhood`] lists,
-//!   so no two threads write one row;
-//! - the position-bias weights and bias, `blank_k` and `blank_v` (a few
-//!   values shared by every query) in per-task partial sums over fixed
-//!   chunks of queries, added in chunk order.
+//! ([`super::cluster_attention_with_lse`]): with `p = e^(a − lse)`,
+//! `D = dO·O` (the blank token's share included, since `O` holds it),
+//! `da = p·(dO·v − D)`. Queries are taken in tiles of at most
+//! [`TILE_FLOATS`] values of `p` and `da` (a bounded scratch, never the
+//! whole b×h×n×m tensor), and for each tile:
+//! 1. by query: the logits and `dO·v` scored as the forward scores (blocks
+//!    of cluster members, dimension-major keys and values), `p` and `da`
+//!    kept in the tile's scratch, `dq = scale · (Σ_j da_j k_j + da_blank ·
+//!    blank_k)`, and the position-bias weights and bias, `blank_k` and
+//!    `blank_v` (a few values shared by every query) in partial sums over
+//!    fixed chunks of queries, added in chunk order;
+//! 2. by key: `dk_j += scale · Σ da · q`, `dv_j += Σ p · dO` over the tile's
+//!    queries whose neighbourhood holds `j`: a gather over
+//!    [`InverseNeighbourhood`] lists, so no two threads write one row.
 //!
 //! Every sum runs in an order fixed by the inputs alone, so gradients are
 //! the same bits for any number of threads.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{AttentionInputs, MASKED_LOGIT, check_inputs};
+use super::{AttentionInputs, KEYS, MASKED_LOGIT, VALUES, check_inputs, transpose_heads};
 use crate::error::{Error, Result, check_len};
+use crate::ops::gather::{ScorePlan, gather_weighted_sum, score};
 use crate::ops::neighbourhood::InverseNeighbourhood;
 use crate::ops::rel_pos::OffsetTable;
 use crate::ops::vector_math::{axpy, dot, exp};
@@ -62,36 +68,10 @@ pub struct AttentionGrads {
 /// not depend on the thread count.
 const ROWS_PER_CHUNK: usize = 32;
 
-/// One query's logits for head `t`, recomputed as the forward computes
-/// them (without the max shift): neighbours into `logits`; returns the blank's.
-#[inline]
-fn logits_of(
-    inp: &AttentionInputs<'_>,
-    img: usize,
-    i: usize,
-    t: usize,
-    qs: &[f32],
-    logits: &mut [f32],
-) -> f32 {
-    let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
-    let c = h * d;
-    let kv = &inp.kv[img * n * 2 * c..(img + 1) * n * 2 * c];
-    let m = inp.nbhd.size;
-    let nbrs = inp.nbhd.of(img, i);
-    let mask = inp.nbhd.mask_of(img, i);
-    let rows = &inp.bias_rows[(img * n + i) * m..(img * n + i + 1) * m];
-    let table_rows = inp.bias_table.len() / h;
-    let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
-    for (s, l) in logits.iter_mut().enumerate() {
-        let j = nbrs[s] as usize;
-        let k = &kv[j * 2 * c + t * 2 * d..][..d];
-        *l = dot(qs, k) + bias[rows[s] as usize];
-        if mask.is_some_and(|mask| !mask[s]) {
-            *l += MASKED_LOGIT;
-        }
-    }
-    dot(qs, &inp.blank_k[t * d..(t + 1) * d])
-}
+/// The most floats of `p` and `da` a tile keeps: 256 Ki (1 MiB, about a
+/// core's L2 cache), whatever the batch, so that pass 2 reads them back
+/// while they are still cached.
+pub const TILE_FLOATS: usize = 1 << 18;
 
 /// The gradients of [`super::cluster_attention`] (see the module).
 ///
@@ -100,6 +80,21 @@ fn logits_of(
 /// each other; [`Error::InvalidArgument`] for an inverse that is not over
 /// the forward's tokens.
 pub fn cluster_attention_backward(g: &AttentionGradInputs<'_>) -> Result<AttentionGrads> {
+    cluster_attention_backward_tiled(g, TILE_FLOATS)
+}
+
+/// [`cluster_attention_backward`] with tiles of at most `tile_floats`
+/// values of `p` and `da` (at least one chunk of queries): for tests of the
+/// tiling. The key and value gradients add one partial sum per tile, so
+/// their last bits depend on the tile size; the rest does not.
+///
+/// # Errors
+/// As [`cluster_attention_backward`].
+#[doc(hidden)]
+pub fn cluster_attention_backward_tiled(
+    g: &AttentionGradInputs<'_>,
+    tile_floats: usize,
+) -> Result<AttentionGrads> {
     const OP: &str = "cluster_attention_backward";
     let inp = g.forward;
     check_inputs(inp)?;
@@ -125,36 +120,58 @@ pub fn cluster_attention_backward(g: &AttentionGradInputs<'_>) -> Result<Attenti
     if b * n * c == 0 {
         return Ok(grads);
     }
-    let features: [&[f32]; 5] = std::array::from_fn(|k| g.offsets.feature(k));
+    let ctx = Context {
+        g,
+        features: std::array::from_fn(|k| g.offsets.feature(k)),
+        // D = dO·O per query and head.
+        delta: g
+            .grad_out
+            .chunks_exact(d)
+            .zip(g.out.chunks_exact(d))
+            .map(|(go, o)| dot(go, o))
+            .collect(),
+        keys_t: transpose_heads(inp.kv, b, n, h, d, KEYS),
+        values_t: transpose_heads(inp.kv, b, n, h, d, VALUES),
+    };
 
-    // D = dO·O per query and head.
-    let delta: Vec<f32> = g
-        .grad_out
-        .chunks_exact(d)
-        .zip(g.out.chunks_exact(d))
-        .map(|(go, o)| dot(go, o))
-        .collect();
-
-    // Pass 1, by query: dq and the parameters' partial sums per chunk.
-    let partials: Vec<Vec<f32>> = grads
-        .q
-        .par_chunks_mut(c * ROWS_PER_CHUNK)
-        .enumerate()
-        .map_init(
-            || (vec![0.0f32; m], vec![0.0f32; d]),
-            |(logits, qs), (chunk, dq_rows)| {
-                // [pos_weight h×5 | pos_bias h | blank_k c | blank_v c]
-                let mut part = vec![0.0f32; 6 * h + 2 * c];
-                for (r, dq) in dq_rows.chunks_exact_mut(c).enumerate() {
-                    let row = chunk * ROWS_PER_CHUNK + r;
-                    let (img, i) = (row / n, row % n);
-                    let scratch = (&mut logits[..], &mut qs[..]);
-                    query_backward(g, &features, &delta, (img, i), scratch, dq, &mut part);
-                }
-                part
-            },
-        )
-        .collect();
+    // Whole chunks per tile, so the chunks (and the partial sums) are the
+    // same whatever the tile size.
+    let per_row = (2 * h * m).max(1);
+    let tile_rows = (tile_floats / per_row / ROWS_PER_CHUNK).max(1) * ROWS_PER_CHUNK;
+    let mut values = vec![0.0f32; tile_rows.min(b * n) * per_row];
+    let mut partials: Vec<Vec<f32>> = Vec::new();
+    for first in (0..b * n).step_by(tile_rows) {
+        let tile = Tile {
+            first,
+            end: (first + tile_rows).min(b * n),
+        };
+        let rows = tile.end - first;
+        // Pass 1, by query: dq, p and da, and the parameters' partial sums.
+        let dq = &mut grads.q[first * c..tile.end * c];
+        partials.par_extend(
+            dq.par_chunks_mut(c * ROWS_PER_CHUNK)
+                .zip(values[..rows * per_row].par_chunks_mut(per_row * ROWS_PER_CHUNK))
+                .enumerate()
+                .map_init(QueryScratch::default, |scratch, (chunk, (dq, values))| {
+                    let first_row = first + chunk * ROWS_PER_CHUNK;
+                    query_chunk(&ctx, first_row, dq, values, scratch)
+                }),
+        );
+        // Pass 2, by key of the images the tile touches: dk and dv gathered
+        // from the tile's queries that hold it.
+        let (img0, img1) = (first / n, (tile.end - 1) / n + 1);
+        let tile_data = TileData {
+            tile,
+            values: &values,
+        };
+        grads.kv[img0 * n * 2 * c..img1 * n * 2 * c]
+            .par_chunks_mut(2 * c)
+            .enumerate()
+            .for_each_init(KeyScratch::default, |scratch, (r, dkv)| {
+                let row = img0 * n + r;
+                key_gather(&ctx, &tile_data, row / n, row % n, dkv, scratch);
+            });
+    }
     for part in &partials {
         let (pw, rest) = part.split_at(5 * h);
         let (pb, rest) = rest.split_at(h);
@@ -170,104 +187,225 @@ pub fn cluster_attention_backward(g: &AttentionGradInputs<'_>) -> Result<Attenti
             }
         }
     }
-
-    // Pass 2, by key: dk and dv gathered from the queries that hold it.
-    grads
-        .kv
-        .par_chunks_mut(2 * c)
-        .enumerate()
-        .for_each(|(row, dkv)| key_backward(g, &delta, row / n, row % n, dkv));
     Ok(grads)
 }
 
-/// Pass 1 for query `i` of image `img`: its `dq`, and its shares of the
-/// position-bias and blank-token gradients added to `part`.
-fn query_backward(
-    g: &AttentionGradInputs<'_>,
-    features: &[&[f32]; 5],
-    delta: &[f32],
-    (img, i): (usize, usize),
-    (logits, qs): (&mut [f32], &mut [f32]),
+/// What both passes read.
+struct Context<'a> {
+    g: &'a AttentionGradInputs<'a>,
+    /// The five offset features per bias-table row.
+    features: [&'a [f32]; 5],
+    /// b×n×h: `dO·O`.
+    delta: Vec<f32>,
+    /// Keys and values dimension-major, as the forward scores them.
+    keys_t: Vec<f32>,
+    values_t: Vec<f32>,
+}
+
+/// Query rows `first..end` (flattened over the batch).
+#[derive(Clone, Copy)]
+struct Tile {
+    first: usize,
+    end: usize,
+}
+
+/// A tile's `p` and `da`, per row `[slot][t][p, da]`: one cache line
+/// holds all a (query, slot) pair's values, which pass 2 reads together.
+struct TileData<'a> {
+    tile: Tile,
+    values: &'a [f32],
+}
+
+#[derive(Default)]
+struct QueryScratch {
+    plan: ScorePlan,
+    query: Vec<f32>,
+    /// One head's `p`, `dO·v` and `da` per slot.
+    p: Vec<f32>,
+    dp: Vec<f32>,
+    da: Vec<f32>,
+}
+
+/// Pass 1 over rows `first_row..` (one chunk): their `dq`, `p` and `da`
+/// (the tile's rows, [`TileData`]'s layout); returns the chunk's partial sums
+/// `[pos_weight h×5 | pos_bias h | blank_k c | blank_v c]`.
+#[multiversion(targets = "simd")]
+fn query_chunk(
+    ctx: &Context<'_>,
+    first_row: usize,
     dq: &mut [f32],
+    values: &mut [f32],
+    scratch: &mut QueryScratch,
+) -> Vec<f32> {
+    let inp = ctx.g.forward;
+    let (h, d) = (inp.heads, inp.head_dim);
+    let (c, m) = (h * d, inp.nbhd.size);
+    scratch.query.resize(d, 0.0);
+    for v in [&mut scratch.p, &mut scratch.dp, &mut scratch.da] {
+        v.resize(m, 0.0);
+    }
+    let mut part = vec![0.0f32; 6 * h + 2 * c];
+    for (r, (dq, values)) in dq
+        .chunks_exact_mut(c)
+        .zip(values.chunks_exact_mut(2 * h * m))
+        .enumerate()
+    {
+        query_backward(ctx, first_row + r, (dq, values), &mut part, scratch);
+    }
+    part
+}
+
+/// Pass 1 for query row `row`: `dq`, and its `p` and `da` per slot and
+/// head (`values`, `[slot][t][p, da]`), its shares of the parameter gradients added to `part`.
+#[inline(always)]
+fn query_backward(
+    ctx: &Context<'_>,
+    row: usize,
+    (dq, values): (&mut [f32], &mut [f32]),
     part: &mut [f32],
+    scratch: &mut QueryScratch,
 ) {
-    let inp = g.forward;
+    let inp = ctx.g.forward;
     let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
     let c = h * d;
     let m = inp.nbhd.size;
+    let (img, i) = (row / n, row % n);
     let kv = &inp.kv[img * n * 2 * c..(img + 1) * n * 2 * c];
-    let row = img * n + i;
     let nbrs = inp.nbhd.of(img, i);
+    let mask = inp.nbhd.mask_of(img, i);
     let rows = &inp.bias_rows[row * m..(row + 1) * m];
     let q = &inp.q[row * c..(row + 1) * c];
-    let go_row = &g.grad_out[row * c..(row + 1) * c];
+    let go_row = &ctx.g.grad_out[row * c..(row + 1) * c];
+    let table_rows = inp.bias_table.len() / h;
     let (pw_bias, rest) = part.split_at_mut(6 * h);
     let (pos_weight, pos_bias) = pw_bias.split_at_mut(5 * h);
     let (blank_k, blank_v) = rest.split_at_mut(c);
+    scratch.plan.build(nbrs);
     for t in 0..h {
+        let qs = &mut scratch.query[..];
         for (s, &v) in qs.iter_mut().zip(&q[t * d..(t + 1) * d]) {
             *s = v * inp.q_scale;
         }
-        let blank_logit = logits_of(inp, img, i, t, qs, logits);
-        let lse = g.lse[row * h + t];
+        let qs = &scratch.query[..];
         let go = &go_row[t * d..(t + 1) * d];
-        let delta = delta[row * h + t];
-        let dq_t = &mut dq[t * d..(t + 1) * d];
-        for (s, &a) in logits.iter().enumerate() {
-            let j = nbrs[s] as usize;
-            let p = exp(a - lse);
-            let v = &kv[j * 2 * c + t * 2 * d + d..][..d];
-            let da = p * (dot(go, v) - delta);
-            axpy(da, &kv[j * 2 * c + t * 2 * d..][..d], dq_t);
-            let r = rows[s] as usize;
-            for (k, f) in features.iter().enumerate() {
-                pos_weight[t * 5 + k] += da * f[r];
-            }
-            pos_bias[t] += da;
+        let per_head = (img * h + t) * d * n..(img * h + t + 1) * d * n;
+        let (p, da) = (&mut scratch.p[..], &mut scratch.da[..]);
+        // Logits into `p`, dO·v into `dp`, then p and da in place (in
+        // separate loops, so that each vectorises).
+        score(&scratch.plan, qs, &ctx.keys_t[per_head.clone()], n, nbrs, p);
+        let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
+        for (a, &r) in p.iter_mut().zip(rows) {
+            // SAFETY: `check_inputs` checked every bias row against the
+            // table's row count; unchecked, this gather vectorises.
+            *a += unsafe { *bias.get_unchecked(r as usize) };
         }
-        let p_blank = exp(blank_logit - lse);
-        let bv = &inp.blank_v[t * d..(t + 1) * d];
+        if let Some(mask) = mask {
+            for (a, &valid) in p.iter_mut().zip(mask) {
+                *a += if valid { 0.0 } else { MASKED_LOGIT };
+            }
+        }
+        let dp = &mut scratch.dp[..];
+        score(&scratch.plan, go, &ctx.values_t[per_head], n, nbrs, dp);
+        let lse = ctx.g.lse[row * h + t];
+        let delta = ctx.delta[row * h + t];
+        for ((p, da), &dp) in p.iter_mut().zip(da.iter_mut()).zip(dp.iter()) {
+            *p = exp(*p - lse);
+            *da = *p * (dp - delta);
+        }
+        for (s, (&p, &da)) in p.iter().zip(da.iter()).enumerate() {
+            values[(s * h + t) * 2] = p;
+            values[(s * h + t) * 2 + 1] = da;
+        }
+        let dq_t = &mut dq[t * d..(t + 1) * d];
+        // Key of token j: kv[j·2c + t·2d ..][..d].
+        gather_weighted_sum(da, nbrs, &kv[t * 2 * d..], 2 * c, dq_t);
+        let (bk, bv) = (
+            &inp.blank_k[t * d..(t + 1) * d],
+            &inp.blank_v[t * d..(t + 1) * d],
+        );
+        let p_blank = exp(dot(qs, bk) - lse);
         let da_blank = p_blank * (dot(go, bv) - delta);
-        axpy(da_blank, &inp.blank_k[t * d..(t + 1) * d], dq_t);
-        axpy(da_blank, qs, &mut blank_k[t * d..(t + 1) * d]);
-        axpy(p_blank, go, &mut blank_v[t * d..(t + 1) * d]);
+        axpy(da_blank, bk, dq_t);
         for v in dq_t.iter_mut() {
             *v *= inp.q_scale;
         }
+        axpy(da_blank, qs, &mut blank_k[t * d..(t + 1) * d]);
+        axpy(p_blank, go, &mut blank_v[t * d..(t + 1) * d]);
+        // Position bias: P_t(f) = w_t·f + b_t per table row.
+        let mut sums = [0.0f32; 6];
+        for (&da, &r) in da.iter().zip(rows) {
+            for (k, f) in ctx.features.iter().enumerate() {
+                // SAFETY: as the bias gather above (the features have the
+                // table's rows: checked against `offsets`).
+                sums[k] += da * unsafe { *f.get_unchecked(r as usize) };
+            }
+            sums[5] += da;
+        }
+        for k in 0..5 {
+            pos_weight[t * 5 + k] += sums[k];
+        }
+        pos_bias[t] += sums[5];
     }
 }
 
-/// Pass 2 for key `j` of image `img`: `dk_j` and `dv_j` (into `dkv`, the
-/// forward's kv layout), gathered over the (query, slot) pairs holding `j`.
-fn key_backward(g: &AttentionGradInputs<'_>, delta: &[f32], img: usize, j: usize, dkv: &mut [f32]) {
-    let inp = g.forward;
+#[derive(Default)]
+struct KeyScratch {
+    queries: Vec<u32>,
+    /// `[t][pair]`: the pairs' `p` and `da`.
+    probs: Vec<f32>,
+    das: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+/// Pass 2 for key `j` of image `img`: adds to `dk_j` and `dv_j` (in `dkv`,
+/// the forward's kv layout) the shares of the tile's queries that hold `j`.
+#[multiversion(targets = "simd")]
+fn key_gather(
+    ctx: &Context<'_>,
+    tile: &TileData<'_>,
+    img: usize,
+    j: usize,
+    dkv: &mut [f32],
+    scratch: &mut KeyScratch,
+) {
+    let inp = ctx.g.forward;
     let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
     let c = h * d;
     let m = inp.nbhd.size;
-    let kv_j = &inp.kv[(img * n + j) * 2 * c..(img * n + j + 1) * 2 * c];
-    let table_rows = inp.bias_table.len() / h;
-    for &(i, slot) in g.inverse.of(img, j) {
-        let (i, slot) = (i as usize, slot as usize);
-        let row = img * n + i;
-        let q = &inp.q[row * c..(row + 1) * c];
-        let go_row = &g.grad_out[row * c..(row + 1) * c];
-        let bias_row = inp.bias_rows[row * m + slot] as usize;
-        let masked = inp.nbhd.mask_of(img, i).is_some_and(|mask| !mask[slot]);
-        for t in 0..h {
-            let q_t = &q[t * d..(t + 1) * d];
-            let k = &kv_j[t * 2 * d..t * 2 * d + d];
-            let v = &kv_j[t * 2 * d + d..(t + 1) * 2 * d];
-            // The scale applied to the dot product and to da, not to q.
-            let mut a = dot(q_t, k) * inp.q_scale + inp.bias_table[t * table_rows + bias_row];
-            if masked {
-                a += MASKED_LOGIT;
-            }
-            let p = exp(a - g.lse[row * h + t]);
-            let go = &go_row[t * d..(t + 1) * d];
-            let da = p * (dot(go, v) - delta[row * h + t]);
-            let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
-            axpy(da * inp.q_scale, q_t, dk);
-            axpy(p, go, dv);
+    // The pairs are in ascending query order: the tile's are one run.
+    let pairs = ctx.g.inverse.of(img, j);
+    let lo = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.first);
+    let hi = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.end);
+    let pairs = &pairs[lo..hi];
+    if pairs.is_empty() {
+        return;
+    }
+    scratch.queries.clear();
+    scratch.queries.extend(pairs.iter().map(|&(i, _)| i));
+    scratch.sum.resize(d, 0.0);
+    let count = pairs.len();
+    scratch.probs.resize(h * count, 0.0);
+    scratch.das.resize(h * count, 0.0);
+    for (k, &(i, slot)) in pairs.iter().enumerate() {
+        let row = img * n + i as usize - tile.tile.first;
+        let at = (row * m + slot as usize) * 2 * h;
+        for (t, pda) in tile.values[at..at + 2 * h].chunks_exact(2).enumerate() {
+            scratch.probs[t * count + k] = pda[0];
+            scratch.das[t * count + k] = pda[1];
         }
+    }
+    let q = &inp.q[img * n * c..(img + 1) * n * c];
+    let go = &ctx.g.grad_out[img * n * c..(img + 1) * n * c];
+    for t in 0..h {
+        let (probs, das) = (
+            &scratch.probs[t * count..(t + 1) * count],
+            &scratch.das[t * count..(t + 1) * count],
+        );
+        let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
+        // The scale belongs to the logit: d(q·k·scale)/dk = scale·q.
+        gather_weighted_sum(das, &scratch.queries, &q[t * d..], c, &mut scratch.sum);
+        axpy(inp.q_scale, &scratch.sum, dk);
+        gather_weighted_sum(probs, &scratch.queries, &go[t * d..], c, &mut scratch.sum);
+        axpy(1.0, &scratch.sum, dv);
     }
 }
