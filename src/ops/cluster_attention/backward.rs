@@ -247,7 +247,8 @@ fn query_chunk(
     let mut part = vec![0.0f32; 6 * h + 2 * c];
     for (r, (dq, values)) in dq
         .chunks_exact_mut(c)
-        .zip(values.chunks_exact_mut(2 * h * m))
+        // As the caller sized them: at least one float per row, even with no slots.
+        .zip(values.chunks_exact_mut((2 * h * m).max(1)))
         .enumerate()
     {
         query_backward(ctx, first_row + r, (dq, values), &mut part, scratch);
@@ -256,7 +257,8 @@ fn query_chunk(
 }
 
 /// Pass 1 for query row `row`: `dq`, and its `p` and `da` per slot and
-/// head (`values`, `[slot][t][p, da]`), its shares of the parameter gradients added to `part`.
+/// head (`values`, `[slot][t][p, da]`); its shares of the parameter
+/// gradients are added to `part`.
 #[inline(always)]
 fn query_backward(
     ctx: &Context<'_>,

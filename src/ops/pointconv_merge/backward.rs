@@ -122,27 +122,27 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
         )));
     }
     // Each token's output row, if it is a centre.
-    let mut is_centre = vec![u32::MAX; b * n];
+    let mut out_row_of = vec![u32::MAX; b * n];
     for (e, &i) in inp.centres.iter().enumerate() {
         let (img, i) = (e / kept.max(1), i as usize);
-        if i >= n || is_centre[img * n + i] != u32::MAX {
+        if i >= n || out_row_of[img * n + i] != u32::MAX {
             return Err(Error::InvalidArgument(format!(
                 "{OP}: centres must be distinct indices below n = {n}"
             )));
         }
-        is_centre[img * n + i] = e as u32;
+        out_row_of[img * n + i] = e as u32;
     }
     // The centres in token order (the output is in importance order): the
     // per-pair scratch below is laid out in this order, so that pass 3,
     // which walks tokens, reads it nearly in sequence.
     let centres = Centres {
-        out_row: is_centre
+        out_row: out_row_of
             .iter()
             .copied()
             .filter(|&e| e != u32::MAX)
             .collect(),
         rank: {
-            let mut rank = is_centre;
+            let mut rank = out_row_of;
             for (next, r) in rank.iter_mut().filter(|r| **r != u32::MAX).enumerate() {
                 *r = next as u32;
             }
@@ -158,8 +158,8 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
         norm_weight: vec![0.0; INNER_CHANNELS],
         norm_bias: vec![0.0; INNER_CHANNELS],
     };
-    if b * kept == 0 {
-        return Ok(grads);
+    if b * kept * m == 0 {
+        return Ok(grads); // no pairs: nothing was merged
     }
 
     // Pass 1, by centre: T[e][slot][o] = dU_e[o]·x_j.
