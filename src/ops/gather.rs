@@ -89,6 +89,51 @@ pub fn score(plan: &ScorePlan, q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], lo
     }
 }
 
+/// Two [`score`]s over the same neighbours in one sweep: `a[slot] = x ·
+/// xt_{nbrs[slot]}` and `b[slot] = y · yt_{nbrs[slot]}` (the backward's
+/// logits and `dO·v`), the same bits as two calls.
+#[inline(always)]
+pub fn score_pair(
+    plan: &ScorePlan,
+    (x, xt): (&[f32], &[f32]),
+    (y, yt): (&[f32], &[f32]),
+    n: usize,
+    nbrs: &[u32],
+    (a, b): (&mut [f32], &mut [f32]),
+) {
+    for (starts, slots, count) in &plan.groups {
+        let mut acc_x = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
+        let mut acc_y = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
+        for (e, (&xe, &ye)) in x.iter().zip(y).enumerate() {
+            let (row_x, row_y) = (&xt[e * n..(e + 1) * n], &yt[e * n..(e + 1) * n]);
+            for g in 0..BLOCK_GROUP {
+                let kx: &[f32; SLOT_BLOCK] =
+                    row_x[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
+                let ky: &[f32; SLOT_BLOCK] =
+                    row_y[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
+                for u in 0..SLOT_BLOCK {
+                    acc_x[g][u] = xe.mul_add(kx[u], acc_x[g][u]);
+                    acc_y[g][u] = ye.mul_add(ky[u], acc_y[g][u]);
+                }
+            }
+        }
+        for g in 0..*count {
+            a[slots[g]..slots[g] + SLOT_BLOCK].copy_from_slice(&acc_x[g]);
+            b[slots[g]..slots[g] + SLOT_BLOCK].copy_from_slice(&acc_y[g]);
+        }
+    }
+    for &slot in &plan.singles {
+        let j = nbrs[slot] as usize;
+        let (mut sx, mut sy) = (0.0f32, 0.0f32);
+        for (e, (&xe, &ye)) in x.iter().zip(y).enumerate() {
+            sx = xe.mul_add(xt[e * n + j], sx);
+            sy = ye.mul_add(yt[e * n + j], sy);
+        }
+        a[slot] = sx;
+        b[slot] = sy;
+    }
+}
+
 /// Scores [`BLOCK_GROUP`] contiguous blocks starting at tokens `starts`
 /// into `logits` at `slots`; only the first `count` are kept.
 #[inline(always)]
@@ -120,8 +165,9 @@ fn score_group(
 /// `d = out.len()` (overwritten): a weighted sum of gathered rows,
 /// accumulated in registers. Every element sums the even and the odd `k`
 /// apart, then adds the two: the order depends only on the inputs, not on
-/// how many [`LANES`]-wide blocks one sweep over the rows carries (up to
-/// four, so that eight independent sums hide the multiply-add latency).
+/// how many [`LANES`]-wide blocks one sweep over the rows carries (two,
+/// where `d` allows, so that four independent sums hide some of the
+/// multiply-add latency).
 #[inline(always)]
 pub fn gather_weighted_sum(
     p: &[f32],
@@ -132,15 +178,13 @@ pub fn gather_weighted_sum(
 ) {
     let d = out.len();
     let mut start = 0;
-    while start + LANES <= d {
-        // Direct calls (not a function pointer), so each is inlined into
-        // the caller's multiversioned loop.
-        start += match (d - start) / LANES {
-            1 => weighted_sweep::<LANES>(p, rows, values, stride, start, out),
-            2 => weighted_sweep::<{ 2 * LANES }>(p, rows, values, stride, start, out),
-            3 => weighted_sweep::<{ 3 * LANES }>(p, rows, values, stride, start, out),
-            _ => weighted_sweep::<{ 4 * LANES }>(p, rows, values, stride, start, out),
-        };
+    while start + 2 * LANES <= d {
+        weighted_sweep2(p, rows, values, stride, start, out);
+        start += 2 * LANES;
+    }
+    if start + LANES <= d {
+        weighted_sweep1(p, rows, values, stride, start, out);
+        start += LANES;
     }
     if start < d {
         out[start..].fill(0.0);
@@ -151,40 +195,85 @@ pub fn gather_weighted_sum(
     }
 }
 
-/// [`gather_weighted_sum`] over `W` dimensions from `start` (a multiple
-/// of [`LANES`]); returns `W`.
+/// The row of `values` that `j` names, from `start`, `W` wide.
 #[inline(always)]
-fn weighted_sweep<const W: usize>(
+fn row_at<const W: usize>(values: &[f32], j: u32, stride: usize, start: usize) -> &[f32; W] {
+    let first = j as usize * stride + start;
+    values[first..first + W].try_into().unwrap()
+}
+
+/// [`gather_weighted_sum`] over one block of [`LANES`] dimensions from
+/// `start`: two sums (even and odd `k`), each in its own register.
+#[inline(always)]
+fn weighted_sweep1(
     p: &[f32],
     rows: &[u32],
     values: &[f32],
     stride: usize,
     start: usize,
     out: &mut [f32],
-) -> usize {
-    let value = |j: u32| -> &[f32; W] {
-        let first = j as usize * stride + start;
-        values[first..first + W].try_into().unwrap()
-    };
-    let (mut even, mut odd) = ([0.0f32; W], [0.0f32; W]);
+) {
+    const L: usize = LANES;
+    let (mut even, mut odd) = ([0.0f32; L], [0.0f32; L]);
     let mut pairs = p.chunks_exact(2).zip(rows.chunks_exact(2));
     for (pp, jj) in pairs.by_ref() {
-        let (v0, v1) = (value(jj[0]), value(jj[1]));
-        for l in 0..W {
+        let v0 = row_at::<L>(values, jj[0], stride, start);
+        let v1 = row_at::<L>(values, jj[1], stride, start);
+        for l in 0..L {
             even[l] = pp[0].mul_add(v0[l], even[l]);
             odd[l] = pp[1].mul_add(v1[l], odd[l]);
         }
     }
     if p.len() % 2 == 1 {
-        let v = value(rows[p.len() - 1]);
-        for l in 0..W {
+        let v = row_at::<L>(values, rows[p.len() - 1], stride, start);
+        for l in 0..L {
             even[l] = p[p.len() - 1].mul_add(v[l], even[l]);
         }
     }
-    for (o, (e, d)) in out[start..start + W].iter_mut().zip(even.iter().zip(&odd)) {
-        *o = e + d;
+    for l in 0..L {
+        out[start + l] = even[l] + odd[l];
     }
-    W
+}
+
+/// [`gather_weighted_sum`] over two blocks of [`LANES`] dimensions from
+/// `start`: four independent sums in named accumulators (arrays of blocks
+/// end up in memory rather than registers), each element summed in the
+/// same order as [`weighted_sweep1`] would.
+#[inline(always)]
+fn weighted_sweep2(
+    p: &[f32],
+    rows: &[u32],
+    values: &[f32],
+    stride: usize,
+    start: usize,
+    out: &mut [f32],
+) {
+    const L: usize = LANES;
+    let (mut even0, mut odd0) = ([0.0f32; L], [0.0f32; L]);
+    let (mut even1, mut odd1) = ([0.0f32; L], [0.0f32; L]);
+    let mut pairs = p.chunks_exact(2).zip(rows.chunks_exact(2));
+    for (pp, jj) in pairs.by_ref() {
+        let v0 = row_at::<{ 2 * L }>(values, jj[0], stride, start);
+        let v1 = row_at::<{ 2 * L }>(values, jj[1], stride, start);
+        for l in 0..L {
+            even0[l] = pp[0].mul_add(v0[l], even0[l]);
+            odd0[l] = pp[1].mul_add(v1[l], odd0[l]);
+            even1[l] = pp[0].mul_add(v0[L + l], even1[l]);
+            odd1[l] = pp[1].mul_add(v1[L + l], odd1[l]);
+        }
+    }
+    if p.len() % 2 == 1 {
+        let v = row_at::<{ 2 * L }>(values, rows[p.len() - 1], stride, start);
+        let last = p[p.len() - 1];
+        for l in 0..L {
+            even0[l] = last.mul_add(v[l], even0[l]);
+            even1[l] = last.mul_add(v[L + l], even1[l]);
+        }
+    }
+    for l in 0..L {
+        out[start + l] = even0[l] + odd0[l];
+        out[start + L + l] = even1[l] + odd1[l];
+    }
 }
 
 /// Column groups of row-major rows, dimension-major, as [`score`] reads

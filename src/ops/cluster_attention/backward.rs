@@ -24,10 +24,10 @@ use rayon::prelude::*;
 
 use super::{AttentionInputs, KEYS, MASKED_LOGIT, VALUES, check_inputs, transpose_heads};
 use crate::error::{Error, Result, check_len};
-use crate::ops::gather::{ScorePlan, gather_weighted_sum, score};
+use crate::ops::gather::{ScorePlan, gather_weighted_sum, score_pair};
 use crate::ops::neighbourhood::InverseNeighbourhood;
 use crate::ops::rel_pos::OffsetTable;
-use crate::ops::vector_math::{axpy, dot, exp};
+use crate::ops::vector_math::{axpy, dot, exp, sum};
 
 /// What the backward needs beyond the forward's inputs.
 #[derive(Debug, Clone, Copy)]
@@ -68,10 +68,10 @@ pub struct AttentionGrads {
 /// not depend on the thread count.
 const ROWS_PER_CHUNK: usize = 32;
 
-/// The most floats of `p` and `da` a tile keeps: 256 Ki (1 MiB, about a
+/// The most floats of `p` and `da` a tile keeps: 512 Ki (2 MiB, about a
 /// core's L2 cache), whatever the batch, so that pass 2 reads them back
 /// while they are still cached.
-pub const TILE_FLOATS: usize = 1 << 18;
+pub const TILE_FLOATS: usize = 1 << 19;
 
 /// The gradients of [`super::cluster_attention`] (see the module).
 ///
@@ -126,8 +126,8 @@ pub fn cluster_attention_backward_tiled(
         // D = dO·O per query and head.
         delta: g
             .grad_out
-            .chunks_exact(d)
-            .zip(g.out.chunks_exact(d))
+            .par_chunks_exact(d)
+            .zip(g.out.par_chunks_exact(d))
             .map(|(go, o)| dot(go, o))
             .collect(),
         keys_t: transpose_heads(inp.kv, b, n, h, d, KEYS),
@@ -160,17 +160,33 @@ pub fn cluster_attention_backward_tiled(
         // Pass 2, by key of the images the tile touches: dk and dv gathered
         // from the tile's queries that hold it.
         let (img0, img1) = (first / n, (tile.end - 1) / n + 1);
+        let key_ranges = touched_keys(inp, tile, img0..img1);
         let tile_data = TileData {
             tile,
             values: &values,
         };
-        grads.kv[img0 * n * 2 * c..img1 * n * 2 * c]
-            .par_chunks_mut(2 * c)
-            .enumerate()
-            .for_each_init(KeyScratch::default, |scratch, (r, dkv)| {
-                let row = img0 * n + r;
-                key_gather(&ctx, &tile_data, row / n, row % n, dkv, scratch);
-            });
+        // Only the keys in range: (image, first key, their rows of dkv).
+        let mut rest = &mut grads.kv[img0 * n * 2 * c..img1 * n * 2 * c];
+        let mut spans = Vec::with_capacity(key_ranges.len());
+        for (img, keys) in (img0..).zip(&key_ranges) {
+            let (image, tail) = rest.split_at_mut(n * 2 * c);
+            rest = tail;
+            if !keys.is_empty() {
+                spans.push((
+                    img,
+                    keys.start,
+                    &mut image[keys.start * 2 * c..keys.end * 2 * c],
+                ));
+            }
+        }
+        spans.into_par_iter().for_each(|(img, first_key, dkv)| {
+            dkv.par_chunks_mut(2 * c).enumerate().for_each_init(
+                KeyScratch::default,
+                |scratch, (k, dkv)| {
+                    key_gather(&ctx, &tile_data, img, first_key + k, dkv, scratch);
+                },
+            );
+        });
     }
     for part in &partials {
         let (pw, rest) = part.split_at(5 * h);
@@ -188,6 +204,30 @@ pub fn cluster_attention_backward_tiled(
         }
     }
     Ok(grads)
+}
+
+/// For each image of `images`, the range of keys that the tile's queries
+/// in it hold: pass 2 skips the others without reading their lists.
+fn touched_keys(
+    inp: &AttentionInputs<'_>,
+    tile: Tile,
+    images: std::ops::Range<usize>,
+) -> Vec<std::ops::Range<usize>> {
+    let n = inp.tokens;
+    images
+        .map(|img| {
+            let rows = tile.first.max(img * n)..tile.end.min((img + 1) * n);
+            let (lo, hi) = rows
+                .into_par_iter()
+                .map(|row| {
+                    let nbrs = inp.nbhd.of(img, row - img * n);
+                    let lo = nbrs.iter().fold(u32::MAX, |a, &j| a.min(j));
+                    (lo, nbrs.iter().fold(0, |a, &j| a.max(j + 1)))
+                })
+                .reduce(|| (u32::MAX, 0), |a, b| (a.0.min(b.0), a.1.max(b.1)));
+            lo as usize..hi as usize
+        })
+        .collect()
 }
 
 /// What both passes read.
@@ -224,6 +264,8 @@ struct QueryScratch {
     p: Vec<f32>,
     dp: Vec<f32>,
     da: Vec<f32>,
+    /// `[k][slot]`: the query's offset features.
+    features: Vec<f32>,
 }
 
 /// Pass 1 over rows `first_row..` (one chunk): their `dq`, `p` and `da`
@@ -244,6 +286,7 @@ fn query_chunk(
     for v in [&mut scratch.p, &mut scratch.dp, &mut scratch.da] {
         v.resize(m, 0.0);
     }
+    scratch.features.resize(5 * m, 0.0);
     let mut part = vec![0.0f32; 6 * h + 2 * c];
     for (r, (dq, values)) in dq
         .chunks_exact_mut(c)
@@ -283,6 +326,15 @@ fn query_backward(
     let (pos_weight, pos_bias) = pw_bias.split_at_mut(5 * h);
     let (blank_k, blank_v) = rest.split_at_mut(c);
     scratch.plan.build(nbrs);
+    // The offset features of every slot, shared by the heads.
+    for (f, all) in scratch.features.chunks_exact_mut(m).zip(&ctx.features) {
+        for (f, &r) in f.iter_mut().zip(rows) {
+            // SAFETY: `check_inputs` checked every bias row against the
+            // table's row count, which the features have (checked against
+            // `offsets`); unchecked, this gather vectorises.
+            *f = unsafe { *all.get_unchecked(r as usize) };
+        }
+    }
     for t in 0..h {
         let qs = &mut scratch.query[..];
         for (s, &v) in qs.iter_mut().zip(&q[t * d..(t + 1) * d]) {
@@ -292,9 +344,17 @@ fn query_backward(
         let go = &go_row[t * d..(t + 1) * d];
         let per_head = (img * h + t) * d * n..(img * h + t + 1) * d * n;
         let (p, da) = (&mut scratch.p[..], &mut scratch.da[..]);
-        // Logits into `p`, dO·v into `dp`, then p and da in place (in
-        // separate loops, so that each vectorises).
-        score(&scratch.plan, qs, &ctx.keys_t[per_head.clone()], n, nbrs, p);
+        // Logits into `p`, dO·v into `dp` (one sweep), then p and da in
+        // place (in separate loops, so that each vectorises).
+        let dp = &mut scratch.dp[..];
+        score_pair(
+            &scratch.plan,
+            (qs, &ctx.keys_t[per_head.clone()]),
+            (go, &ctx.values_t[per_head]),
+            n,
+            nbrs,
+            (&mut *p, &mut *dp),
+        );
         let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
         for (a, &r) in p.iter_mut().zip(rows) {
             // SAFETY: `check_inputs` checked every bias row against the
@@ -306,8 +366,6 @@ fn query_backward(
                 *a += if valid { 0.0 } else { MASKED_LOGIT };
             }
         }
-        let dp = &mut scratch.dp[..];
-        score(&scratch.plan, go, &ctx.values_t[per_head], n, nbrs, dp);
         let lse = ctx.g.lse[row * h + t];
         let delta = ctx.delta[row * h + t];
         for ((p, da), &dp) in p.iter_mut().zip(da.iter_mut()).zip(dp.iter()) {
@@ -334,19 +392,10 @@ fn query_backward(
         axpy(da_blank, qs, &mut blank_k[t * d..(t + 1) * d]);
         axpy(p_blank, go, &mut blank_v[t * d..(t + 1) * d]);
         // Position bias: P_t(f) = w_t·f + b_t per table row.
-        let mut sums = [0.0f32; 6];
-        for (&da, &r) in da.iter().zip(rows) {
-            for (k, f) in ctx.features.iter().enumerate() {
-                // SAFETY: as the bias gather above (the features have the
-                // table's rows: checked against `offsets`).
-                sums[k] += da * unsafe { *f.get_unchecked(r as usize) };
-            }
-            sums[5] += da;
+        for (k, f) in scratch.features.chunks_exact(m).enumerate() {
+            pos_weight[t * 5 + k] += dot(da, f);
         }
-        for k in 0..5 {
-            pos_weight[t * 5 + k] += sums[k];
-        }
-        pos_bias[t] += sums[5];
+        pos_bias[t] += sum(da);
     }
 }
 
@@ -376,9 +425,17 @@ fn key_gather(
     let m = inp.nbhd.size;
     // The pairs are in ascending query order: the tile's are one run.
     let pairs = ctx.g.inverse.of(img, j);
-    let lo = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.first);
-    let hi = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.end);
-    let pairs = &pairs[lo..hi];
+    let in_tile =
+        |&(i, _): &(u32, u32)| (tile.tile.first..tile.tile.end).contains(&(img * n + i as usize));
+    // Most keys' lists lie in one tile: then no search.
+    let whole = pairs.first().is_some_and(in_tile) && pairs.last().is_some_and(in_tile);
+    let pairs = if whole {
+        pairs
+    } else {
+        let lo = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.first);
+        let hi = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.end);
+        &pairs[lo..hi]
+    };
     if pairs.is_empty() {
         return;
     }

@@ -71,6 +71,11 @@ const CENTRES_PER_TABLE: usize = 1024;
 /// Table rows per partial sum of the weight-net parameters (fixed).
 const TABLE_ROWS_PER_CHUNK: usize = 256;
 
+/// Floats per (centre, slot) in the scratch of passes 1–3: `T[0..4]`, then
+/// the pair's weights `W[0..4]` (both 0 for masked slots), so that pass 3
+/// reads one record per pair.
+const PAIR: usize = 2 * INNER_CHANNELS;
+
 /// Weight-net parameters: 20 + 4 + 4 + 4.
 const NET_PARAMS: usize = 32;
 
@@ -164,8 +169,8 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
 
     // Pass 1, by centre: T[e][slot][o] = dU_e[o]·x_j.
     let feat_t = transpose_columns(inp.feat, b, n, c, &[0], c);
-    let mut dots = vec![0.0f32; b * kept * m * INNER_CHANNELS];
-    dots.par_chunks_mut(m * INNER_CHANNELS * CENTRES_PER_TASK)
+    let mut dots = vec![0.0f32; b * kept * m * PAIR];
+    dots.par_chunks_mut(m * PAIR * CENTRES_PER_TASK)
         .enumerate()
         .for_each_init(DotScratch::default, |scratch, (task, dots)| {
             let first = task * CENTRES_PER_TASK;
@@ -247,9 +252,10 @@ struct DotScratch {
 }
 
 /// Pass 1 for the centres whose output rows start `out_rows` (one task,
-/// in token order): `T[o] = dU_e[o]·x_j` for every slot of each centre (0 for masked slots, which weigh nothing),
-/// scored as the attention scores its keys, from features stored
-/// dimension-major (`feat_t`, c×n per image).
+/// in token order): `T[o] = dU_e[o]·x_j` and `W[o]` for every slot of each
+/// centre (both 0 for masked slots, which weigh nothing), `T` scored as the
+/// attention scores its keys, from features stored dimension-major
+/// (`feat_t`, c×n per image).
 #[multiversion(targets = "simd")]
 fn centre_dots(
     g: &MergeGradInputs<'_>,
@@ -263,10 +269,7 @@ fn centre_dots(
     let (n, c) = (inp.tokens, inp.channels);
     let m = inp.nbhd.size;
     scratch.dots.resize(INNER_CHANNELS * m, 0.0);
-    for (&e, dots) in out_rows
-        .iter()
-        .zip(dots.chunks_exact_mut(m * INNER_CHANNELS))
-    {
+    for (&e, dots) in out_rows.iter().zip(dots.chunks_exact_mut(m * PAIR)) {
         let e = e as usize;
         let img = e / kept;
         let i = inp.centres[e] as usize;
@@ -278,13 +281,20 @@ fn centre_dots(
             score(&scratch.plan, du, feat_t, n, nbrs, t);
         }
         let mask = inp.nbhd.mask_of(img, i);
-        for (slot, t) in dots.chunks_exact_mut(INNER_CHANNELS).enumerate() {
+        let weight_rows = &inp.weight_rows[(img * n + i) * m..(img * n + i + 1) * m];
+        let table_rows = inp.weight_table.len() / INNER_CHANNELS;
+        for (slot, record) in dots.chunks_exact_mut(PAIR).enumerate() {
             let valid = mask.is_none_or(|mask| mask[slot]);
-            for (o, t) in t.iter_mut().enumerate() {
-                *t = if valid {
-                    scratch.dots[o * m + slot]
+            let (t, w) = record.split_at_mut(INNER_CHANNELS);
+            for o in 0..INNER_CHANNELS {
+                let r = weight_rows[slot] as usize;
+                (t[o], w[o]) = if valid {
+                    (
+                        scratch.dots[o * m + slot],
+                        inp.weight_table[o * table_rows + r],
+                    )
                 } else {
-                    0.0
+                    (0.0, 0.0)
                 };
             }
         }
@@ -311,17 +321,17 @@ fn table_gradient(
         let img = e / kept;
         let i = inp.centres[e] as usize;
         let weight_rows = &inp.weight_rows[(img * n + i) * m..(img * n + i + 1) * m];
-        let dots = &dots[rank * m * INNER_CHANNELS..(rank + 1) * m * INNER_CHANNELS];
+        let dots = &dots[rank * m * PAIR..(rank + 1) * m * PAIR];
         // Masked slots have T = 0: nothing to skip.
         for ((&j, &r), t) in inp
             .nbhd
             .of(img, i)
             .iter()
             .zip(weight_rows)
-            .zip(dots.chunks_exact(INNER_CHANNELS))
+            .zip(dots.chunks_exact(PAIR))
         {
             let p = inp.importance[img * n + j as usize];
-            for (o, &t) in t.iter().enumerate() {
+            for (o, &t) in t[..INNER_CHANNELS].iter().enumerate() {
                 table[o * rows + r as usize] += p * t;
             }
         }
@@ -392,7 +402,6 @@ fn token_gather(
     let inp = g.forward;
     let (n, c) = (inp.tokens, inp.channels);
     let m = inp.nbhd.size;
-    let table_rows = inp.weight_table.len() / INNER_CHANNELS;
     let p = inp.importance[img * n + j];
     scratch.rows.clear();
     scratch.weights.clear();
@@ -400,16 +409,16 @@ fn token_gather(
     for &(i, slot) in g.inverse.of(img, j) {
         let (i, slot) = (i as usize, slot as usize);
         let rank = centres.rank[img * n + i] as usize;
-        if rank == u32::MAX as usize || inp.nbhd.mask_of(img, i).is_some_and(|mask| !mask[slot]) {
-            continue;
+        if rank == u32::MAX as usize {
+            continue; // not a centre
         }
+        // Masked slots have W = T = 0: they add nothing.
         let e = centres.out_row[rank] as usize;
-        let r = inp.weight_rows[(img * n + i) * m + slot] as usize;
-        let t = &dots[(rank * m + slot) * INNER_CHANNELS..][..INNER_CHANNELS];
-        for (o, &t) in t.iter().enumerate() {
+        let (t, w) = dots[(rank * m + slot) * PAIR..][..PAIR].split_at(INNER_CHANNELS);
+        for o in 0..INNER_CHANNELS {
             scratch.rows.push((e * INNER_CHANNELS + o) as u32);
-            scratch.weights.push(inp.weight_table[o * table_rows + r]);
-            scratch.dots.push(t);
+            scratch.weights.push(w[o]);
+            scratch.dots.push(t[o]);
         }
     }
     // dp = Σ W·T (one vectorised dot, not a chain of dependent adds), then
