@@ -6,10 +6,12 @@
 //!   contiguous tokens, so blocks of [`SLOT_BLOCK`] neighbours are contiguous
 //!   in every dimension and [`BLOCK_GROUP`] blocks accumulate together in
 //!   registers ([`ScorePlan`] finds them).
+//!   [`score_pair`] does two such products in one sweep.
 //! - [`gather_weighted_sum`]: `Σ_k p_k · row_k` over gathered rows.
+//! - [`transpose_columns`]: the dimension-major copies [`score`] reads.
 //!
-//! Every function is `#[inline(always)]`, to be compiled inside its
-//! callers' multiversioned loops. Sums run in an order fixed by the inputs.
+//! The loops are `#[inline(always)]`, to be compiled inside their callers'
+//! multiversioned loops. Sums run in an order fixed by the inputs.
 
 use rayon::prelude::*;
 
