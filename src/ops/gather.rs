@@ -217,8 +217,7 @@ fn weighted_sweep1(
 ) {
     const L: usize = LANES;
     let (mut even, mut odd) = ([0.0f32; L], [0.0f32; L]);
-    let mut pairs = p.chunks_exact(2).zip(rows.chunks_exact(2));
-    for (pp, jj) in pairs.by_ref() {
+    for (pp, jj) in p.chunks_exact(2).zip(rows.chunks_exact(2)) {
         let v0 = row_at::<L>(values, jj[0], stride, start);
         let v1 = row_at::<L>(values, jj[1], stride, start);
         for l in 0..L {
@@ -253,8 +252,7 @@ fn weighted_sweep2(
     const L: usize = LANES;
     let (mut even0, mut odd0) = ([0.0f32; L], [0.0f32; L]);
     let (mut even1, mut odd1) = ([0.0f32; L], [0.0f32; L]);
-    let mut pairs = p.chunks_exact(2).zip(rows.chunks_exact(2));
-    for (pp, jj) in pairs.by_ref() {
+    for (pp, jj) in p.chunks_exact(2).zip(rows.chunks_exact(2)) {
         let v0 = row_at::<{ 2 * L }>(values, jj[0], stride, start);
         let v1 = row_at::<{ 2 * L }>(values, jj[1], stride, start);
         for l in 0..L {

@@ -3,8 +3,8 @@
 //! With `W` the weight net's output for the offset of (centre `i`, slot),
 //! `g = mask · p_j`, `dU` the gradient of the merged features and
 //! `T[o] = dU_i[o]·x_j` per (centre, slot) and inner channel `o`:
-//! 1. by centre: `T` of every slot (a bounded b×n'×m×4 scratch, the size
-//!    of the forward's weight rows);
+//! 1. by centre: a record per slot, `T` and the slot's weights `W` (a
+//!    b×n'×m×8 scratch, twice the forward's weight rows);
 //! 2. the gradient of the weight-net table, `dW[o][row] = Σ g·T[o]` over
 //!    the pairs with that offset, in partial tables over fixed chunks of
 //!    centres added in chunk order; then the net `GELU(LN(Linear(5 → 4)(f)))`
@@ -167,7 +167,7 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
         return Ok(grads); // no pairs: nothing was merged
     }
 
-    // Pass 1, by centre: T[e][slot][o] = dU_e[o]·x_j.
+    // Pass 1, by centre (in token order): the records [T | W] of every slot.
     let feat_t = transpose_columns(inp.feat, b, n, c, &[0], c);
     let mut dots = vec![0.0f32; b * kept * m * PAIR];
     dots.par_chunks_mut(m * PAIR * CENTRES_PER_TASK)
@@ -286,8 +286,8 @@ fn centre_dots(
         for (slot, record) in dots.chunks_exact_mut(PAIR).enumerate() {
             let valid = mask.is_none_or(|mask| mask[slot]);
             let (t, w) = record.split_at_mut(INNER_CHANNELS);
+            let r = weight_rows[slot] as usize;
             for o in 0..INNER_CHANNELS {
-                let r = weight_rows[slot] as usize;
                 (t[o], w[o]) = if valid {
                     (
                         scratch.dots[o * m + slot],
