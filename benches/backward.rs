@@ -15,7 +15,7 @@ use autofocus::ops::cluster_attention::backward::{
     AttentionGradInputs, cluster_attention_backward,
 };
 use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention_with_lse};
-use autofocus::ops::clustering::grid_positions;
+use autofocus::ops::clustering::{KeyScope, grid_positions};
 use autofocus::ops::neighbourhood::InverseNeighbourhood;
 use autofocus::ops::pointconv_merge::backward::{MergeGradInputs, pointconv_merge_backward};
 use autofocus::ops::pointconv_merge::{
@@ -57,7 +57,7 @@ fn backward(c: &mut Criterion) {
     let offsets = OffsetTable::new(GRID.0, GRID.1, None);
     let pos = grid_positions(GRID.0, GRID.1);
     let n = pos.len() / 2;
-    let layout = ClusterLayout::build(&pos, 1, n, 8, 48, &offsets, GRID).unwrap();
+    let layout = ClusterLayout::build(&pos, 1, n, 8, 48, &offsets, GRID, KeyScope::Batch).unwrap();
     let inverse = InverseNeighbourhood::new(&layout.nbhd).unwrap();
     let bias_rows = layout.bias_rows.repeat(BATCH);
 

@@ -10,6 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 use autofocus::gpu::{Device, Element};
 use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
+use autofocus::ops::clustering::KeyScope;
 use autofocus::ops::clustering::gpu::space_filling_cluster;
 use autofocus::ops::neighbourhood::gpu::nearest_neighbourhoods;
 use autofocus::ops::token_selection::gpu::select_tokens;
@@ -103,7 +104,9 @@ fn layout(c: &mut Criterion, device: &Device) {
     group.throughput(Throughput::Elements(b as u64));
     group.bench_function("cluster+nearest+select_b64_224", |bench| {
         bench.iter(|| {
-            let clustering = space_filling_cluster(device, &dpos, b, n, s, (side, side)).unwrap();
+            let clustering =
+                space_filling_cluster(device, &dpos, b, n, s, (side, side), KeyScope::Batch)
+                    .unwrap();
             let k = clustering.clusters;
             let nbhd = nearest_neighbourhoods(
                 device,

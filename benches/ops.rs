@@ -9,7 +9,7 @@ use autofocus::io::F32Buffer;
 use autofocus::model::ClusterLayout;
 use autofocus::ops::activation::gelu;
 use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention};
-use autofocus::ops::clustering::{grid_positions, space_filling_cluster};
+use autofocus::ops::clustering::{KeyScope, grid_positions, space_filling_cluster};
 use autofocus::ops::neighbourhood::nearest_clusters;
 use autofocus::ops::pointconv_merge::{MergeInputs, pointconv_merge, weight_net_table};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
@@ -59,9 +59,9 @@ fn layout_ops(c: &mut Criterion) {
     let pos = stage_positions(0);
     let n = pos.len() / 2;
     g.bench_function("space_filling_cluster/stage0", |b| {
-        b.iter(|| space_filling_cluster(black_box(&pos), 1, n, 8, GRID).unwrap())
+        b.iter(|| space_filling_cluster(black_box(&pos), 1, n, 8, GRID, KeyScope::Batch).unwrap())
     });
-    let clusters = space_filling_cluster(&pos, 1, n, 8, GRID).unwrap();
+    let clusters = space_filling_cluster(&pos, 1, n, 8, GRID, KeyScope::Batch).unwrap();
     g.bench_function("nearest_clusters/stage0", |b| {
         b.iter(|| {
             nearest_clusters(
@@ -79,7 +79,17 @@ fn layout_ops(c: &mut Criterion) {
     g.bench_function("cluster_layout/stage1", |b| {
         let pos = stage_positions(1);
         b.iter(|| {
-            ClusterLayout::build(black_box(&pos), 1, pos.len() / 2, 8, 48, &offsets, GRID).unwrap()
+            ClusterLayout::build(
+                black_box(&pos),
+                1,
+                pos.len() / 2,
+                8,
+                48,
+                &offsets,
+                GRID,
+                KeyScope::Batch,
+            )
+            .unwrap()
         })
     });
     for s in 0..3 {
@@ -102,7 +112,8 @@ fn attention(c: &mut Criterion) {
     for (s, heads, d) in [(0, 2, 16), (1, 4, 32), (2, 8, 32)] {
         let pos = stage_positions(s);
         let n = pos.len() / 2;
-        let layout = ClusterLayout::build(&pos, 1, n, 8, 48, &offsets, GRID).unwrap();
+        let layout =
+            ClusterLayout::build(&pos, 1, n, 8, 48, &offsets, GRID, KeyScope::Batch).unwrap();
         let ch = heads * d;
         let (q, kv) = (values(n * ch, 4), values(n * 2 * ch, 5));
         let (blank_k, blank_v) = (values(ch, 6), values(ch, 7));
@@ -148,7 +159,8 @@ fn merge(c: &mut Criterion) {
     for (s, ch) in [(0, 32), (1, 128), (2, 256)] {
         let pos = stage_positions(s);
         let n = pos.len() / 2;
-        let layout = ClusterLayout::build(&pos, 1, n, 8, 48, &offsets, GRID).unwrap();
+        let layout =
+            ClusterLayout::build(&pos, 1, n, 8, 48, &offsets, GRID, KeyScope::Batch).unwrap();
         let feat = values(n * ch, 8);
         let importance = values(n, 9).iter().map(|v| v.abs()).collect::<Vec<_>>();
         let centres: Vec<u32> = (0..n as u32 / 4).map(|i| i * 4).collect();
@@ -179,7 +191,17 @@ fn merge(c: &mut Criterion) {
     });
     g.bench_function("neighbour_rows/stage0", |b| {
         let pos = stage_positions(0);
-        let layout = ClusterLayout::build(&pos, 1, pos.len() / 2, 8, 48, &offsets, GRID).unwrap();
+        let layout = ClusterLayout::build(
+            &pos,
+            1,
+            pos.len() / 2,
+            8,
+            48,
+            &offsets,
+            GRID,
+            KeyScope::Batch,
+        )
+        .unwrap();
         b.iter(|| {
             neighbour_rows(black_box(&offsets), &layout.clustering.pos, &layout.nbhd, 1).unwrap()
         })

@@ -23,13 +23,13 @@ __device__ void cluster_ratio_impl(const ClusterRatioParams p) {
   p.rank[t] = rank;
   p.ratio[t] = ratio;
   // Ratios are ≥ 0, whose bit patterns order as the floats do.
-  atomicMax(p.max_ratio, uint32_t(__float_as_int(ratio)));
+  atomicMax(p.max_ratio + t / p.group, uint32_t(__float_as_int(ratio)));
 }
 
 __device__ void cluster_keys_impl(const ClusterKeysParams p) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= p.count) return;
-  const float scale = __fadd_rn(__int_as_float(int(*p.max_ratio)), 1.0f);
+  const float scale = __fadd_rn(__int_as_float(int(p.max_ratio[t / p.group])), 1.0f);
   p.keys[t] = __fadd_rn(__fmul_rn(float(p.rank[t]), scale), p.ratio[t]);
 }
 

@@ -108,8 +108,9 @@ struct ClusterRatioParams {
   const float* next;         // anchors × 2
   int32_t* rank;             // count
   float* ratio;              // count
-  uint32_t* max_ratio;       // 1: bits of the largest ratio (zeroed before)
-  int32_t count, pw, ph;
+  uint32_t* max_ratio;       // count / group: bits of each group's largest ratio (zeroed before)
+  int32_t count, group;      // tokens, tokens sharing one normaliser (n or b·n)
+  int32_t pw, ph;
   float cell_w, cell_h;
 };
 
@@ -117,9 +118,9 @@ struct ClusterRatioParams {
 struct ClusterKeysParams {
   const int32_t* rank;       // count
   const float* ratio;        // count
-  const uint32_t* max_ratio; // 1
+  const uint32_t* max_ratio; // count / group
   float* keys;               // count
-  int32_t count;
+  int32_t count, group;
 };
 
 // Stable ascending sort of each image's keys: order[img][r] = index of the

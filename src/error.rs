@@ -139,6 +139,10 @@ pub enum Error {
     /// A device (GPU or its emulator) failed to run an op.
     #[error("{op}: {reason}")]
     Device { op: String, reason: String },
+
+    /// A broken invariant inside the crate (a bug: please report it).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 fn weights_message(path: &Path, problems: &[TensorProblem], fitting: &[String]) -> String {

@@ -22,9 +22,10 @@
 //! `gpu` submodule the wrapper of its CUDA kernel), [`gpu`] the device seam
 //! (a GPU through cudarc, or the CPU emulator of the kernels), [`model`]
 //! composes the ops ([`DeviceModel`] on a device), [`io`] reads and writes
-//! checkpoints and images.
+//! checkpoints and images, [`dataset`] runs a model over whole datasets.
 
 pub mod config;
+pub mod dataset;
 pub mod error;
 pub mod focus;
 pub mod gpu;

@@ -423,13 +423,16 @@ fn bench_ends_with_one_json_line() {
 
 #[test]
 fn bad_arguments_give_one_line_errors() {
+    let img = images().remove(0);
+    let out = autofocus(&["classify", "--weights", "/nonexistent/w.safetensors", &img]);
+    assert_error_line(&out, "/nonexistent/w.safetensors");
     let out = autofocus(&[
         "classify",
         "--weights",
         "/nonexistent/w.safetensors",
         "x.png",
     ]);
-    assert_error_line(&out, "/nonexistent/w.safetensors");
+    assert_error_line(&out, "x.png");
     let out = autofocus(&["bench", "--config", "aff_gigantic"]);
     assert_error_line(&out, "aff_gigantic");
     for sub in ["infer", "classify", "bench", "convert"] {

@@ -166,39 +166,71 @@ fn the_features_command_writes_the_golden_names() {
         want.tensor_i32("spatial_shape").unwrap()
     );
 
-    // From image files: one size per batch.
+    // From image files (two sizes, so two batches): a folder of shards and
+    // an index; each image's features are what it gets alone.
     let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/images");
-    let mixed = Command::new(env!("CARGO_BIN_EXE_autofocus"))
-        .args(["features", "--weights"])
-        .arg(&weights)
-        .arg(images.join("chelsea.png"))
-        .arg(images.join("coffee.png"))
-        .arg("--out")
-        .arg(dir.path().join("mixed.safetensors"))
-        .output()
-        .unwrap();
-    assert!(!mixed.status.success());
-    assert!(String::from_utf8_lossy(&mixed.stderr).contains("coffee.png"));
-    let one = dir.path().join("one.safetensors");
-    let single = Command::new(env!("CARGO_BIN_EXE_autofocus"))
-        .args(["features", "--weights"])
-        .arg(&weights)
-        .arg(images.join("chelsea.png"))
-        .arg("--out")
-        .arg(&one)
-        .output()
-        .unwrap();
-    assert!(
-        single.status.success(),
-        "{}",
-        String::from_utf8_lossy(&single.stderr)
+    let run = |out: &std::path::Path, files: &[&str], extra: &[&str]| {
+        let status = Command::new(env!("CARGO_BIN_EXE_autofocus"))
+            .args(["features", "--weights"])
+            .arg(&weights)
+            .args(files.iter().map(|f| images.join(f)))
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    let both = dir.path().join("both");
+    run(
+        &both,
+        &["chelsea.png", "coffee.png"],
+        &["--shard-size", "1"],
+    );
+    let index = std::fs::read_to_string(both.join("index.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = index
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{index}");
+    assert_eq!(lines[0]["shard"], "features-00000.safetensors");
+    assert_eq!(lines[1]["shard"], "features-00001.safetensors");
+    let alone = dir.path().join("alone");
+    run(&alone, &["chelsea.png"], &[]);
+    let key = lines[0]["path"].as_str().unwrap();
+    let (got, want) = (
+        SafetensorsFile::open(both.join("features-00000.safetensors")).unwrap(),
+        SafetensorsFile::open(alone.join("features-00000.safetensors")).unwrap(),
     );
     assert_eq!(
-        SafetensorsFile::open(&one)
-            .unwrap()
-            .tensor_i32("spatial_shape")
+        want.tensor_i32(&format!("{key}/spatial_shape"))
             .unwrap()
             .data(),
         &[75, 113]
     );
+    for name in ["res2", "res3_pos", "res5"] {
+        let name = format!("{key}/{name}");
+        assert_eq!(
+            got.tensor_f32(&name).unwrap(),
+            want.tensor_f32(&name).unwrap(),
+            "{name}"
+        );
+    }
+    // An existing output is kept unless --resume or --force says otherwise.
+    let again = Command::new(env!("CARGO_BIN_EXE_autofocus"))
+        .args(["features", "--weights"])
+        .arg(&weights)
+        .arg(images.join("chelsea.png"))
+        .arg("--out")
+        .arg(&alone)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    run(&alone, &["chelsea.png"], &["--resume"]);
+    assert_eq!(std::fs::read_dir(&alone).unwrap().count(), 2);
 }

@@ -10,7 +10,7 @@ use autofocus::io::F32Buffer;
 use autofocus::ops::LayerNorm;
 use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
 use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention as cpu_attention};
-use autofocus::ops::clustering::space_filling_cluster;
+use autofocus::ops::clustering::{KeyScope, space_filling_cluster};
 use autofocus::ops::dense::{DenseOptions, to_dense};
 use autofocus::ops::linear::gpu::{DeviceLinear, Output, linear};
 use autofocus::ops::linear::{Epilogue, Linear};
@@ -184,13 +184,14 @@ fn layer_norm_matches_the_cpu() {
 fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
     let mut rng = Rng::new(3);
     for device in common::devices() {
-        for (h, w, n, s, nnc, batch) in [
-            (9, 13, 117, 8, 6, 1),
-            (14, 14, 196, 8, 6, 2),
-            (16, 11, 61, 8, 3, 3),
-            (7, 5, 20, 4, 5, 2),
-            (3, 3, 9, 1, 4, 1),
-            (2, 40, 33, 8, 2, 2),
+        for (h, w, n, s, nnc, batch, scope) in [
+            (9, 13, 117, 8, 6, 1, KeyScope::Batch),
+            (14, 14, 196, 8, 6, 2, KeyScope::Batch),
+            (16, 11, 61, 8, 3, 3, KeyScope::Batch),
+            (16, 11, 61, 8, 3, 3, KeyScope::Image),
+            (7, 5, 20, 4, 5, 2, KeyScope::Image),
+            (3, 3, 9, 1, 4, 1, KeyScope::Batch),
+            (2, 40, 33, 8, 2, 2, KeyScope::Batch),
         ] {
             let pos: Vec<f32> = (0..batch)
                 .flat_map(|_| {
@@ -203,7 +204,7 @@ fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
                     }
                 })
                 .collect();
-            let want = space_filling_cluster(&pos, batch, n, s, (h, w)).unwrap();
+            let want = space_filling_cluster(&pos, batch, n, s, (h, w), scope).unwrap();
             let dpos = device.upload(&pos).unwrap();
             let got = autofocus::ops::clustering::gpu::space_filling_cluster(
                 &device,
@@ -212,9 +213,10 @@ fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
                 n,
                 s,
                 (h, w),
+                scope,
             )
             .unwrap();
-            let case = format!("{h}×{w}, n {n}, s {s}, batch {batch} on {device:?}");
+            let case = format!("{h}×{w}, n {n}, s {s}, batch {batch}, {scope:?} on {device:?}");
             let reorder: Vec<u32> = device
                 .download(&got.reorder)
                 .unwrap()

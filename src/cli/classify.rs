@@ -1,12 +1,19 @@
-//! `autofocus classify`: image files → top-k classes.
+//! `autofocus classify`: image files, folders and manifests → top-k
+//! classes, printed or as resumable JSON lines.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use serde_json::{Value, json};
 
+use autofocus::dataset::{Decoded, Input, JsonlOutput, OutputMode};
 use autofocus::io::image::{Preprocess, load_image};
+use autofocus::ops::clustering::KeyScope;
 use autofocus::{Error, Result, Tensor, limits};
+
+use super::dataset::{DatasetArgs, Plan, Progress, Tally, run_models};
+use super::device::Runner;
 
 /// ImageNet-1k class names, one per line, in class-index order.
 const IMAGENET_CLASSES: &str = include_str!("../../data/imagenet_classes.txt");
@@ -16,16 +23,16 @@ const IMAGENET_CLASSES: &str = include_str!("../../data/imagenet_classes.txt");
 pub struct Args {
     #[command(flatten)]
     model: super::ModelArgs,
-    /// PNG or JPEG files.
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
+    #[command(flatten)]
+    dataset: DatasetArgs,
+    /// Write one JSON line per input here (`path`, `id`, and `top` or
+    /// `error`), appended as results come, instead of printing.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Classes to report per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    /// Print one JSON document instead of text.
+    /// Print one JSON document instead of text (without `--out`).
     #[arg(long)]
     json: bool,
     /// Resize straight to the model's size instead of resize + centre crop
@@ -78,47 +85,184 @@ fn top_k(logits: &[f32], k: usize) -> Vec<Prediction> {
         .collect()
 }
 
-pub fn run(args: Args) -> Result<()> {
-    if args.batch == 0 {
-        return Err(Error::InvalidArgument("--batch must be at least 1".into()));
+/// One `--out` line: the input and its top classes.
+fn success_line(input: &Input, logits: &[f32], k: usize) -> Value {
+    let top: Vec<Value> = top_k(logits, k)
+        .into_iter()
+        .map(|p| json!({"class": p.label, "index": p.class, "prob": p.probability}))
+        .collect();
+    let mut line = input_fields(input);
+    line.insert("top".into(), Value::Array(top));
+    Value::Object(line)
+}
+
+/// One `--out` line for an input that could not be classified.
+fn error_line(input: &Input, error: &Error) -> Value {
+    let mut line = input_fields(input);
+    line.insert("error".into(), Value::String(error.to_string()));
+    Value::Object(line)
+}
+
+/// `path`, and `id` when the manifest gave one.
+fn input_fields(input: &Input) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        "path".into(),
+        Value::String(input.path.display().to_string()),
+    );
+    if let Some(id) = &input.id {
+        fields.insert("id".into(), Value::String(id.clone()));
     }
-    let model = args.model.load()?;
-    let runner = args.model.backend.runner(&model)?;
+    fields
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let plan = args.dataset.plan()?;
+    let mode = args.dataset.mode()?;
+    let out = args
+        .out
+        .as_ref()
+        .map(|o| plan.shard.map_or_else(|| o.clone(), |s| s.output_name(o)));
+    if let Some(out) = &out {
+        let mut inputs: Vec<&Path> = vec![&args.model.weights];
+        inputs.extend(plan.inputs.iter().map(|i| i.path.as_path()));
+        inputs.extend(args.dataset.manifest.iter().map(PathBuf::as_path));
+        if mode == OutputMode::New && out.symlink_metadata().is_ok() {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists: pass --resume to continue it or --force to start again",
+                out.display()
+            )));
+        }
+        // Resuming appends to it: only a fresh run needs it absent.
+        let replace = mode != OutputMode::New;
+        super::check_output(out, &inputs, replace)?;
+    } else if mode != OutputMode::New {
+        return Err(Error::InvalidArgument(
+            "--resume and --force apply to --out".into(),
+        ));
+    }
+    let model = args.model.load(KeyScope::Image)?;
     let mut pre = Preprocess::for_config(model.config());
     if args.no_crop {
         pre.crop = false;
     }
     let side = pre.size;
-    // The largest batch, estimated before any image is read.
-    let batch = args.batch.min(args.images.len());
-    let what = format!("classify --batch {}", args.batch);
+    let what = format!("classify --batch {}", args.dataset.batch);
+    let batch = args.dataset.batch.min(plan.inputs.len()).max(1);
     limits::check_forward_memory(&what, model.config(), model.kind(), batch, (side, side))?;
-    let progress = if args.images.len() > args.batch {
-        ProgressBar::new(args.images.len() as u64).with_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta}")
-                .expect("a valid template"),
-        )
-    } else {
-        ProgressBar::hidden()
+    let decode = |path: &Path| {
+        load_image(path, pre).map(|pixels| Decoded {
+            height: side,
+            width: side,
+            pixels,
+        })
     };
-    let mut results = Vec::with_capacity(args.images.len());
-    for chunk in args.images.chunks(args.batch) {
-        let mut pixels = Vec::with_capacity(chunk.len() * 3 * side * side);
-        for path in chunk {
-            pixels.extend(load_image(path, pre)?);
-        }
-        let batch = Tensor::new(vec![chunk.len(), 3, side, side], pixels)?;
-        let logits = runner.forward(&batch)?;
+    let per_batch = |runner: &Runner<'_>, images: &Tensor| -> Result<Vec<Vec<f32>>> {
+        let logits = runner.forward(images)?;
         let classes = logits.shape()[1];
-        for (path, row) in chunk.iter().zip(logits.data().chunks_exact(classes)) {
-            results.push(ImageResult {
-                image: path.display().to_string(),
-                top: top_k(row, args.top),
-            });
-        }
-        progress.inc(chunk.len() as u64);
+        Ok(logits
+            .data()
+            .chunks_exact(classes)
+            .map(<[f32]>::to_vec)
+            .collect())
+    };
+    match out {
+        Some(out) => run_to_file(&args, &plan, &out, mode, &model, decode, per_batch),
+        None => run_to_terminal(&args, &plan, &model, decode, per_batch),
     }
-    progress.finish_and_clear();
+}
+
+/// `--out`: lines appended as results come, resumable.
+fn run_to_file(
+    args: &Args,
+    plan: &Plan,
+    out: &Path,
+    mode: OutputMode,
+    model: &autofocus::AutoFocusFormer,
+    decode: impl Fn(&Path) -> Result<Decoded> + Sync,
+    per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<Vec<f32>>> + Sync,
+) -> Result<()> {
+    let positions: HashMap<String, usize> = plan
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| (input.key(), i))
+        .collect();
+    let (mut file, resumed) = JsonlOutput::open(out, &positions, mode, &|_| Ok(true))?;
+    let todo: Vec<usize> = (0..plan.inputs.len())
+        .filter(|&i| !resumed.done[i])
+        .collect();
+    let paths: Vec<PathBuf> = todo.iter().map(|&i| plan.inputs[i].path.clone()).collect();
+    let mut tally = Tally {
+        kept: plan.inputs.len() - todo.len(),
+        skipped: plan.all.skipped.len(),
+        ..Tally::default()
+    };
+    let mut progress = Progress::new("classify", paths.len());
+    let result = run_models(
+        model,
+        &args.model.backend,
+        &args.dataset,
+        &paths,
+        decode,
+        per_batch,
+        |slot, result| {
+            let position = todo[slot];
+            let input = &plan.inputs[position];
+            let line = match result {
+                Ok(logits) => {
+                    tally.done += 1;
+                    success_line(input, &logits, args.top)
+                }
+                Err(e) => {
+                    tally.failed += 1;
+                    error_line(input, &e)
+                }
+            };
+            progress.inc();
+            file.append(position, &line)
+        },
+    );
+    progress.finish();
+    result?;
+    file.finish(&positions)?;
+    tally.report("classify", progress.rate());
+    Ok(())
+}
+
+/// No `--out`: today's printout (text or one JSON document); an image that
+/// fails makes the command fail, after the others are printed.
+fn run_to_terminal(
+    args: &Args,
+    plan: &Plan,
+    model: &autofocus::AutoFocusFormer,
+    decode: impl Fn(&Path) -> Result<Decoded> + Sync,
+    per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<Vec<f32>>> + Sync,
+) -> Result<()> {
+    let paths: Vec<PathBuf> = plan.inputs.iter().map(|i| i.path.clone()).collect();
+    let mut results = Vec::with_capacity(paths.len());
+    let mut failures = Vec::new();
+    let mut progress = Progress::new("classify", paths.len());
+    run_models(
+        model,
+        &args.model.backend,
+        &args.dataset,
+        &paths,
+        decode,
+        per_batch,
+        |slot, result| {
+            match result {
+                Ok(logits) => results.push(ImageResult {
+                    image: paths[slot].display().to_string(),
+                    top: top_k(&logits, args.top),
+                }),
+                Err(e) => failures.push(e),
+            }
+            progress.inc();
+            Ok(())
+        },
+    )?;
+    progress.finish();
     if args.json {
         println!(
             "{}",
@@ -138,5 +282,13 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
-    Ok(())
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.remove(0)),
+        n => Err(Error::InvalidArgument(format!(
+            "{n} of {} images failed; the first: {}",
+            paths.len(),
+            failures[0]
+        ))),
+    }
 }

@@ -7,8 +7,9 @@ use autofocus::{AutoFocusFormer, BackboneFeatures, DeviceModel, Error, Result, T
 /// Where and in what precision the model runs.
 #[derive(Debug, clap::Args)]
 pub struct DeviceArgs {
-    /// cpu, cuda (GPU 0), or emulator (the CUDA kernels as C++ on the CPU:
-    /// slow, for checking).
+    /// cpu, cuda (GPU 0), cuda:N, or emulator (the CUDA kernels as C++ on
+    /// the CPU: slow, for checking); dataset commands also take cuda:N,M,…
+    /// and cuda:all (one worker per GPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Storage type of weights and activations on a device: f32, f16 or bf16
@@ -25,20 +26,56 @@ pub enum Runner<'m> {
     Bf16(DeviceModel<'m, half::bf16>),
 }
 
+/// The backend one worker drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Cpu,
+    Emulator,
+    Cuda(usize),
+}
+
 impl DeviceArgs {
-    /// The device asked for, `None` for the CPU backend.
+    /// The backends `--device` names: `cpu`, `emulator`, `cuda` (GPU 0),
+    /// `cuda:N`, `cuda:N,M,…` or `cuda:all` (every GPU).
     ///
     /// # Errors
-    /// An unknown device, or a dtype the CPU backend lacks; CUDA errors.
-    pub fn device(&self) -> Result<Option<Device>> {
-        let device = match self.device.as_str() {
-            "cpu" => None,
-            "cuda" => Some(Device::cuda(0)?),
-            "emulator" => Some(Device::emulator()),
+    /// An unknown device or dtype, a dtype the CPU backend lacks, no GPU
+    /// for `cuda:all`.
+    pub fn backends(&self) -> Result<Vec<Backend>> {
+        let unknown = || {
+            Error::InvalidArgument(format!(
+                "unknown --device `{}` (cpu, emulator, cuda, cuda:N, cuda:N,M,…, cuda:all)",
+                self.device
+            ))
+        };
+        let backends = match self.device.as_str() {
+            "cpu" => vec![Backend::Cpu],
+            "emulator" => vec![Backend::Emulator],
+            "cuda" => vec![Backend::Cuda(0)],
+            "cuda:all" => {
+                let count = Device::cuda_count()?;
+                if count == 0 {
+                    return Err(Error::Unsupported(
+                        "--device cuda:all: the driver sees no GPU".into(),
+                    ));
+                }
+                (0..count).map(Backend::Cuda).collect()
+            }
             other => {
-                return Err(Error::InvalidArgument(format!(
-                    "unknown --device `{other}` (cpu, cuda, emulator)"
-                )));
+                let list = other.strip_prefix("cuda:").ok_or_else(unknown)?;
+                let mut ordinals: Vec<usize> = list
+                    .split(',')
+                    .map(|n| n.trim().parse().map_err(|_| unknown()))
+                    .collect::<Result<_>>()?;
+                let given = ordinals.len();
+                ordinals.sort_unstable();
+                ordinals.dedup();
+                if ordinals.len() != given {
+                    return Err(Error::InvalidArgument(format!(
+                        "--device {other}: a GPU is named twice"
+                    )));
+                }
+                ordinals.into_iter().map(Backend::Cuda).collect()
             }
         };
         if !["f32", "f16", "bf16"].contains(&self.dtype.as_str()) {
@@ -47,13 +84,28 @@ impl DeviceArgs {
                 self.dtype
             )));
         }
-        if device.is_none() && self.dtype != "f32" {
+        if backends.contains(&Backend::Cpu) && self.dtype != "f32" {
             return Err(Error::Unsupported(format!(
                 "--dtype {}: the CPU backend computes in f32 only (use --device cuda)",
                 self.dtype
             )));
         }
-        Ok(device)
+        Ok(backends)
+    }
+
+    /// The one device asked for, `None` for the CPU backend (commands that
+    /// run on a single device).
+    ///
+    /// # Errors
+    /// As [`DeviceArgs::backends`]; more than one device named; CUDA errors.
+    pub fn device(&self) -> Result<Option<Device>> {
+        match self.backends()?.as_slice() {
+            [one] => open(*one),
+            _ => Err(Error::InvalidArgument(format!(
+                "--device {}: this command runs on one device (dataset commands take several)",
+                self.device
+            ))),
+        }
     }
 
     /// `model` on the chosen backend (weights uploaded once).
@@ -61,7 +113,20 @@ impl DeviceArgs {
     /// # Errors
     /// As [`DeviceArgs::device`]; upload errors.
     pub fn runner<'m>(&self, model: &'m AutoFocusFormer) -> Result<Runner<'m>> {
-        let Some(device) = self.device()? else {
+        let device = self.device()?;
+        self.runner_on(model, device)
+    }
+
+    /// `model` on `device` (`None`: the CPU), in this `--dtype`.
+    ///
+    /// # Errors
+    /// Upload errors.
+    pub fn runner_on<'m>(
+        &self,
+        model: &'m AutoFocusFormer,
+        device: Option<Device>,
+    ) -> Result<Runner<'m>> {
+        let Some(device) = device else {
             return Ok(Runner::Cpu(model));
         };
         Ok(match self.dtype.as_str() {
@@ -70,6 +135,18 @@ impl DeviceArgs {
             _ => Runner::F32(DeviceModel::new(model, device)?),
         })
     }
+}
+
+/// Opens `backend`'s device (`None` for the CPU).
+///
+/// # Errors
+/// CUDA errors naming the GPU.
+pub fn open(backend: Backend) -> Result<Option<Device>> {
+    Ok(match backend {
+        Backend::Cpu => None,
+        Backend::Emulator => Some(Device::emulator()),
+        Backend::Cuda(ordinal) => Some(Device::cuda(ordinal)?),
+    })
 }
 
 impl Runner<'_> {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use autofocus::focus::focus_picture;
 use autofocus::io::image::{Preprocess, decode, normalise};
+use autofocus::ops::clustering::KeyScope;
 use autofocus::{Error, ModelKind, Result, Tensor};
 
 /// Arguments of `autofocus focus`.
@@ -27,7 +28,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     super::check_output(&args.out, &[&args.model.weights, &args.image], args.force)?;
-    let model = args.model.load()?;
+    let model = args.model.load(KeyScope::Image)?; // one image: both scopes agree
     let photo = decode(&args.image)?;
     // Classifiers see the evaluation crop; backbones the whole image.
     let photo = match model.kind() {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use autofocus::ops::clustering::KeyScope;
 use autofocus::{Error, Result, Trace, TraceLevel};
 
 /// Arguments of `autofocus infer`.
@@ -25,7 +26,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     super::check_output(&args.out, &[&args.model.weights, &args.input], args.force)?;
-    let model = args.model.load()?;
+    let model = args.model.load(KeyScope::Batch)?;
     let image = super::read_input_image(&args.input)?;
     let mut trace = args.stages.then(|| Trace::new(TraceLevel::StageOutputs));
     let logits = match (&trace, args.model.backend.device()?) {

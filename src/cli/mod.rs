@@ -2,7 +2,9 @@
 
 mod bench;
 mod classify;
+mod collect;
 mod convert;
+mod dataset;
 mod device;
 mod features;
 mod focus;
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use autofocus::io::{Overwrite, SafetensorsFile, write_safetensors_with};
+use autofocus::ops::clustering::KeyScope;
 use autofocus::{AffConfig, AnyTensor, AutoFocusFormer, Error, Result, Tensor};
 
 /// AutoFocusFormer inference, exact to the published model.
@@ -28,8 +31,11 @@ pub struct Cli {
 enum Command {
     /// Run the model on a batch of normalised images stored in safetensors.
     Infer(infer::Args),
-    /// Classify image files (PNG/JPEG) and print the top classes.
+    /// Classify images (files, folders, manifests): print the top classes or
+    /// write them as JSON lines.
     Classify(classify::Args),
+    /// Check that shard outputs cover every input once, and merge them.
+    Collect(collect::Args),
     /// Time the model with random weights.
     Bench(bench::Args),
     /// Convert a PyTorch .pth checkpoint to safetensors.
@@ -45,6 +51,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Infer(a) => infer::run(a),
         Command::Classify(a) => classify::run(a),
+        Command::Collect(a) => collect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Features(a) => features::run(a),
@@ -67,14 +74,33 @@ struct ModelArgs {
     threads: usize,
     #[command(flatten)]
     backend: device::DeviceArgs,
+    /// Which images share the clustering keys' normaliser: `batch`, as the
+    /// published model (an image's result can depend on its batch), or
+    /// `image` (each image as if alone: batch-invariant). Default: `image`
+    /// for classify and features over files, `batch` otherwise.
+    #[arg(long, value_enum)]
+    clustering: Option<Clustering>,
+}
+
+/// `--clustering`: see [`KeyScope`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Clustering {
+    Batch,
+    Image,
 }
 
 impl ModelArgs {
-    /// Sets the thread count, then loads the model.
-    fn load(&self) -> Result<AutoFocusFormer> {
+    /// Sets the thread count, then loads the model, clustering with
+    /// `--clustering` or else `default`.
+    fn load(&self, default: KeyScope) -> Result<AutoFocusFormer> {
         set_threads(self.threads)?;
         let config = self.config.as_deref().map(AffConfig::resolve).transpose()?;
-        AutoFocusFormer::load(&self.weights, config)
+        let scope = match self.clustering {
+            None => default,
+            Some(Clustering::Batch) => KeyScope::Batch,
+            Some(Clustering::Image) => KeyScope::Image,
+        };
+        Ok(AutoFocusFormer::load(&self.weights, config)?.with_key_scope(scope))
     }
 }
 

@@ -33,19 +33,33 @@ impl DeviceSlice {
     }
 }
 
-impl CudaBackend {
-    pub fn new(ordinal: usize) -> Result<Self> {
-        if !super::built_with_cuda() {
-            return Err(Error::Unsupported(
+/// Fails unless this build has kernels and the machine a CUDA driver.
+fn check_available() -> Result<()> {
+    if !super::built_with_cuda() {
+        return Err(Error::Unsupported(
                 "--device cuda: this build has no CUDA kernels (nvcc was not found when it was compiled)".into(),
             ));
-        }
-        // SAFETY: only probes whether the driver library can be opened.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Unsupported(
-                "--device cuda: no CUDA driver on this machine (libcuda not found)".into(),
-            ));
-        }
+    }
+    // SAFETY: only probes whether the driver library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Unsupported(
+            "--device cuda: no CUDA driver on this machine (libcuda not found)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// How many GPUs the driver sees.
+pub fn device_count() -> Result<usize> {
+    check_available()?;
+    let count = CudaContext::device_count()
+        .map_err(|e| Error::Unsupported(format!("--device cuda: cannot count the GPUs: {e}")))?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        check_available()?;
         let context = CudaContext::new(ordinal).map_err(|e| {
             Error::Unsupported(format!("--device cuda: cannot open GPU {ordinal}: {e}"))
         })?;

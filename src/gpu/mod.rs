@@ -198,6 +198,14 @@ impl Device {
         })
     }
 
+    /// How many GPUs this machine has that this build can use.
+    ///
+    /// # Errors
+    /// As [`Device::cuda`], when there is no usable driver or kernel image.
+    pub fn cuda_count() -> Result<usize> {
+        cuda::device_count()
+    }
+
     /// True for a real GPU.
     pub fn is_cuda(&self) -> bool {
         matches!(self.backend, Backend::Cuda(_))

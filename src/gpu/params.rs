@@ -175,9 +175,11 @@ pub struct ClusterRatioParams {
     pub rank: Ptr,
     /// count
     pub ratio: Ptr,
-    /// 1: bits of the largest ratio (zeroed before)
+    /// count / group: bits of each group's largest ratio (zeroed before)
     pub max_ratio: Ptr,
+    /// tokens, tokens sharing one normaliser (n or b·n)
     pub count: i32,
+    pub group: i32,
     pub pw: i32,
     pub ph: i32,
     pub cell_w: f32,
@@ -192,11 +194,12 @@ pub struct ClusterKeysParams {
     pub rank: Ptr,
     /// count
     pub ratio: Ptr,
-    /// 1
+    /// count / group
     pub max_ratio: Ptr,
     /// count
     pub keys: Ptr,
     pub count: i32,
+    pub group: i32,
 }
 
 /// Stable ascending sort of each image's keys: `order[img][r]` = index of the

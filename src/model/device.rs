@@ -426,7 +426,8 @@ impl<'m, T: Element> DeviceModel<'m, T> {
     ) -> Result<(DeviceClustering, DeviceNeighbourhood)> {
         let config = self.model.config();
         let s_c = config.cluster_size;
-        let clustering = space_filling_cluster(&self.device, pos, b, n, s_c, grid)?;
+        let scope = self.model.key_scope();
+        let clustering = space_filling_cluster(&self.device, pos, b, n, s_c, grid, scope)?;
         let k = clustering.clusters;
         let nnc = (round_half_even(config.nbhd_size[s] as f64 / s_c as f64) as usize).clamp(1, k);
         let nbhd = nearest_neighbourhoods(

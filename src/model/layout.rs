@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::tables::PositionTables;
 use super::weights::ModelWeights;
 use crate::error::Result;
-use crate::ops::clustering::{Clustering, grid_positions, round_half_even, space_filling_cluster};
+use crate::ops::clustering::{
+    Clustering, KeyScope, grid_positions, round_half_even, space_filling_cluster,
+};
 use crate::ops::neighbourhood::{Neighbourhood, nearest_clusters};
 use crate::ops::rel_pos::{OffsetTable, neighbour_rows};
 
@@ -24,11 +26,12 @@ pub struct ClusterLayout {
 }
 
 impl ClusterLayout {
-    /// Clusters `batch` token sets and finds their neighbourhoods and their
-    /// rows in `offsets`.
+    /// Clusters `batch` token sets (sharing the key normaliser as `scope`
+    /// says) and finds their neighbourhoods and their rows in `offsets`.
     ///
     /// # Errors
     /// Propagates the ops' argument errors.
+    #[allow(clippy::too_many_arguments)] // each is a distinct input of spec §3–4
     pub fn build(
         pos: &[f32],
         batch: usize,
@@ -37,8 +40,9 @@ impl ClusterLayout {
         nbhd_size: usize,
         offsets: &OffsetTable,
         grid: (usize, usize),
+        scope: KeyScope,
     ) -> Result<Self> {
-        let clustering = space_filling_cluster(pos, batch, n, cluster_size, grid)?;
+        let clustering = space_filling_cluster(pos, batch, n, cluster_size, grid, scope)?;
         let k = clustering.clusters;
         // nnc = min(round(nbhd / s), k), at least one cluster.
         let nnc = (round_half_even(nbhd_size as f64 / cluster_size as f64) as usize).clamp(1, k);
@@ -175,6 +179,7 @@ impl GridGeometry {
             nbhd_size,
             &self.offsets,
             self.grid,
+            KeyScope::Batch, // one image: both scopes agree
         )?);
         Ok(Arc::clone(self.stage0.get_or_init(|| layout)))
     }

@@ -31,6 +31,7 @@ use self::trace::{f32_tensor, i32_tensor, record};
 use crate::config::AffConfig;
 use crate::error::{Error, Result};
 use crate::io::{TensorSource, open_weights};
+use crate::ops::clustering::KeyScope;
 use crate::ops::dense::{DenseOptions, to_dense};
 use crate::ops::rel_pos::SEGMENTATION_OFFSET_CLAMP;
 use crate::tensor::Tensor;
@@ -158,6 +159,8 @@ pub struct AutoFocusFormer {
     grid_cache: GridCache,
     /// Relative offsets are clamped to this (segmentation backbones).
     offset_clamp: Option<usize>,
+    /// Which images share the clustering keys' normaliser.
+    key_scope: KeyScope,
 }
 
 impl AutoFocusFormer {
@@ -234,7 +237,24 @@ impl AutoFocusFormer {
             weights,
             grid_cache: GridCache::default(),
             offset_clamp: (kind == ModelKind::Backbone).then_some(SEGMENTATION_OFFSET_CLAMP),
+            key_scope: KeyScope::Batch,
         }
+    }
+
+    /// The same model, clustering with `scope`: [`KeyScope::Batch`] (the
+    /// default) reproduces the published model, whose result for an image
+    /// can depend on the other images of its batch; [`KeyScope::Image`]
+    /// makes every image's result independent of its batch (as at batch 1).
+    #[must_use]
+    pub fn with_key_scope(mut self, scope: KeyScope) -> Self {
+        self.key_scope = scope;
+        self
+    }
+
+    /// Which images share the clustering keys' normaliser (see
+    /// [`with_key_scope`](Self::with_key_scope)).
+    pub fn key_scope(&self) -> KeyScope {
+        self.key_scope
     }
 
     /// The per-axis clamp of relative offsets (segmentation backbones: 511).

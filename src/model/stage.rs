@@ -103,8 +103,16 @@ impl AutoFocusFormer {
         let layout = if on_grid {
             geometry.grid_layout(s_c, nbhd_size)?
         } else {
-            let built =
-                ClusterLayout::build(&tokens.pos, b, n, s_c, nbhd_size, &geometry.offsets, grid)?;
+            let built = ClusterLayout::build(
+                &tokens.pos,
+                b,
+                n,
+                s_c,
+                nbhd_size,
+                &geometry.offsets,
+                grid,
+                self.key_scope(),
+            )?;
             std::sync::Arc::new(built)
         };
         // A cached grid layout holds one image, which every image shares.

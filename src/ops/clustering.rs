@@ -178,12 +178,39 @@ fn dist2(a: [f32; 2], b: [f32; 2]) -> f32 {
     x2 + y2
 }
 
+/// Which images share the normaliser `M` of the clustering keys (spec §3,
+/// step 5).
+///
+/// The published model takes the largest ratio over the **whole batch**, so
+/// an image's clusters (and so its output) can change with the images that
+/// share its batch. [`KeyScope::Image`] normalises each image by its own
+/// largest ratio: every image is clustered exactly as it would be alone, at
+/// batch 1, whatever its batch holds. The two agree at batch 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyScope {
+    /// One `M` for the whole batch, as published (reproduces its numbers).
+    #[default]
+    Batch,
+    /// One `M` per image: batch-invariant results.
+    Image,
+}
+
+impl KeyScope {
+    /// How many consecutive tokens share one `M`, for `batch` images of `n`.
+    pub fn group_tokens(self, batch: usize, n: usize) -> usize {
+        match self {
+            Self::Batch => batch * n,
+            Self::Image => n,
+        }
+    }
+}
+
 /// Clusters `batch` sets of `n` tokens at positions `pos` (b×n×2, integer
 /// valued, on an `h × w` grid) into `ceil(n / s)` clusters of `s` consecutive
 /// tokens along the curve.
 ///
-/// The key normalisation uses the largest ratio over the **whole batch**, as
-/// the published model does, so a batch is clustered exactly as it is there.
+/// `scope` says which images share the key normaliser: [`KeyScope::Batch`]
+/// clusters a batch exactly as the published model does.
 ///
 /// # Errors
 /// [`Error::Shape`] when `pos` is not b×n×2; [`Error::InvalidArgument`] for
@@ -194,6 +221,7 @@ pub fn space_filling_cluster(
     n: usize,
     cluster_size: usize,
     grid: (usize, usize),
+    scope: KeyScope,
 ) -> Result<Clustering> {
     let (h, w) = grid;
     check_len("space_filling_cluster", "pos", &[batch, n, 2], pos.len())?;
@@ -223,14 +251,19 @@ pub fn space_filling_cluster(
         ranks.push(r);
         ratios.push(dp / (dn + 1e-5f32));
     }
-    let max_ratio = ratios.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let scale = max_ratio + 1.0;
+    // One scale per group of images sharing the normaliser.
+    let group = scope.group_tokens(batch, n);
+    let scales: Vec<f32> = ratios
+        .chunks(group)
+        .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max) + 1.0)
+        .collect();
 
     let mut reorder = Vec::with_capacity(batch * n);
     let mut new_pos = Vec::with_capacity(batch * n * 2);
     let mut means = Vec::with_capacity(batch * k * 2);
     for img in 0..batch {
         let base = img * n;
+        let scale = scales[base / group];
         let keys: Vec<f32> = (0..n)
             .map(|t| {
                 let scaled = ranks[base + t] as f32 * scale;
@@ -304,7 +337,7 @@ mod tests {
     fn single_anchor_still_clusters() {
         // 2×40 grid, 80 tokens in 3 clusters of 32: patch_len 7.3 → ph = 0 → 1.
         let pos = grid_positions(2, 40);
-        let c = space_filling_cluster(&pos, 1, 80, 32, (2, 40)).unwrap();
+        let c = space_filling_cluster(&pos, 1, 80, 32, (2, 40), KeyScope::Batch).unwrap();
         assert_eq!(AnchorGrid::new(2, 40, 3).ph, 1);
         let mut seen = c.reorder.clone();
         seen.sort_unstable();
@@ -314,7 +347,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_errors() {
-        assert!(space_filling_cluster(&[0.0; 6], 1, 2, 2, (2, 2)).is_err());
-        assert!(space_filling_cluster(&[0.0; 4], 1, 2, 0, (2, 2)).is_err());
+        assert!(space_filling_cluster(&[0.0; 6], 1, 2, 2, (2, 2), KeyScope::Batch).is_err());
+        assert!(space_filling_cluster(&[0.0; 4], 1, 2, 0, (2, 2), KeyScope::Batch).is_err());
     }
 }

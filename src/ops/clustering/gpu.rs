@@ -2,7 +2,7 @@
 //! stable sort of `kernels/sort.cu`): the same keys, bit for bit, as
 //! [`super::space_filling_cluster`].
 
-use super::{AnchorGrid, prev_next};
+use super::{AnchorGrid, KeyScope, prev_next};
 use crate::error::{Error, Result};
 use crate::gpu::params::{ClusterKeysParams, ClusterMeansParams, ClusterRatioParams};
 use crate::gpu::sort::stable_sort;
@@ -38,6 +38,7 @@ pub fn space_filling_cluster(
     n: usize,
     cluster_size: usize,
     (h, w): (usize, usize),
+    scope: KeyScope,
 ) -> Result<DeviceClustering> {
     const OP: &str = "space_filling_cluster";
     let pos_addr = device.check(OP, "pos", pos, &[batch, n, 2])?;
@@ -75,7 +76,9 @@ pub fn space_filling_cluster(
     let next = device.upload(next.as_flattened())?;
     let mut rank = device.alloc::<i32>(count)?;
     let mut ratio = device.alloc::<f32>(count)?;
-    let mut max_ratio = device.zeros::<u32>(1)?;
+    let group = scope.group_tokens(batch, n);
+    let groups = count / group;
+    let mut max_ratio = device.zeros::<u32>(groups)?;
     let anchor_shape = [anchors.len(), 2];
     let ratio_params = ClusterRatioParams {
         pos: pos_addr,
@@ -83,8 +86,9 @@ pub fn space_filling_cluster(
         next: device.check(OP, "next", &next, &anchor_shape)?,
         rank: device.check_mut(OP, "rank", &mut rank, &[count])?,
         ratio: device.check_mut(OP, "ratio", &mut ratio, &[count])?,
-        max_ratio: device.check_mut(OP, "max_ratio", &mut max_ratio, &[1])?,
+        max_ratio: device.check_mut(OP, "max_ratio", &mut max_ratio, &[groups])?,
         count: dim(OP, "b·n", count)?,
+        group: dim(OP, "group", group)?,
         pw: dim(OP, "pw", anchors.pw)?,
         ph: dim(OP, "ph", anchors.ph)?,
         cell_w: anchors.cell[0],
@@ -98,9 +102,10 @@ pub fn space_filling_cluster(
     let key_params = ClusterKeysParams {
         rank: device.check(OP, "rank", &rank, &[count])?,
         ratio: device.check(OP, "ratio", &ratio, &[count])?,
-        max_ratio: device.check(OP, "max_ratio", &max_ratio, &[1])?,
+        max_ratio: device.check(OP, "max_ratio", &max_ratio, &[groups])?,
         keys: device.check_mut(OP, "keys", &mut keys, &[count])?,
         count: dim(OP, "b·n", count)?,
+        group: dim(OP, "group", group)?,
     };
     // SAFETY: as above.
     unsafe { device.launch("cluster_keys", per_token, &key_params)? };
