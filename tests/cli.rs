@@ -433,6 +433,19 @@ fn bad_arguments_give_one_line_errors() {
         "x.png",
     ]);
     assert_error_line(&out, "x.png");
+    let weights = data("tiny-128.weights.safetensors");
+    for (device, needle) in [
+        ("cuda:0,0", "named twice"),
+        ("cuda:x", "cuda:x"),
+        ("cuda:all", "cuda"),
+    ] {
+        let out = autofocus(&["classify", "--weights", &weights, &img, "--device", device]);
+        assert_error_line(&out, needle);
+    }
+    let out = autofocus(&["classify", "--weights", &weights, &img, "--resume"]);
+    assert_error_line(&out, "--out");
+    let out = autofocus(&["classify", "--weights", &weights, &img, "--shard", "3/3"]);
+    assert_error_line(&out, "3/3");
     let out = autofocus(&["bench", "--config", "aff_gigantic"]);
     assert_error_line(&out, "aff_gigantic");
     for sub in ["infer", "classify", "bench", "convert"] {

@@ -121,8 +121,12 @@ fn lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Top classes and probabilities of each line, `None` for an error line.
-fn predictions(path: &Path) -> Vec<(String, Option<Vec<(u64, f64)>>)> {
+/// One line's path and its top (class index, probability) pairs, `None`
+/// for an error line.
+type Prediction = (String, Option<Vec<(u64, f64)>>);
+
+/// The predictions of every line.
+fn predictions(path: &Path) -> Vec<Prediction> {
     lines(path)
         .iter()
         .map(|l| {

@@ -5,7 +5,8 @@ mod common;
 
 use std::sync::Arc;
 
-use autofocus::{AffConfig, AutoFocusFormer, ModelKind, Tensor, Trace, TraceLevel};
+use autofocus::ops::clustering::KeyScope;
+use autofocus::{AffConfig, AutoFocusFormer, DeviceModel, ModelKind, Tensor, Trace, TraceLevel};
 
 fn tiny_model() -> AutoFocusFormer {
     AutoFocusFormer::load(
@@ -30,6 +31,48 @@ fn image(batch: usize, h: usize, w: usize, seed: usize) -> Tensor {
         })
         .collect();
     Tensor::new(vec![batch, 3, h, w], data).unwrap()
+}
+
+/// With the per-image key scope, each image of a batch of different images
+/// is clustered, and so keeps its tokens, exactly as it would alone; on the
+/// emulated kernels too.
+#[test]
+fn per_image_clustering_makes_each_result_independent_of_its_batch() {
+    let model = tiny_model().with_key_scope(KeyScope::Image);
+    let singles: Vec<Tensor> = (0..3).map(|seed| image(1, 128, 128, seed * 11)).collect();
+    let data: Vec<f32> = singles.iter().flat_map(|t| t.data().to_vec()).collect();
+    let batch = Tensor::new(vec![3, 3, 128, 128], data).unwrap();
+    let mut traced = Trace::new(TraceLevel::StageOutputs);
+    let batched = model.forward_traced(&batch, Some(&mut traced)).unwrap();
+    let classes = batched.shape()[1];
+    for (i, single) in singles.iter().enumerate() {
+        let mut alone = Trace::new(TraceLevel::StageOutputs);
+        let logits = model.forward_traced(single, Some(&mut alone)).unwrap();
+        common::assert_close("logits", &batched.data()[i * classes..][..classes], &logits);
+        for s in 0..4 {
+            let key = format!("stage{s}.out.pos");
+            let (one, all) = (alone.f32(&key).unwrap(), traced.f32(&key).unwrap());
+            let n = one.len();
+            assert_eq!(&all.data()[i * n..][..n], one.data(), "image {i}, {key}");
+        }
+    }
+    for device in common::devices() {
+        let on_device = DeviceModel::<f32>::new(&model, device).unwrap();
+        let two = Tensor::new(
+            vec![2, 3, 128, 128],
+            batch.data()[..2 * 3 * 128 * 128].to_vec(),
+        )
+        .unwrap();
+        let both = on_device.forward(&two).unwrap();
+        for (i, single) in singles.iter().take(2).enumerate() {
+            let alone = on_device.forward(single).unwrap();
+            common::assert_close(
+                "device logits",
+                &both.data()[i * classes..][..classes],
+                &alone,
+            );
+        }
+    }
 }
 
 /// Token counts per stage, from the spec: keep = floor(n·ds), at least the

@@ -125,7 +125,14 @@ pub fn run(args: Args) -> Result<()> {
         .map(|o| plan.shard.map_or_else(|| o.clone(), |s| s.output_name(o)));
     if let Some(out) = &out {
         let mut inputs: Vec<&Path> = vec![&args.model.weights];
-        inputs.extend(plan.inputs.iter().map(|i| i.path.as_path()));
+        // Only inputs of the same file name can be the output (a million
+        // inputs need not each be resolved).
+        inputs.extend(
+            plan.inputs
+                .iter()
+                .map(|i| i.path.as_path())
+                .filter(|p| p.file_name() == out.file_name()),
+        );
         inputs.extend(args.dataset.manifest.iter().map(PathBuf::as_path));
         if mode == OutputMode::New && out.symlink_metadata().is_ok() {
             return Err(Error::InvalidArgument(format!(

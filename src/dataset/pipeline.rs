@@ -181,6 +181,7 @@ where
         for _ in 0..options.decoders {
             let (gate, decode, tx) = (&gate, &decode, decoded_tx.clone());
             scope.spawn(move || {
+                lower_priority();
                 while let Some(slot) = gate.claim() {
                     if tx.send((slot, decode(&paths[slot]))).is_err() {
                         return;
@@ -207,6 +208,22 @@ where
         gate.abort();
         result
     })
+}
+
+/// Lowers the calling thread's scheduling priority (Linux: `nice` is per
+/// thread). Decoders then run on the cores the model leaves idle (its
+/// serial phases, waits at barriers, a GPU's launches) instead of
+/// preempting the model's threads in the middle of a parallel region; the
+/// window keeps them from falling behind for long, since an idle model
+/// frees the cores they need.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on this thread's own id; a failure only
+    // leaves the priority as it was.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
 }
 
 /// Puts decoded images back in input order and cuts them into batches;
