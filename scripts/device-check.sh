@@ -78,6 +78,9 @@ run() {
   done
   step profile-aff_mini-bf16 device-bin/autofocus bench --device cuda --dtype bf16 \
     --config aff_mini --batch 256 --size 224 --iters 2 --warmup 1 --profile
+  # A dataset run over every GPU (one worker each) against the CPU: same
+  # lines but for the last digits of the probabilities.
+  step dataset-cuda-all scripts/dataset-check.sh device-bin/autofocus cuda:all "$out/dataset"
   # The card's two ceilings, measured (METHOD.md): a large device copy and a
   # large bf16 matrix product, through the PyTorch installed there.
   step ceilings timeout 120 python3 -c '
