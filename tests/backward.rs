@@ -375,6 +375,15 @@ fn attention_gradients_match_finite_differences_clustered_and_padded() {
 }
 
 #[test]
+fn attention_gradients_match_finite_differences_clusters_of_eight() {
+    // Clusters of 8, the published size, two per neighbourhood; the last
+    // cluster is short, so token 0 also fills padded slots.
+    let p = Problem::new(6, 2, 37, 2, 5, Lists::Clusters { s: 8, nnc: 2 });
+    assert!(p.nbhd.mask.is_some());
+    check_against_finite_differences(&p, "clusters of eight");
+}
+
+#[test]
 fn attention_gradients_match_finite_differences_global_head_dim_33() {
     let p = Problem::new(2, 2, 9, 1, 33, Lists::Global);
     check_against_finite_differences(&p, "global");
