@@ -1,4 +1,5 @@
-//! Kernel benchmarks on GPU 0 (skipped, with a message, without one).
+//! Kernel benchmarks on GPU 0; without one, only the layout's stable sort,
+//! on the emulator.
 //!
 //! The stage-0 layout (clustering, nearest clusters, selection) per image,
 //! and the fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
@@ -126,6 +127,39 @@ fn layout(c: &mut Criterion, device: &Device) {
     group.finish();
 }
 
+/// The layout's stable sort (clustering keys, token selection) per image at
+/// the token counts of stage 1 for 224² (784), 512² (4096) and 1024×2048
+/// (32768), and stage 0 of 1024×2048 (131072), with ties, against the
+/// CPU's stable sort of the same keys.
+fn sort(c: &mut Criterion, device: &Device, name: &str) {
+    let mut group = c.benchmark_group(format!("stable_sort_{name}"));
+    group.sample_size(10);
+    for n in [784usize, 4096, 32_768, 131_072] {
+        // Keys as clustering makes them: anchor rank · scale + ratio, ties
+        // where f32 absorbs the ratio.
+        let keys: Vec<f32> = (0..n)
+            .map(|i| (i * 7919 % n / 8) as f32 * 17.0 + ((i * 31) % 97) as f32 / 97.0)
+            .collect();
+        let dkeys = device.upload(&keys).unwrap();
+        let mut order = device.alloc::<i32>(n).unwrap();
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(format!("n{n}"), |bench| {
+            bench.iter(|| {
+                autofocus::gpu::sort::stable_sort(device, &dkeys, &mut order, 1, n).unwrap();
+                device.synchronize().unwrap();
+            })
+        });
+        group.bench_function(format!("n{n}_cpu_std"), |bench| {
+            bench.iter(|| {
+                let mut idx: Vec<u32> = (0..n as u32).collect();
+                idx.sort_by(|&a, &b| keys[a as usize].total_cmp(&keys[b as usize]));
+                idx
+            })
+        });
+    }
+    group.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     match Device::cuda(0) {
         Ok(device) => {
@@ -133,11 +167,15 @@ fn kernels(c: &mut Criterion) {
             attention::<half::bf16>(c, &device);
             attention::<f32>(c, &device);
             layout(c, &device);
+            sort(c, &device, "gpu");
         }
         Err(e) if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}")
         }
-        Err(e) => eprintln!("SKIPPED: kernel benchmarks need a GPU ({e})"),
+        Err(e) => {
+            eprintln!("SKIPPED: kernel benchmarks need a GPU ({e}); the sort on the emulator only");
+            sort(c, &Device::emulator(), "emulator");
+        }
     }
 }
 

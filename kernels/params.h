@@ -123,12 +123,13 @@ struct ClusterKeysParams {
   int32_t count, group;
 };
 
-// Stable ascending sort of each image's keys: order[img][r] = index of the
-// r-th smallest key, equal keys in index order.
+// One pass of the stable merge sort of each image's keys (sort.cu): merges
+// pairs of sorted runs of `width` element indices, ordered by (key, index).
 struct StableSortParams {
   const float* keys;         // batch × n
-  int32_t* order;            // batch × n
-  int32_t batch, n;
+  const int32_t* src;        // batch × n: runs of `width` sorted; null: the identity
+  int32_t* dst;              // batch × n: runs of 2·width sorted
+  int32_t batch, n, width;
 };
 
 // Cluster means of consecutive runs of `size` tokens (valid members only).

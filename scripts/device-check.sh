@@ -104,7 +104,7 @@ t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLO
   {
     echo
     echo "## Attention (aff_tiny stage 0, b = 64) and stage-0 layout (b = 64, 224²)"
-    grep -E "time:|thrpt:|cluster_attention|stage0_layout" "$out/attention-bench.log" || true
+    grep -E "time:|thrpt:|cluster_attention|stage0_layout|stable_sort" "$out/attention-bench.log" || true
     echo
     echo "## Whole model"
     tail -n 1 "$out"/bench-aff_mini-*.log || true

@@ -763,21 +763,37 @@ fn to_dense_matches_the_cpu() {
     }
 }
 
+/// The merge sort against Rust's stable sort: many ties (equal keys keep
+/// index order; −0 and +0 are equal, as `<` and `==` see them), sizes
+/// around powers of two (so the last run of a pass has no partner, or a
+/// short one), batch 3, the output poisoned first.
 #[test]
 fn stable_sort_keeps_ties_in_index_order() {
     let mut rng = Rng::new(9);
     for device in common::devices() {
-        let (batch, n) = (3, 600);
-        let keys: Vec<f32> = (0..batch * n).map(|_| rng.below(7) as f32 - 3.0).collect();
-        let dkeys = device.upload(&keys).unwrap();
-        let mut order = device.alloc::<i32>(batch * n).unwrap();
-        autofocus::gpu::sort::stable_sort(&device, &dkeys, &mut order, batch, n).unwrap();
-        let got = device.download(&order).unwrap();
-        for img in 0..batch {
-            let k = &keys[img * n..(img + 1) * n];
-            let mut want: Vec<i32> = (0..n as i32).collect();
-            want.sort_by(|&a, &b| k[a as usize].total_cmp(&k[b as usize]));
-            assert_eq!(&got[img * n..(img + 1) * n], &want[..]);
+        for n in [1, 2, 3, 5, 8, 9, 600, 1024, 1025, 3000] {
+            let batch = 3;
+            let keys: Vec<f32> = (0..batch * n)
+                .map(|_| match rng.below(9) {
+                    7 => -0.0,
+                    8 => 0.0,
+                    v => v as f32 - 3.0 + 1e-3 * rng.below(3) as f32,
+                })
+                .collect();
+            let dkeys = device.upload(&keys).unwrap();
+            let mut order = device.upload(&vec![-7i32; batch * n]).unwrap();
+            autofocus::gpu::sort::stable_sort(&device, &dkeys, &mut order, batch, n).unwrap();
+            let got = device.download(&order).unwrap();
+            for img in 0..batch {
+                let k = &keys[img * n..(img + 1) * n];
+                let mut want: Vec<i32> = (0..n as i32).collect();
+                want.sort_by(|&a, &b| k[a as usize].partial_cmp(&k[b as usize]).unwrap());
+                assert_eq!(
+                    &got[img * n..(img + 1) * n],
+                    &want[..],
+                    "n {n}, image {img}"
+                );
+            }
         }
     }
 }

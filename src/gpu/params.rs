@@ -202,17 +202,21 @@ pub struct ClusterKeysParams {
     pub group: i32,
 }
 
-/// Stable ascending sort of each image's keys: `order[img][r]` = index of the
-/// r-th smallest key, equal keys in index order.
+/// One pass of the stable merge sort of each image's keys (`sort.cu`):
+/// merges pairs of sorted runs of `width` element indices, ordered by
+/// (key, index).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StableSortParams {
     /// batch × n
     pub keys: Ptr,
-    /// batch × n
-    pub order: Ptr,
+    /// batch × n: runs of `width` sorted; null: the identity
+    pub src: Ptr,
+    /// batch × n: runs of 2·width sorted
+    pub dst: Ptr,
     pub batch: i32,
     pub n: i32,
+    pub width: i32,
 }
 
 /// Cluster means of consecutive runs of `size` tokens (valid members only).
