@@ -39,7 +39,7 @@ pub fn stable_sort(
     let config = LaunchConfig::blocks(OP, n.div_ceil(THREADS as usize), batch, THREADS, 0)?;
     for pass in 0..passes {
         // Pass k writes `order` when an even number of passes follow it.
-        let into_order = (passes - 1 - pass) % 2 == 0;
+        let into_order = (passes - 1 - pass).is_multiple_of(2);
         let shape = [batch, n];
         let src = match (pass, scratch.as_ref()) {
             (0, _) | (_, None) => 0, // runs of one: the identity
