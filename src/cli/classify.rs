@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     top: usize,
     /// Print one JSON document instead of text (without `--out`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "out")]
     json: bool,
     /// Resize straight to the model's size instead of resize + centre crop
     /// (default: crop, except for 384-pixel models, as published).
