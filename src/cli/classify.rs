@@ -1,7 +1,6 @@
 //! `autofocus classify`: image files, folders and manifests → top-k
 //! classes, printed or as resumable JSON lines.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -12,7 +11,7 @@ use autofocus::io::image::{Preprocess, load_image};
 use autofocus::ops::clustering::KeyScope;
 use autofocus::{Error, Result, Tensor, limits};
 
-use super::dataset::{DatasetArgs, Plan, Progress, Tally, run_models};
+use super::dataset::{DatasetArgs, Plan, Progress, Remaining, run_models};
 use super::device::Runner;
 
 /// ImageNet-1k class names, one per line, in class-index order.
@@ -91,29 +90,16 @@ fn success_line(input: &Input, logits: &[f32], k: usize) -> Value {
         .into_iter()
         .map(|p| json!({"class": p.label, "index": p.class, "prob": p.probability}))
         .collect();
-    let mut line = input_fields(input);
+    let mut line = input.line_fields();
     line.insert("top".into(), Value::Array(top));
     Value::Object(line)
 }
 
 /// One `--out` line for an input that could not be classified.
 fn error_line(input: &Input, error: &Error) -> Value {
-    let mut line = input_fields(input);
+    let mut line = input.line_fields();
     line.insert("error".into(), Value::String(error.to_string()));
     Value::Object(line)
-}
-
-/// `path`, and `id` when the manifest gave one.
-fn input_fields(input: &Input) -> serde_json::Map<String, Value> {
-    let mut fields = serde_json::Map::new();
-    fields.insert(
-        "path".into(),
-        Value::String(input.path.display().to_string()),
-    );
-    if let Some(id) = &input.id {
-        fields.insert("id".into(), Value::String(id.clone()));
-    }
-    fields
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -189,22 +175,13 @@ fn run_to_file(
     decode: impl Fn(&Path) -> Result<Decoded> + Sync,
     per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<Vec<f32>>> + Sync,
 ) -> Result<()> {
-    let positions: HashMap<String, usize> = plan
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(i, input)| (input.key(), i))
-        .collect();
+    let positions = plan.positions();
     let (mut file, resumed) = JsonlOutput::open(out, &positions, mode, &|_| Ok(true))?;
-    let todo: Vec<usize> = (0..plan.inputs.len())
-        .filter(|&i| !resumed.done[i])
-        .collect();
-    let paths: Vec<PathBuf> = todo.iter().map(|&i| plan.inputs[i].path.clone()).collect();
-    let mut tally = Tally {
-        kept: plan.inputs.len() - todo.len(),
-        skipped: plan.all.skipped.len(),
-        ..Tally::default()
-    };
+    let Remaining {
+        positions: todo,
+        paths,
+        mut tally,
+    } = plan.remaining(&resumed.done);
     let mut progress = Progress::new("classify", paths.len());
     let result = run_models(
         model,

@@ -2,12 +2,14 @@
 //! input list and its shard, the worker pool (one model per device), the
 //! progress display and the final summary.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use autofocus::dataset::inputs::key_positions;
 use autofocus::dataset::{Decoded, gather_inputs};
 use autofocus::dataset::{Input, InputList, OutputMode, PipelineOptions, Shard, run_pipeline};
 use autofocus::{AutoFocusFormer, Error, Result, Tensor};
@@ -58,6 +60,44 @@ pub struct Plan {
     /// This shard's part of it.
     pub inputs: Vec<Input>,
     pub shard: Option<Shard>,
+}
+
+/// What a (resumed) run has left to do.
+pub struct Remaining {
+    /// The positions in [`Plan::inputs`] still to run, in order.
+    pub positions: Vec<usize>,
+    /// Their paths (the pipeline's inputs).
+    pub paths: Vec<PathBuf>,
+    /// The counts so far: those kept from the output, non-images skipped.
+    pub tally: Tally,
+}
+
+impl Plan {
+    /// Where each of this run's inputs sits, by key.
+    pub fn positions(&self) -> HashMap<String, usize> {
+        key_positions(&self.inputs)
+    }
+
+    /// The inputs not `done` (as [`JsonlOutput::open`] found them).
+    ///
+    /// [`JsonlOutput::open`]: autofocus::dataset::JsonlOutput::open
+    pub fn remaining(&self, done: &[bool]) -> Remaining {
+        let positions: Vec<usize> = (0..self.inputs.len()).filter(|&i| !done[i]).collect();
+        let paths = positions
+            .iter()
+            .map(|&i| self.inputs[i].path.clone())
+            .collect();
+        let tally = Tally {
+            kept: self.inputs.len() - positions.len(),
+            skipped: self.all.skipped.len(),
+            ..Tally::default()
+        };
+        Remaining {
+            positions,
+            paths,
+            tally,
+        }
+    }
 }
 
 impl DatasetArgs {

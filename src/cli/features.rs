@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use autofocus::dataset::jsonl::line_key;
 use autofocus::dataset::{Decoded, Input, JsonlOutput, OutputMode};
 use autofocus::io::image::{decode, normalise};
 use autofocus::io::{Overwrite, write_safetensors_with};
 use autofocus::ops::clustering::KeyScope;
 use autofocus::{AffConfig, AnyTensor, BackboneFeatures, Error, Result, Tensor};
 
-use super::dataset::{DatasetArgs, Plan, Progress, Tally, run_models};
+use super::dataset::{DatasetArgs, Plan, Progress, Remaining, Tally, run_models};
 use super::device::Runner;
 
 /// Arguments of `autofocus features`.
@@ -188,12 +189,7 @@ fn run_dataset(args: &Args) -> Result<()> {
         _ => {}
     }
     let model = args.model.load(KeyScope::Image)?;
-    let positions: HashMap<String, usize> = plan
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(i, input)| (input.key(), i))
-        .collect();
+    let positions = plan.positions();
     // An index line counts only when its shard landed (shards are written
     // before their lines).
     let landed: HashSet<String> = existing.iter().map(|&n| files.name(n)).collect();
@@ -204,10 +200,11 @@ fn run_dataset(args: &Args) -> Result<()> {
             .is_some_and(|s| landed.contains(s)))
     };
     let (index, resumed) = JsonlOutput::open(&files.index, &positions, mode, &keep)?;
-    let todo: Vec<usize> = (0..plan.inputs.len())
-        .filter(|&i| !resumed.done[i])
-        .collect();
-    let paths: Vec<PathBuf> = todo.iter().map(|&i| plan.inputs[i].path.clone()).collect();
+    let Remaining {
+        positions: todo,
+        paths,
+        tally,
+    } = plan.remaining(&resumed.done);
     let mut writer = ShardWriter {
         files,
         index,
@@ -216,11 +213,7 @@ fn run_dataset(args: &Args) -> Result<()> {
         pending_images: 0,
         shard_size: args.shard_size,
         config: model.config().clone(),
-        tally: Tally {
-            kept: plan.inputs.len() - todo.len(),
-            skipped: plan.all.skipped.len(),
-            ..Tally::default()
-        },
+        tally,
     };
     let decode = |path: &Path| {
         let img = decode(path)?;
@@ -270,14 +263,7 @@ struct ShardWriter {
 
 impl ShardWriter {
     fn add(&mut self, position: usize, input: &Input, result: Result<ImageFeatures>) -> Result<()> {
-        let mut line = serde_json::Map::new();
-        line.insert(
-            "path".into(),
-            Value::String(input.path.display().to_string()),
-        );
-        if let Some(id) = &input.id {
-            line.insert("id".into(), Value::String(id.clone()));
-        }
+        let mut line = input.line_fields();
         match result {
             Ok(features) => {
                 self.tally.done += 1;
@@ -303,12 +289,7 @@ impl ShardWriter {
         let mut tensors: Vec<(String, AnyTensor)> = Vec::new();
         for (_, line, features) in &mut self.pending {
             if let Some(features) = features.take() {
-                let key = line
-                    .get("id")
-                    .or_else(|| line.get("path"))
-                    .and_then(Value::as_str)
-                    .expect("every line names its input")
-                    .to_string();
+                let key = line_key(line).expect("every line names its input");
                 tensors.extend(features.into_iter().map(|(n, t)| (format!("{key}/{n}"), t)));
                 line["shard"] = Value::String(name.clone());
             }

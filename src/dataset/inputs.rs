@@ -27,6 +27,26 @@ impl Input {
             .clone()
             .unwrap_or_else(|| self.path.display().to_string())
     }
+
+    /// The fields that start its output line: `path`, and `id` when the
+    /// manifest gave one.
+    pub fn line_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut fields = serde_json::Map::new();
+        fields.insert("path".into(), self.path.display().to_string().into());
+        if let Some(id) = &self.id {
+            fields.insert("id".into(), id.clone().into());
+        }
+        fields
+    }
+}
+
+/// Where each input's key sits in `inputs`.
+pub fn key_positions(inputs: &[Input]) -> HashMap<String, usize> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| (input.key(), i))
+        .collect()
 }
 
 /// Every input of a run, in order, and what was passed over.
@@ -40,11 +60,7 @@ pub struct InputList {
 impl InputList {
     /// Where each key sits in [`inputs`](Self::inputs).
     pub fn positions(&self) -> HashMap<String, usize> {
-        self.inputs
-            .iter()
-            .enumerate()
-            .map(|(i, input)| (input.key(), i))
-            .collect()
+        key_positions(&self.inputs)
     }
 }
 
