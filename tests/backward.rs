@@ -692,6 +692,13 @@ fn merge_gradients_match_finite_differences_clustered_and_padded() {
 }
 
 #[test]
+fn merge_gradients_match_finite_differences_clusters_of_eight() {
+    // Runs of 8, 4, 2 and 1 tokens with the same holders share gathers.
+    let p = MergeProblem::new(16, 2, 45, 5, 9, Lists::Clusters { s: 8, nnc: 2 });
+    check_merge_against_finite_differences(&p, "clusters of eight");
+}
+
+#[test]
 fn merge_gradients_match_finite_differences_global_wide() {
     let p = MergeProblem::new(12, 2, 9, 33, 3, Lists::Global);
     check_merge_against_finite_differences(&p, "global");

@@ -6,9 +6,12 @@
 //!   contiguous tokens, so blocks of [`SLOT_BLOCK`] neighbours are contiguous
 //!   in every dimension and [`BLOCK_GROUP`] blocks accumulate together in
 //!   registers ([`ScorePlan`] finds them).
-//!   [`score_pair`] does two such products in one sweep.
-//! - [`gather_weighted_sum`]: `Σ_k p_k · row_k` over gathered rows.
-//! - [`transpose_columns`]: the dimension-major copies [`score`] reads.
+//!   [`score_pair`] does two such products in one sweep, [`score4`] four
+//!   vectors against the same rows.
+//! - [`gather_weighted_sum`]: `Σ_k p_k · row_k` over gathered rows;
+//!   [`gather_weighted_sums`] for several outputs sharing the rows.
+//! - [`transpose_columns`]: the dimension-major copies [`score`] reads;
+//!   [`transpose_rows`] for a range of rows.
 //!
 //! The loops are `#[inline(always)]`, to be compiled inside their callers'
 //! multiversioned loops. Sums run in an order fixed by the inputs.
@@ -136,6 +139,57 @@ pub fn score_pair(
     }
 }
 
+/// [`score`] of four vectors over the same neighbours in one sweep (the
+/// merge backward's `dU[o]·x_j` for its 4 inner channels): `out[o][slot]
+/// = xs[o] · xt_{nbrs[slot]}`, `out` being 4 rows of `nbrs.len()`; the same
+/// bits as four calls, with each gathered block loaded once.
+#[inline(always)]
+pub fn score4(
+    plan: &ScorePlan,
+    xs: [&[f32]; 4],
+    xt: &[f32],
+    n: usize,
+    nbrs: &[u32],
+    out: &mut [f32],
+) {
+    let m = nbrs.len();
+    let d = xs[0].len();
+    for (starts, slots, count) in &plan.groups {
+        let mut acc = [[[0.0f32; SLOT_BLOCK]; BLOCK_GROUP]; 4];
+        for e in 0..d {
+            let row = &xt[e * n..(e + 1) * n];
+            let x = [xs[0][e], xs[1][e], xs[2][e], xs[3][e]];
+            for g in 0..BLOCK_GROUP {
+                let k: &[f32; SLOT_BLOCK] =
+                    row[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
+                for (acc, &x) in acc.iter_mut().zip(&x) {
+                    for u in 0..SLOT_BLOCK {
+                        acc[g][u] = x.mul_add(k[u], acc[g][u]);
+                    }
+                }
+            }
+        }
+        for (o, acc) in acc.iter().enumerate() {
+            for g in 0..*count {
+                out[o * m + slots[g]..][..SLOT_BLOCK].copy_from_slice(&acc[g]);
+            }
+        }
+    }
+    for &slot in &plan.singles {
+        let j = nbrs[slot] as usize;
+        let mut acc = [0.0f32; 4];
+        for e in 0..d {
+            let k = xt[e * n + j];
+            for (acc, x) in acc.iter_mut().zip(&xs) {
+                *acc = x[e].mul_add(k, *acc);
+            }
+        }
+        for (o, acc) in acc.into_iter().enumerate() {
+            out[o * m + slot] = acc;
+        }
+    }
+}
+
 /// Scores [`BLOCK_GROUP`] contiguous blocks starting at tokens `starts`
 /// into `logits` at `slots`; only the first `count` are kept.
 #[inline(always)]
@@ -193,6 +247,56 @@ pub fn gather_weighted_sum(
         for (&pv, &j) in p.iter().zip(rows) {
             let row = j as usize * stride;
             axpy(pv, &values[row + start..row + d], &mut out[start..]);
+        }
+    }
+}
+
+/// `outs[t] = Σ_k w[t·K + k] · v_{rows[k]}` (`K` rows) (each overwritten, all of one
+/// length `d`) for `R` outputs that gather the same rows with their own
+/// weights, such as the tokens of one cluster, which the same queries
+/// hold: every gathered block of [`LANES`] dimensions is loaded once for
+/// all `R`, whose sums stay in registers (keep `R` at most 16). Every
+/// element is one chain over `k` in order, so an output's bits do not
+/// depend on `R`.
+#[inline(always)]
+pub fn gather_weighted_sums<const R: usize>(
+    w: &[f32],
+    rows: &[u32],
+    values: &[f32],
+    stride: usize,
+    outs: &mut [&mut [f32]; R],
+) {
+    const L: usize = LANES;
+    debug_assert_eq!(w.len(), rows.len() * R);
+    let d = outs[0].len();
+    let mut start = 0;
+    while start + L <= d {
+        let mut acc = [[0.0f32; L]; R];
+        for (k, &j) in rows.iter().enumerate() {
+            let row = row_at::<L>(values, j, stride, start);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let w = w[t * rows.len() + k];
+                for (a, &x) in acc.iter_mut().zip(row) {
+                    *a = w.mul_add(x, *a);
+                }
+            }
+        }
+        for (out, acc) in outs.iter_mut().zip(&acc) {
+            out[start..start + L].copy_from_slice(acc);
+        }
+        start += L;
+    }
+    // The rest, one element at a time in the same order.
+    for e in start..d {
+        let mut acc = [0.0f32; R];
+        for (k, &j) in rows.iter().enumerate() {
+            let x = values[j as usize * stride + e];
+            for (t, acc) in acc.iter_mut().enumerate() {
+                *acc = w[t * rows.len() + k].mul_add(x, *acc);
+            }
+        }
+        for (out, acc) in outs.iter_mut().zip(acc) {
+            out[e] = acc;
         }
     }
 }
@@ -276,6 +380,24 @@ fn weighted_sweep2(
     }
 }
 
+/// Rows `first..first + out.len() / width` of `src` (row-major, `stride`
+/// floats a row), their first `width` columns dimension-major into `out`:
+/// `out[e·rows + (j − first)] = src[j·stride + e]`. One task's slice of
+/// [`transpose_columns`], small enough to stay in cache.
+pub fn transpose_rows(src: &[f32], stride: usize, first: usize, width: usize, out: &mut [f32]) {
+    const BLOCK: usize = 16;
+    let rows = out.len() / width.max(1);
+    for j0 in (0..rows).step_by(BLOCK) {
+        let block = &src[(first + j0) * stride..(first + rows.min(j0 + BLOCK)) * stride];
+        for e in 0..width {
+            let run = &mut out[e * rows + j0..e * rows + j0 + block.len() / stride];
+            for (x, row) in run.iter_mut().zip(block.chunks_exact(stride)) {
+                *x = row[e];
+            }
+        }
+    }
+}
+
 /// Column groups of row-major rows, dimension-major, as [`score`] reads
 /// them: `src` holds `images×n` rows of `stride` floats; the result is
 /// `[img][g][e][j] = src[(img·n + j)·stride + columns[g] + e]` for `e` below
@@ -311,4 +433,61 @@ pub fn transpose_columns(
             }
         });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Each output of a shared gather has the bits it has alone, for every
+    /// width (whole blocks of lanes, and a tail).
+    #[test]
+    fn shared_gathers_give_each_output_its_own_bits() {
+        for d in [5, 16, 33, 64] {
+            let (stride, n_rows) = (d + 3, 11);
+            let table = values(stride * 20, d as u32);
+            let rows: Vec<u32> = (0..n_rows).map(|k| (k * 7 % 20) as u32).collect();
+            let w = values(8 * n_rows, 99);
+            let mut together = vec![0.0f32; 8 * d];
+            let mut chunks = together.chunks_exact_mut(d);
+            let mut outs: [&mut [f32]; 8] = std::array::from_fn(|_| chunks.next().unwrap());
+            gather_weighted_sums::<8>(&w, &rows, &table, stride, &mut outs);
+            for t in 0..8 {
+                let mut alone = vec![f32::NAN; d];
+                let w_t = &w[t * n_rows..(t + 1) * n_rows];
+                gather_weighted_sums::<1>(w_t, &rows, &table, stride, &mut [&mut alone[..]]);
+                assert_eq!(
+                    together[t * d..(t + 1) * d]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    alone.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "d = {d}, output {t}"
+                );
+                // And the sum is the sum.
+                for e in 0..d {
+                    let want: f64 = (0..n_rows)
+                        .map(|k| w_t[k] as f64 * table[rows[k] as usize * stride + e] as f64)
+                        .sum();
+                    assert!(
+                        (alone[e] as f64 - want).abs() < 1e-5,
+                        "d = {d}, element {e}"
+                    );
+                }
+            }
+        }
+    }
 }

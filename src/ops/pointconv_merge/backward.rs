@@ -3,18 +3,18 @@
 //! With `W` the weight net's output for the offset of (centre `i`, slot),
 //! `g = mask · p_j`, `dU` the gradient of the merged features and
 //! `T[o] = dU_i[o]·x_j` per (centre, slot) and inner channel `o`:
-//! 1. by centre: a record per slot, `T` and the slot's weights `W` (a
-//!    b×n'×m×8 scratch, twice the forward's weight rows);
-//! 2. the gradient of the weight-net table, `dW[o][row] = Σ g·T[o]` over
-//!    the pairs with that offset, in partial tables over fixed chunks of
-//!    centres added in chunk order; then the net `GELU(LN(Linear(5 → 4)(f)))`
-//!    differentiated once per table row, its parameters' gradients summed
-//!    over fixed chunks of rows;
-//! 3. by token: `dx_j = Σ W[o]·g·dU_i[o]` and `dp_j = Σ mask · W[o]·T[o]`
-//!    over the centres whose neighbourhood holds `j`: a gather over the
-//!    [`InverseNeighbourhood`] lists (only centres count), so no two
-//!    threads write one row. `dp` is how `prob_net` learns: the selection
-//!    itself used the detached score.
+//! 1. by centre, in fixed chunks of centres: `T` of every slot, folded at
+//!    once into the chunk's partial gradient of the weight-net table,
+//!    `dW[o][row] += g·T[o]` (no per-pair scratch is kept);
+//! 2. the partial tables added in chunk order, row by row, and the net
+//!    `GELU(LN(Linear(5 → 4)(f)))` differentiated once per table row, its
+//!    parameters' gradients summed over fixed chunks of rows;
+//! 3. by token: `G_j = Σ mask · W[o]·dU_i[o]` over the centres whose
+//!    neighbourhood holds `j`, a gather over the [`InverseNeighbourhood`]
+//!    lists (only centres count), so no two threads write one row; then
+//!    `dx_j = p_j · G_j` and `dp_j = x_j · G_j` (`= Σ mask · W[o]·T[o]`).
+//!    `dp` is how `prob_net` learns: the selection itself used the
+//!    detached score.
 //!
 //! Every sum runs in an order fixed by the inputs alone: the same bits for
 //! any number of threads.
@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::{INNER_CHANNELS, MergeInputs};
 use crate::error::{Error, Result, check_len};
-use crate::ops::gather::{ScorePlan, gather_weighted_sum, score, transpose_columns};
+use crate::ops::gather::{ScorePlan, gather_weighted_sums, score4, transpose_rows};
 use crate::ops::linear::Linear;
 use crate::ops::neighbourhood::InverseNeighbourhood;
 use crate::ops::norm::{EPS, LayerNorm};
@@ -62,19 +62,15 @@ pub struct MergeGrads {
     pub norm_bias: Vec<f32>,
 }
 
-/// Centres per task of pass 1 (any size gives the same bits).
-const CENTRES_PER_TASK: usize = 16;
-
-/// Centres per partial weight-net table (fixed: thread-independent).
-const CENTRES_PER_TABLE: usize = 1024;
+/// Centres per partial weight-net table (fixed: thread-independent). Each
+/// chunk is one task of pass 1 and costs a rows×4 table.
+const CENTRES_PER_TABLE: usize = 256;
 
 /// Table rows per partial sum of the weight-net parameters (fixed).
 const TABLE_ROWS_PER_CHUNK: usize = 256;
 
-/// Floats per (centre, slot) in the scratch of passes 1–3: `T[0..4]`, then
-/// the pair's weights `W[0..4]` (both 0 for masked slots), so that pass 3
-/// reads one record per pair.
-const PAIR: usize = 2 * INNER_CHANNELS;
+/// Tokens per task of pass 3 (fixed): a cluster of the published size.
+const TOKEN_BLOCK: usize = 8;
 
 /// Weight-net parameters: 20 + 4 + 4 + 4.
 const NET_PARAMS: usize = 32;
@@ -137,23 +133,20 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
         }
         out_row_of[img * n + i] = e as u32;
     }
-    // The centres in token order (the output is in importance order): the
-    // per-pair scratch below is laid out in this order, so that pass 3,
-    // which walks tokens, reads it nearly in sequence.
-    let centres = Centres {
-        out_row: out_row_of
-            .iter()
-            .copied()
-            .filter(|&e| e != u32::MAX)
-            .collect(),
-        rank: {
-            let mut rank = out_row_of;
-            for (next, r) in rank.iter_mut().filter(|r| **r != u32::MAX).enumerate() {
-                *r = next as u32;
-            }
-            rank
-        },
-    };
+    // Each image's centres in token order (the output is in importance
+    // order), in fixed chunks: one task of pass 1 each, whose neighbours
+    // span a short range of tokens.
+    let chunks: Vec<Vec<u32>> = out_row_of
+        .chunks(n.max(1))
+        .flat_map(|image| {
+            let rows: Vec<u32> = image.iter().copied().filter(|&e| e != u32::MAX).collect();
+            let chunks: Vec<Vec<u32>> = rows
+                .chunks(CENTRES_PER_TABLE)
+                .map(<[u32]>::to_vec)
+                .collect();
+            chunks
+        })
+        .collect();
 
     let mut grads = MergeGrads {
         feat: vec![0.0; b * n * c],
@@ -163,33 +156,25 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
         norm_weight: vec![0.0; INNER_CHANNELS],
         norm_bias: vec![0.0; INNER_CHANNELS],
     };
-    if b * kept * m == 0 {
-        return Ok(grads); // no pairs: nothing was merged
+    if b * kept * m * c == 0 {
+        return Ok(grads); // no pairs or no channels: every gradient is 0
     }
 
-    // Pass 1, by centre (in token order): the records [T | W] of every slot.
-    let feat_t = transpose_columns(inp.feat, b, n, c, &[0], c);
-    let mut dots = vec![0.0f32; b * kept * m * PAIR];
-    dots.par_chunks_mut(m * PAIR * CENTRES_PER_TASK)
-        .enumerate()
-        .for_each_init(DotScratch::default, |scratch, (task, dots)| {
-            let first = task * CENTRES_PER_TASK;
-            centre_dots(g, &feat_t, &centres.out_row[first..], kept, dots, scratch);
-        });
-
-    // Pass 2: the table's gradient, then the weight net's, row by row.
-    let partial_tables: Vec<Vec<f32>> = (0..b * kept)
-        .step_by(CENTRES_PER_TABLE)
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|first| {
-            let end = (first + CENTRES_PER_TABLE).min(b * kept);
-            table_gradient(g, &dots, &centres.out_row[first..end], first, kept, rows)
+    // Pass 1, by centre: `T` of every pair, folded at once into one partial
+    // table gradient per chunk of centres.
+    let partial_tables: Vec<PartialTable> = chunks
+        .par_iter()
+        .map_init(DotScratch::default, |scratch, out_rows| {
+            table_gradient(g, out_rows, kept, scratch)
         })
         .collect();
-    let mut table_grad = vec![0.0f32; INNER_CHANNELS * rows];
+
+    // Pass 2: the partial tables added in chunk order, then the weight net
+    // differentiated at each row.
+    let mut table_grad = vec![0.0f32; rows * INNER_CHANNELS];
     for part in &partial_tables {
-        for (a, &v) in table_grad.iter_mut().zip(part) {
+        let range = part.first_row * INNER_CHANNELS..;
+        for (a, &v) in table_grad[range].iter_mut().zip(&part.values) {
             *a += v;
         }
     }
@@ -200,8 +185,8 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
         .map(|first| {
             let mut part = [0.0f32; NET_PARAMS];
             for r in first..(first + TABLE_ROWS_PER_CHUNK).min(rows) {
-                let dw = std::array::from_fn(|o| table_grad[o * rows + r]);
-                weight_net_backward(g, r, dw, &mut part);
+                let dw = table_grad[r * INNER_CHANNELS..][..INNER_CHANNELS].try_into();
+                weight_net_backward(g, r, dw.unwrap(), &mut part);
             }
             part
         })
@@ -222,117 +207,104 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
         }
     }
 
-    // Pass 3, by token: its feature and importance gradients, gathered
-    // from the centres that hold it.
-    let dots = &dots;
+    // Pass 3, by token, in fixed blocks within each image: its feature and
+    // importance gradients, gathered from the centres that hold it.
     grads
         .feat
-        .par_chunks_mut(c)
-        .zip(grads.importance.par_iter_mut())
+        .par_chunks_mut(n * c)
+        .zip(grads.importance.par_chunks_mut(n))
         .enumerate()
-        .for_each_init(TokenScratch::default, |scratch, (row, (dx, dp))| {
-            *dp = token_gather(g, &centres, dots, (row / n, row % n), dx, scratch);
+        .for_each(|(img, (dx, dp))| {
+            dx.par_chunks_mut(TOKEN_BLOCK * c)
+                .zip(dp.par_chunks_mut(TOKEN_BLOCK))
+                .enumerate()
+                .for_each_init(TokenScratch::default, |scratch, (block, (dx, dp))| {
+                    let first = block * TOKEN_BLOCK;
+                    token_block_gather(g, &out_row_of, (img, first), dx, dp, scratch);
+                });
         });
     Ok(grads)
-}
-
-/// The centres of every image, in token order.
-struct Centres {
-    /// By rank: the centre's output row (into the b×n' outputs).
-    out_row: Vec<u32>,
-    /// b×n: every token's rank among the centres, `u32::MAX` if it is none.
-    rank: Vec<u32>,
 }
 
 #[derive(Default)]
 struct DotScratch {
     plan: ScorePlan,
+    /// The chunk's range of token features, dimension-major.
+    feat_t: Vec<f32>,
+    /// One centre's neighbours, relative to that range.
+    nbrs: Vec<u32>,
     /// `[o][slot]`: one centre's T.
     dots: Vec<f32>,
 }
 
-/// Pass 1 for the centres whose output rows start `out_rows` (one task,
-/// in token order): `T[o] = dU_e[o]·x_j` and `W[o]` for every slot of each
-/// centre (both 0 for masked slots, which weigh nothing), `T` scored as the
-/// attention scores its keys, from features stored dimension-major
-/// (`feat_t`, c×n per image).
+/// One chunk's share of the weight-net table's gradient: rows
+/// `first_row..` (row-major, 4 per row), the span its pairs touch.
+struct PartialTable {
+    first_row: usize,
+    values: Vec<f32>,
+}
+
+/// Pass 1 for the centres whose output rows are `out_rows` (one chunk of
+/// one image, in token order): `T[o] = dU_e[o]·x_j` for every slot of each
+/// centre, scored as the attention scores its keys, four inner channels in
+/// one sweep, from the features of the tokens the chunk's neighbourhoods
+/// span, copied dimension-major; then `Σ mask · p_j · T[o]` per weight-net
+/// table row, into the chunk's partial table.
 #[multiversion(targets = "simd")]
-fn centre_dots(
+fn table_gradient(
     g: &MergeGradInputs<'_>,
-    feat_t: &[f32],
     out_rows: &[u32],
     kept: usize,
-    dots: &mut [f32],
     scratch: &mut DotScratch,
-) {
+) -> PartialTable {
     let inp = g.forward;
     let (n, c) = (inp.tokens, inp.channels);
     let m = inp.nbhd.size;
-    scratch.dots.resize(INNER_CHANNELS * m, 0.0);
-    for (&e, dots) in out_rows.iter().zip(dots.chunks_exact_mut(m * PAIR)) {
-        let e = e as usize;
-        let img = e / kept;
-        let i = inp.centres[e] as usize;
-        let nbrs = inp.nbhd.of(img, i);
-        let du = &g.grad_out[e * INNER_CHANNELS * c..(e + 1) * INNER_CHANNELS * c];
-        let feat_t = &feat_t[img * c * n..(img + 1) * c * n];
-        scratch.plan.build(nbrs);
-        for (du, t) in du.chunks_exact(c).zip(scratch.dots.chunks_exact_mut(m)) {
-            score(&scratch.plan, du, feat_t, n, nbrs, t);
-        }
+    let img = out_rows[0] as usize / kept;
+    let centre = |e: u32| inp.centres[e as usize] as usize;
+    let weight_rows = |i: usize| &inp.weight_rows[(img * n + i) * m..(img * n + i + 1) * m];
+    // The tokens the neighbourhoods span, and the rows their (unmasked)
+    // pairs touch: neighbours are near, so short ranges.
+    let (mut first, mut end) = (usize::MAX, 0);
+    let (mut lo, mut hi) = (usize::MAX, 0);
+    for &e in out_rows {
+        let i = centre(e);
         let mask = inp.nbhd.mask_of(img, i);
-        let weight_rows = &inp.weight_rows[(img * n + i) * m..(img * n + i + 1) * m];
-        let table_rows = inp.weight_table.len() / INNER_CHANNELS;
-        for (slot, record) in dots.chunks_exact_mut(PAIR).enumerate() {
-            let valid = mask.is_none_or(|mask| mask[slot]);
-            let (t, w) = record.split_at_mut(INNER_CHANNELS);
-            let r = weight_rows[slot] as usize;
-            for o in 0..INNER_CHANNELS {
-                (t[o], w[o]) = if valid {
-                    (
-                        scratch.dots[o * m + slot],
-                        inp.weight_table[o * table_rows + r],
-                    )
-                } else {
-                    (0.0, 0.0)
-                };
+        for (slot, (&j, &r)) in inp.nbhd.of(img, i).iter().zip(weight_rows(i)).enumerate() {
+            (first, end) = (first.min(j as usize), end.max(j as usize + 1));
+            if mask.is_none_or(|mask| mask[slot]) {
+                (lo, hi) = (lo.min(r as usize), hi.max(r as usize + 1));
             }
         }
     }
-}
-
-/// The weight-net table's gradient from the centres of ranks `first..`
-/// (output rows `out_rows`; one partial table, 4×rows): `Σ mask · p_j ·
-/// T[o]` per table row.
-fn table_gradient(
-    g: &MergeGradInputs<'_>,
-    dots: &[f32],
-    out_rows: &[u32],
-    first: usize,
-    kept: usize,
-    rows: usize,
-) -> Vec<f32> {
-    let inp = g.forward;
-    let n = inp.tokens;
-    let m = inp.nbhd.size;
-    let mut table = vec![0.0f32; INNER_CHANNELS * rows];
-    for (rank, &e) in (first..).zip(out_rows) {
-        let e = e as usize;
-        let img = e / kept;
-        let i = inp.centres[e] as usize;
-        let weight_rows = &inp.weight_rows[(img * n + i) * m..(img * n + i + 1) * m];
-        let dots = &dots[rank * m * PAIR..(rank + 1) * m * PAIR];
-        // Masked slots have T = 0: nothing to skip.
-        for ((&j, &r), t) in inp
-            .nbhd
-            .of(img, i)
-            .iter()
-            .zip(weight_rows)
-            .zip(dots.chunks_exact(PAIR))
-        {
+    let mut table = PartialTable {
+        first_row: lo.min(hi),
+        values: vec![0.0f32; hi.saturating_sub(lo) * INNER_CHANNELS],
+    };
+    let span = end - first;
+    scratch.feat_t.resize(c * span, 0.0);
+    transpose_rows(&inp.feat[img * n * c..], c, first, c, &mut scratch.feat_t);
+    scratch.dots.resize(INNER_CHANNELS * m, 0.0);
+    for &e in out_rows {
+        let i = centre(e);
+        scratch.nbrs.clear();
+        let nbrs = inp.nbhd.of(img, i);
+        scratch.nbrs.extend(nbrs.iter().map(|&j| j - first as u32));
+        scratch.plan.build(&scratch.nbrs);
+        let du = &g.grad_out[e as usize * INNER_CHANNELS * c..][..INNER_CHANNELS * c];
+        let du: [&[f32]; INNER_CHANNELS] = std::array::from_fn(|o| &du[o * c..(o + 1) * c]);
+        let (feat_t, dots) = (&scratch.feat_t, &mut scratch.dots);
+        score4(&scratch.plan, du, feat_t, span, &scratch.nbrs, dots);
+        let mask = inp.nbhd.mask_of(img, i);
+        for (slot, (&j, &r)) in nbrs.iter().zip(weight_rows(i)).enumerate() {
+            if mask.is_some_and(|mask| !mask[slot]) {
+                continue; // a masked pair weighs nothing
+            }
             let p = inp.importance[img * n + j as usize];
-            for (o, &t) in t[..INNER_CHANNELS].iter().enumerate() {
-                table[o * rows + r as usize] += p * t;
+            let at = (r as usize - table.first_row) * INNER_CHANNELS;
+            let entry = &mut table.values[at..at + INNER_CHANNELS];
+            for (o, a) in entry.iter_mut().enumerate() {
+                *a += p * scratch.dots[o * m + slot];
             }
         }
     }
@@ -382,51 +354,111 @@ fn weight_net_backward(
 
 #[derive(Default)]
 struct TokenScratch {
-    /// Rows of `grad_out` (c-wide), their weights `W` (then `W·p`, those
-    /// of `dx`) and `T`.
+    /// Rows of `grad_out` (c-wide), and their weights `W` for each token of
+    /// a run (`[token][k]`).
     rows: Vec<u32>,
     weights: Vec<f32>,
-    dots: Vec<f32>,
 }
 
-/// Pass 3 for token `j` of image `img`: `dx_j` into `dx`; returns `dp_j`.
+/// Pass 3 for the tokens of image `img` from `first` (one block; `dx` and
+/// `dp` are theirs). With `G = Σ mask · W[o] · dU_i[o]` over the centres
+/// `i` holding token `j`: `dx_j = p_j · G` and `dp_j = x_j · G` (`=
+/// Σ mask · W[o] · T[o]`: the pairs' `T` is not needed again). The tokens
+/// of a cluster are held by the same centres, in other slots: such runs
+/// share one gather of the `grad_out` rows, in pieces of 8, 4, 2 and 1
+/// tokens, each token's sums in the same order whatever its piece.
 #[multiversion(targets = "simd")]
-fn token_gather(
+fn token_block_gather(
     g: &MergeGradInputs<'_>,
-    centres: &Centres,
-    dots: &[f32],
+    out_row_of: &[u32],
+    (img, first): (usize, usize),
+    dx: &mut [f32],
+    dp: &mut [f32],
+    scratch: &mut TokenScratch,
+) {
+    let c = g.forward.channels;
+    let same_holders = |a: &[(u32, u32)], b: &[(u32, u32)]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0)
+    };
+    let mut t = 0;
+    while t < dp.len() {
+        let holders = g.inverse.of(img, first + t);
+        let mut run = 1;
+        while t + run < dp.len() && same_holders(holders, g.inverse.of(img, first + t + run)) {
+            run += 1;
+        }
+        let run_end = t + run;
+        while t < run_end {
+            let piece = match run_end - t {
+                8.. => 8,
+                4.. => 4,
+                2.. => 2,
+                _ => 1,
+            };
+            let (dx, dp) = (&mut dx[t * c..(t + piece) * c], &mut dp[t..t + piece]);
+            let at = (img, first + t);
+            match piece {
+                8 => gather_piece::<8>(g, out_row_of, at, dx, dp, scratch),
+                4 => gather_piece::<4>(g, out_row_of, at, dx, dp, scratch),
+                2 => gather_piece::<2>(g, out_row_of, at, dx, dp, scratch),
+                _ => gather_piece::<1>(g, out_row_of, at, dx, dp, scratch),
+            }
+            t += piece;
+        }
+    }
+}
+
+/// [`token_block_gather`] for `R` tokens from `j` with the same holders.
+#[inline(always)]
+fn gather_piece<const R: usize>(
+    g: &MergeGradInputs<'_>,
+    out_row_of: &[u32],
     (img, j): (usize, usize),
     dx: &mut [f32],
+    dp: &mut [f32],
     scratch: &mut TokenScratch,
-) -> f32 {
+) {
     let inp = g.forward;
     let (n, c) = (inp.tokens, inp.channels);
     let m = inp.nbhd.size;
-    let p = inp.importance[img * n + j];
+    let table_rows = inp.weight_table.len() / INNER_CHANNELS;
+    let lists: [&[(u32, u32)]; R] = std::array::from_fn(|t| g.inverse.of(img, j + t));
+    // The rows of `grad_out` the run gathers, and for each token their
+    // weights (`[token][k]`).
     scratch.rows.clear();
+    for &(i, _) in lists[0] {
+        let e = out_row_of[img * n + i as usize];
+        if e != u32::MAX {
+            scratch
+                .rows
+                .extend((0..INNER_CHANNELS as u32).map(|o| e * INNER_CHANNELS as u32 + o));
+        }
+    }
     scratch.weights.clear();
-    scratch.dots.clear();
-    for &(i, slot) in g.inverse.of(img, j) {
-        let (i, slot) = (i as usize, slot as usize);
-        let rank = centres.rank[img * n + i] as usize;
-        if rank == u32::MAX as usize {
-            continue; // not a centre
-        }
-        // Masked slots have W = T = 0: they add nothing.
-        let e = centres.out_row[rank] as usize;
-        let (t, w) = dots[(rank * m + slot) * PAIR..][..PAIR].split_at(INNER_CHANNELS);
-        for o in 0..INNER_CHANNELS {
-            scratch.rows.push((e * INNER_CHANNELS + o) as u32);
-            scratch.weights.push(w[o]);
-            scratch.dots.push(t[o]);
+    for list in &lists {
+        let centres = list
+            .iter()
+            .filter(|&&(i, _)| out_row_of[img * n + i as usize] != u32::MAX);
+        for &(i, slot) in centres {
+            let (i, slot) = (i as usize, slot as usize);
+            // A masked pair weighs 0 (kept, so that a run shares its rows).
+            let valid = inp.nbhd.mask_of(img, i).is_none_or(|mask| mask[slot]);
+            let r = inp.weight_rows[(img * n + i) * m + slot] as usize;
+            for o in 0..INNER_CHANNELS {
+                let w = inp.weight_table[o * table_rows + r];
+                scratch.weights.push(if valid { w } else { 0.0 });
+            }
         }
     }
-    // dp = Σ W·T (one vectorised dot, not a chain of dependent adds), then
-    // the weights of dx are W·p.
-    let dp = dot(&scratch.weights, &scratch.dots);
-    for w in &mut scratch.weights {
-        *w *= p;
+    let mut rows_of = dx.chunks_exact_mut(c);
+    let mut outs: [&mut [f32]; R] = std::array::from_fn(|_| rows_of.next().unwrap());
+    gather_weighted_sums::<R>(&scratch.weights, &scratch.rows, g.grad_out, c, &mut outs);
+    for (t, (grad, dp)) in outs.iter_mut().zip(dp).enumerate() {
+        let row = img * n + j + t;
+        *dp = dot(&inp.feat[row * c..(row + 1) * c], grad);
+        let p = inp.importance[row];
+        for v in grad.iter_mut() {
+            *v *= p;
+        }
     }
-    gather_weighted_sum(&scratch.weights, &scratch.rows, g.grad_out, c, dx);
-    dp
 }
