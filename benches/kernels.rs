@@ -86,44 +86,52 @@ fn attention<T: Element>(c: &mut Criterion, device: &Device) {
     group.finish();
 }
 
-/// Stage-0 layout and selection for a batch of 64 images at 224² (56×56
-/// tokens, clusters of 8, 6 nearest): clustering + nearest clusters +
-/// selection, uncached (the model computes the stage-0 layout once per grid).
-/// Throughput in images, so criterion reports images/s (µs per image = 1e6/that).
+/// Stage-0 layout and selection per image: clustering + nearest clusters +
+/// selection, uncached (the model computes the stage-0 layout once per
+/// grid), at 224² (56×56 tokens, batch 64), ADE20K 512² (128×128, batch 8)
+/// and Cityscapes 1024×2048 (256×512, batch 2); clusters of 8, 6 nearest.
+/// Throughput in images, so criterion reports images/s (µs per image =
+/// 1e6/that).
 fn layout(c: &mut Criterion, device: &Device) {
-    let (b, side, s, nnc) = (64usize, 56usize, 8usize, 6usize);
-    let n = side * side;
-    let pos: Vec<f32> = (0..b)
-        .flat_map(|_| (0..n).flat_map(|t| [(t % side) as f32, (t / side) as f32]))
-        .collect();
-    let importance: Vec<f32> = (0..b * n)
-        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
-        .collect();
-    let dpos = device.upload(&pos).unwrap();
-    let dimp = device.upload(&importance).unwrap();
+    let (s, nnc) = (8usize, 6usize);
     let mut group = c.benchmark_group("stage0_layout");
-    group.throughput(Throughput::Elements(b as u64));
-    group.bench_function("cluster+nearest+select_b64_224", |bench| {
-        bench.iter(|| {
-            let clustering =
-                space_filling_cluster(device, &dpos, b, n, s, (side, side), KeyScope::Batch)
-                    .unwrap();
-            let k = clustering.clusters;
-            let nbhd = nearest_neighbourhoods(
-                device,
-                &clustering.pos,
-                &clustering.means,
-                (b, n, k),
-                nnc,
-                s,
-            )
-            .unwrap();
-            let selection =
-                select_tokens(device, &clustering.pos, &dimp, b, n, 2, 4.0, 0.25).unwrap();
-            device.synchronize().unwrap();
-            (nbhd, selection)
-        })
-    });
+    group.sample_size(10);
+    for (name, b, (h, w)) in [
+        ("224", 64usize, (56usize, 56usize)),
+        ("512", 8, (128, 128)),
+        ("1024x2048", 2, (256, 512)),
+    ] {
+        let n = h * w;
+        let pos: Vec<f32> = (0..b)
+            .flat_map(|_| (0..n).flat_map(|t| [(t % w) as f32, (t / w) as f32]))
+            .collect();
+        let importance: Vec<f32> = (0..b * n)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        let dpos = device.upload(&pos).unwrap();
+        let dimp = device.upload(&importance).unwrap();
+        group.throughput(Throughput::Elements(b as u64));
+        group.bench_function(format!("cluster+nearest+select_b{b}_{name}"), |bench| {
+            bench.iter(|| {
+                let clustering =
+                    space_filling_cluster(device, &dpos, b, n, s, (h, w), KeyScope::Batch).unwrap();
+                let k = clustering.clusters;
+                let nbhd = nearest_neighbourhoods(
+                    device,
+                    &clustering.pos,
+                    &clustering.means,
+                    (b, n, k),
+                    nnc,
+                    s,
+                )
+                .unwrap();
+                let selection =
+                    select_tokens(device, &clustering.pos, &dimp, b, n, 2, 4.0, 0.25).unwrap();
+                device.synchronize().unwrap();
+                (nbhd, selection)
+            })
+        });
+    }
     group.finish();
 }
 

@@ -10,7 +10,7 @@ use autofocus::model::ClusterLayout;
 use autofocus::ops::activation::gelu;
 use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention};
 use autofocus::ops::clustering::{KeyScope, grid_positions, space_filling_cluster};
-use autofocus::ops::neighbourhood::nearest_clusters;
+use autofocus::ops::neighbourhood::{nearest_clusters, nearest_clusters_brute_force};
 use autofocus::ops::pointconv_merge::{MergeInputs, pointconv_merge, weight_net_table};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
 use autofocus::ops::token_selection::select_tokens;
@@ -101,6 +101,64 @@ fn layout_ops(c: &mut Criterion) {
                 select_tokens(black_box(&pos), &importance, 1, n, 2 << s, GRID, 4.0, 0.25).unwrap()
             })
         });
+    }
+    g.finish();
+}
+
+/// The stage-0 layout per image at the input sizes AFF was made for: 224²
+/// (56×56 tokens), ADE20K 512² (128×128) and Cityscapes 1024×2048
+/// (256×512): the whole layout (clustering, nearest clusters, neighbour
+/// lists, bias rows), and the nearest-cluster search alone, against the
+/// brute-force scan it replaces (not at 1024×2048: 2·10⁹ distances).
+fn layout_at_scale(c: &mut Criterion) {
+    let mut g = c.benchmark_group("layout_per_image");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    g.throughput(Throughput::Elements(1));
+    for (name, grid) in [
+        ("224", (56, 56)),
+        ("512", (128, 128)),
+        ("1024x2048", (256, 512)),
+    ] {
+        let pos = grid_positions(grid.0, grid.1);
+        let n = pos.len() / 2;
+        let offsets = OffsetTable::new(grid.0, grid.1, None);
+        g.bench_function(format!("cluster_layout/{name}"), |b| {
+            b.iter(|| {
+                ClusterLayout::build(
+                    black_box(&pos),
+                    1,
+                    n,
+                    8,
+                    48,
+                    &offsets,
+                    grid,
+                    KeyScope::Batch,
+                )
+                .unwrap()
+            })
+        });
+        let clusters = space_filling_cluster(&pos, 1, n, 8, grid, KeyScope::Batch).unwrap();
+        let k = clusters.clusters;
+        g.bench_function(format!("nearest_clusters/{name}"), |b| {
+            b.iter(|| {
+                nearest_clusters(black_box(&clusters.pos), &clusters.means, 1, n, k, 6).unwrap()
+            })
+        });
+        if n <= 128 * 128 {
+            g.bench_function(format!("nearest_clusters_brute_force/{name}"), |b| {
+                b.iter(|| {
+                    nearest_clusters_brute_force(
+                        black_box(&clusters.pos),
+                        &clusters.means,
+                        1,
+                        n,
+                        k,
+                        6,
+                    )
+                    .unwrap()
+                })
+            });
+        }
     }
     g.finish();
 }
@@ -239,5 +297,12 @@ fn dense(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, layout_ops, attention, merge, dense);
+criterion_group!(
+    benches,
+    layout_ops,
+    layout_at_scale,
+    attention,
+    merge,
+    dense
+);
 criterion_main!(benches);

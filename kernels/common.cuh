@@ -127,14 +127,18 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Offers candidate `id` at distance `d` to the k nearest so far (`filled`
-// of them, nearest first). Candidates come in increasing id, and an equal
-// distance never displaces an earlier one: ties go to the lower id.
+// of them, ascending by (distance, id)): ties go to the lower id whatever
+// order the candidates come in.
+template <class D>
+__device__ __forceinline__ bool nearer(D da, int ida, D db, int idb) {
+  return da < db || (da == db && ida < idb);
+}
 template <class D>
 __device__ __forceinline__ void insert_nearest(D* best_d, int* best_id, int& filled, int k, D d,
                                                int id) {
-  if (filled == k && d >= best_d[k - 1]) return;
+  if (filled == k && !nearer(d, id, best_d[k - 1], best_id[k - 1])) return;
   int at = filled < k ? filled : k - 1;
-  while (at > 0 && best_d[at - 1] > d) {
+  while (at > 0 && nearer(d, id, best_d[at - 1], best_id[at - 1])) {
     best_d[at] = best_d[at - 1];
     best_id[at] = best_id[at - 1];
     --at;

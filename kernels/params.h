@@ -144,9 +144,17 @@ struct ClusterMeansParams {
 struct NeighbourhoodParams {
   const float* pos;          // batch × n × 2
   const float* means;        // batch × clusters × 2
+  const int32_t* by_x;       // batch × clusters: each image's clusters by ascending mean x
   int32_t* nbhd;             // batch × n × nnc·size
   uint8_t* mask;             // batch × n × nnc·size, or null when n = clusters·size
   int32_t batch, n, clusters, nnc, size;
+};
+
+// The x of every cluster mean, as sort keys.
+struct ClusterXKeysParams {
+  const float* means;        // batch × clusters × 2
+  float* keys;               // batch × clusters
+  int32_t batch, clusters;
 };
 
 // Token selection keys (spec §7): −(grid prior + alpha · importance), or +inf

@@ -23,6 +23,7 @@ extern "C" size_t af_emu_params_layout(const char* name, size_t* align) {
   AF_LAYOUT(StableSortParams)
   AF_LAYOUT(ClusterMeansParams)
   AF_LAYOUT(NeighbourhoodParams)
+  AF_LAYOUT(ClusterXKeysParams)
   AF_LAYOUT(SelectionKeysParams)
   AF_LAYOUT(SelectionOrderParams)
   AF_LAYOUT(MergeParams)

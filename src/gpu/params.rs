@@ -242,6 +242,8 @@ pub struct NeighbourhoodParams {
     pub pos: Ptr,
     /// batch × clusters × 2
     pub means: Ptr,
+    /// batch × clusters: each image's clusters by ascending mean x
+    pub by_x: Ptr,
     /// batch × n × nnc·size
     pub nbhd: Ptr,
     /// batch × n × nnc·size, or null when n = clusters·size
@@ -251,6 +253,18 @@ pub struct NeighbourhoodParams {
     pub clusters: i32,
     pub nnc: i32,
     pub size: i32,
+}
+
+/// The x of every cluster mean, as sort keys.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClusterXKeysParams {
+    /// batch × clusters × 2
+    pub means: Ptr,
+    /// batch × clusters
+    pub keys: Ptr,
+    pub batch: i32,
+    pub clusters: i32,
 }
 
 /// Token selection keys (spec §7): −(grid prior + alpha · importance), or +inf
@@ -445,6 +459,7 @@ kernel_params!(
     StableSortParams,
     ClusterMeansParams,
     NeighbourhoodParams,
+    ClusterXKeysParams,
     SelectionKeysParams,
     SelectionOrderParams,
     MergeParams,

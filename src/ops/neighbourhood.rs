@@ -233,6 +233,16 @@ pub fn squared_distance(t: [f32; 2], c: [f32; 2]) -> f32 {
 /// each other, and there only the f32 sum ranks them as the published model
 /// does. Equal f32 distances go to the lower cluster index.
 ///
+/// Each image's means are sorted by `x` once; every token then sweeps
+/// outwards from its own `x` in both directions, and stops a side where the
+/// rounded `dx·dx` alone exceeds its current `nnc`-th distance: every mean
+/// further along that side is at least as far in `x`, so (rounding being
+/// monotone, and the rounded sum never below its `dx·dx` term) at least
+/// that far in `d²`. About √k means per token instead of all k (the ranking
+/// is the brute force's exactly, ties included:
+/// [`nearest_clusters_brute_force`] is the reference it is tested against).
+/// Positions are expected finite.
+///
 /// # Errors
 /// [`Error::Shape`] on inconsistent sizes, [`Error::InvalidArgument`] when
 /// `nnc` is 0 or exceeds the clusters.
@@ -244,6 +254,109 @@ pub fn nearest_clusters(
     k: usize,
     nnc: usize,
 ) -> Result<Vec<u32>> {
+    check_nearest_args(pos, means, batch, n, k, nnc)?;
+    let by_x: Vec<Vec<u32>> = means
+        .par_chunks_exact(2 * k)
+        .map(|img_means| {
+            let mut order: Vec<u32> = (0..k as u32).collect();
+            // Stable, so equal x keep index order (not needed for the
+            // result, which does not depend on the visiting order).
+            order.sort_by(|&a, &b| img_means[2 * a as usize].total_cmp(&img_means[2 * b as usize]));
+            order
+        })
+        .collect();
+    let mut out = vec![0u32; batch * n * nnc];
+    out.par_chunks_mut(nnc).enumerate().for_each_init(
+        || NearestList::new(nnc),
+        |best, (row, dst)| {
+            let img = row / n;
+            let p = [pos[2 * row], pos[2 * row + 1]];
+            let img_means = &means[img * k * 2..(img + 1) * k * 2];
+            let order = &by_x[img];
+            let mean = |c: u32| [img_means[2 * c as usize], img_means[2 * c as usize + 1]];
+            // The rounded dx² of the mean at `order[at]`: a lower bound of the
+            // d² of it and of every mean beyond it on its side.
+            let bound = |at: usize| {
+                let dx = p[0] - mean(order[at])[0];
+                dx * dx
+            };
+            best.clear();
+            // `order[..left]` lie left of the token (x below its x), `order[right..]` right.
+            let first_right = order.partition_point(|&c| mean(c)[0] < p[0]);
+            let (mut left, mut right) = (first_right, first_right);
+            loop {
+                // A side stays open while its next mean could still make the list.
+                let open = |lb: f32| best.worst().is_none_or(|worst| lb <= worst);
+                let left_lb = (left > 0).then(|| bound(left - 1)).filter(|&lb| open(lb));
+                let right_lb = (right < k).then(|| bound(right)).filter(|&lb| open(lb));
+                let c = match (left_lb, right_lb) {
+                    (None, None) => break,
+                    (Some(l), Some(r)) if l <= r => {
+                        left -= 1;
+                        order[left]
+                    }
+                    (Some(_), None) => {
+                        left -= 1;
+                        order[left]
+                    }
+                    (_, Some(_)) => {
+                        right += 1;
+                        order[right - 1]
+                    }
+                };
+                best.insert(squared_distance(p, mean(c)), c);
+            }
+            for (o, (_, c)) in dst.iter_mut().zip(&best.entries) {
+                *o = *c;
+            }
+        },
+    );
+    Ok(out)
+}
+
+/// [`nearest_clusters`] by scanning every mean for every token (O(n·k)):
+/// the definition the fast path must match exactly, for tests and
+/// benchmarks.
+///
+/// # Errors
+/// As [`nearest_clusters`].
+#[doc(hidden)]
+pub fn nearest_clusters_brute_force(
+    pos: &[f32],
+    means: &[f32],
+    batch: usize,
+    n: usize,
+    k: usize,
+    nnc: usize,
+) -> Result<Vec<u32>> {
+    check_nearest_args(pos, means, batch, n, k, nnc)?;
+    let mut out = vec![0u32; batch * n * nnc];
+    out.par_chunks_mut(nnc).enumerate().for_each_init(
+        || NearestList::new(nnc),
+        |best, (row, dst)| {
+            let img = row / n;
+            let p = [pos[2 * row], pos[2 * row + 1]];
+            let img_means = &means[img * k * 2..(img + 1) * k * 2];
+            best.clear();
+            for (c, m) in img_means.chunks_exact(2).enumerate() {
+                best.insert(squared_distance(p, [m[0], m[1]]), c as u32);
+            }
+            for (o, (_, c)) in dst.iter_mut().zip(&best.entries) {
+                *o = *c;
+            }
+        },
+    );
+    Ok(out)
+}
+
+fn check_nearest_args(
+    pos: &[f32],
+    means: &[f32],
+    batch: usize,
+    n: usize,
+    k: usize,
+    nnc: usize,
+) -> Result<()> {
     check_len("nearest_clusters", "pos", &[batch, n, 2], pos.len())?;
     check_len("nearest_clusters", "means", &[batch, k, 2], means.len())?;
     if nnc == 0 || nnc > k {
@@ -251,34 +364,44 @@ pub fn nearest_clusters(
             "nearest_clusters: nnc = {nnc} must be in 1..={k}"
         )));
     }
-    let mut out = vec![0u32; batch * n * nnc];
-    out.par_chunks_mut(nnc).enumerate().for_each_init(
-        || vec![(0.0f32, 0u32); nnc],
-        |best, (row, dst)| {
-            let img = row / n;
-            let p = [pos[2 * row], pos[2 * row + 1]];
-            let img_means = &means[img * k * 2..(img + 1) * k * 2];
-            let mut filled = 0;
-            for (c, m) in img_means.chunks_exact(2).enumerate() {
-                let d = squared_distance(p, [m[0], m[1]]);
-                if filled == nnc && d >= best[nnc - 1].0 {
-                    continue;
-                }
-                // Insert after every entry at most as far: ties keep the lower index first.
-                let mut at = filled.min(nnc - 1);
-                while at > 0 && best[at - 1].0 > d {
-                    best[at] = best[at - 1];
-                    at -= 1;
-                }
-                best[at] = (d, c as u32);
-                filled = (filled + 1).min(nnc);
-            }
-            for (o, b) in dst.iter_mut().zip(best.iter()) {
-                *o = b.1;
-            }
-        },
-    );
-    Ok(out)
+    Ok(())
+}
+
+/// The `capacity` nearest means seen so far, ascending by (d², index):
+/// candidates may come in any order.
+struct NearestList {
+    capacity: usize,
+    entries: Vec<(f32, u32)>,
+}
+
+impl NearestList {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The `capacity`-th distance once the list is full.
+    fn worst(&self) -> Option<f32> {
+        (self.entries.len() == self.capacity).then(|| self.entries[self.capacity - 1].0)
+    }
+
+    fn insert(&mut self, d: f32, c: u32) {
+        let before = |e: &(f32, u32)| e.0 < d || (e.0 == d && e.1 < c);
+        let at = self.entries.partition_point(before);
+        if at == self.capacity {
+            return;
+        }
+        if self.entries.len() == self.capacity {
+            self.entries.pop();
+        }
+        self.entries.insert(at, (d, c));
+    }
 }
 
 #[cfg(test)]
@@ -347,6 +470,53 @@ mod tests {
                     &want[..],
                     "token {t}, nnc {nnc}"
                 );
+            }
+        }
+    }
+
+    /// The sweep against the brute force on many small random problems:
+    /// means on a coarse lattice (exact ties in x, in d², and duplicated
+    /// means), tokens inside and outside the means' bounding box, several
+    /// images, every nnc up to k.
+    #[test]
+    fn the_sweep_matches_the_brute_force_ties_included() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |bound: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % bound
+        };
+        for case in 0..300 {
+            let (batch, n, k) = (1 + case % 3, 1 + next(40) as usize, 1 + next(24) as usize);
+            // Half the cases on a lattice of halves (many exact ties), half spread wide.
+            let coarse = case % 2 == 0;
+            let mut coord = |spread: u64| {
+                if coarse {
+                    next(spread) as f32 * 0.5
+                } else {
+                    next(1 << 20) as f32 / 7.0 - 5000.0
+                }
+            };
+            let pos: Vec<f32> = (0..batch * n * 2).map(|_| coord(24) - 2.0).collect();
+            let means: Vec<f32> = (0..batch * k * 2).map(|_| coord(16)).collect();
+            for nnc in [1, k.min(3), k.min(6), k] {
+                let got = nearest_clusters(&pos, &means, batch, n, k, nnc).unwrap();
+                let want = nearest_clusters_brute_force(&pos, &means, batch, n, k, nnc).unwrap();
+                assert_eq!(
+                    got, want,
+                    "case {case}: batch {batch}, n {n}, k {k}, nnc {nnc}"
+                );
+                for row in 0..batch * n {
+                    let img = row / n;
+                    let p = [pos[2 * row], pos[2 * row + 1]];
+                    let sorted = reference(p, &means[img * 2 * k..(img + 1) * 2 * k], nnc);
+                    assert_eq!(
+                        &want[row * nnc..(row + 1) * nnc],
+                        &sorted[..],
+                        "case {case}, row {row}"
+                    );
+                }
             }
         }
     }

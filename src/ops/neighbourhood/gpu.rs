@@ -1,7 +1,8 @@
 //! Nearest clusters and neighbour lists on a [`Device`] (`kernels/neighbourhood.cu`).
 
 use crate::error::{Error, Result};
-use crate::gpu::params::NeighbourhoodParams;
+use crate::gpu::params::{ClusterXKeysParams, NeighbourhoodParams};
+use crate::gpu::sort::stable_sort;
 use crate::gpu::{Buffer, Device, LaunchConfig, dim};
 
 /// [`super::Neighbourhood`] on a device: `images×n×m` indices (i32) and an
@@ -213,7 +214,9 @@ const THREADS: u32 = 128;
 /// For every token (positions b×n×2), its `nnc` nearest of the `k` cluster
 /// means (b×k×2) in clusters of `s` consecutive tokens, as neighbour lists:
 /// what [`super::nearest_clusters`] and [`super::Neighbourhood::from_clusters`]
-/// compute on the CPU.
+/// compute on the CPU. Each image's means are sorted by x first (the key
+/// kernel and [`stable_sort`]), so that each token scans only the means
+/// whose x could place them among its nearest (see the kernel).
 ///
 /// # Errors
 /// Shape errors; [`Error::InvalidArgument`] for `nnc` outside
@@ -238,9 +241,25 @@ pub fn nearest_neighbourhoods(
     let mut mask = (k * s > n)
         .then(|| device.alloc::<u8>(batch * n * m))
         .transpose()?;
+    let means_addr = device.check(OP, "means", means, &[batch, k, 2])?;
+    let mut keys = device.alloc::<f32>(batch * k)?;
+    let mut by_x = device.alloc::<i32>(batch * k)?;
+    if batch * k > 0 {
+        let params = ClusterXKeysParams {
+            means: means_addr,
+            keys: device.check_mut(OP, "keys", &mut keys, &[batch, k])?,
+            batch: dim(OP, "batch", batch)?,
+            clusters: dim(OP, "clusters", k)?,
+        };
+        let config = LaunchConfig::per_item("cluster_x_keys", batch * k, THREADS)?;
+        // SAFETY: `means` and `keys` were checked against batch × k (× 2).
+        unsafe { device.launch("cluster_x_keys", config, &params)? };
+        stable_sort(device, &keys, &mut by_x, batch, k)?;
+    }
     let params = NeighbourhoodParams {
         pos: device.check(OP, "pos", pos, &[batch, n, 2])?,
-        means: device.check(OP, "means", means, &[batch, k, 2])?,
+        means: means_addr,
+        by_x: device.check(OP, "by_x", &by_x, &[batch, k])?,
         nbhd: device.check_mut(OP, "nbhd", &mut idx, &[batch, n, m])?,
         mask: match mask.as_mut() {
             Some(mask) => device.check_mut(OP, "mask", mask, &[batch, n, m])?,
