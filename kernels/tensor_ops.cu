@@ -10,7 +10,7 @@ __device__ void gather_rows_impl(const GatherRowsParams p) {
     const size_t row = e / p.width, img = row / p.out_rows;
     const size_t index_row = p.index_images == 1 ? row % p.out_rows : row;
     const size_t src = img * p.in_rows + clamp_index(p.index[index_row], p.in_rows);
-    static_cast<T*>(p.out)[e] = static_cast<const T*>(p.in)[src * p.width + e % p.width];
+    static_cast<T*>(p.out)[e] = static_cast<const T*>(p.input)[src * p.width + e % p.width];
   }
 }
 

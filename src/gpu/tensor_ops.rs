@@ -30,7 +30,7 @@ pub fn gather_rows<T: Element>(
         batch
     };
     let params = GatherRowsParams {
-        r#in: device.check(OP, "input", input, &[batch, in_rows, width])?,
+        input: device.check(OP, "input", input, &[batch, in_rows, width])?,
         index: device.check(OP, "index", index, &[index_images, out_rows])?,
         out: device.check_mut(OP, "out", out, &[batch, out_rows, width])?,
         batch: dim(OP, "batch", batch)?,
