@@ -255,7 +255,8 @@ pub fn gather_weighted_sum(
 /// length `d`) for `R` outputs that gather the same rows with their own
 /// weights, such as the tokens of one cluster, which the same queries
 /// hold: every gathered block of [`LANES`] dimensions is loaded once for
-/// all `R`, whose sums stay in registers (keep `R` at most 16). Every
+/// all `R`, whose sums stay in registers (keep `R` at most 4 for AVX2's
+/// sixteen: `R` × [`LANES`] floats are `2R` of them). Every
 /// element is one chain over `k` in order, so an output's bits do not
 /// depend on `R`.
 #[inline(always)]
@@ -438,6 +439,33 @@ pub fn transpose_columns(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every shape around the 8 × 8 tiles: rows and widths below, at and
+    /// past multiples of 8, a stride wider than the width, an offset start.
+    #[test]
+    fn transpose_rows_matches_the_definition() {
+        for (rows, width, stride, first) in [
+            (1, 1, 1, 0),
+            (7, 9, 9, 2),
+            (8, 8, 8, 0),
+            (17, 24, 30, 5),
+            (64, 64, 64, 3),
+            (13, 3, 5, 1),
+        ] {
+            let src: Vec<f32> = (0..(first + rows) * stride).map(|x| x as f32).collect();
+            let mut out = vec![f32::NAN; rows * width];
+            transpose_rows(&src, stride, first, width, &mut out);
+            for j in 0..rows {
+                for e in 0..width {
+                    assert_eq!(
+                        out[e * rows + j],
+                        src[(first + j) * stride + e],
+                        "{rows}×{width}: ({j}, {e})"
+                    );
+                }
+            }
+        }
+    }
 
     /// Deterministic values in [-1, 1).
     fn values(len: usize, seed: u32) -> Vec<f32> {

@@ -365,8 +365,10 @@ struct TokenScratch {
 /// `i` holding token `j`: `dx_j = p_j · G` and `dp_j = x_j · G` (`=
 /// Σ mask · W[o] · T[o]`: the pairs' `T` is not needed again). The tokens
 /// of a cluster are held by the same centres, in other slots: such runs
-/// share one gather of the `grad_out` rows, in pieces of 8, 4, 2 and 1
-/// tokens, each token's sums in the same order whatever its piece.
+/// share one gather of the `grad_out` rows, in pieces of 4, 2 and 1
+/// tokens (4 × [`LANES`](crate::ops::vector_math::LANES) sums fill half of
+/// AVX2's sixteen registers; pieces of 8 spill, and measured ~7% slower),
+/// each token's sums in the same order whatever its piece.
 #[multiversion(targets = "simd")]
 fn token_block_gather(
     g: &MergeGradInputs<'_>,
@@ -390,7 +392,6 @@ fn token_block_gather(
         let run_end = t + run;
         while t < run_end {
             let piece = match run_end - t {
-                8.. => 8,
                 4.. => 4,
                 2.. => 2,
                 _ => 1,
@@ -398,7 +399,6 @@ fn token_block_gather(
             let (dx, dp) = (&mut dx[t * c..(t + piece) * c], &mut dp[t..t + piece]);
             let at = (img, first + t);
             match piece {
-                8 => gather_piece::<8>(g, out_row_of, at, dx, dp, scratch),
                 4 => gather_piece::<4>(g, out_row_of, at, dx, dp, scratch),
                 2 => gather_piece::<2>(g, out_row_of, at, dx, dp, scratch),
                 _ => gather_piece::<1>(g, out_row_of, at, dx, dp, scratch),
