@@ -61,20 +61,7 @@ fn layout_ops(c: &mut Criterion) {
     g.bench_function("space_filling_cluster/stage0", |b| {
         b.iter(|| space_filling_cluster(black_box(&pos), 1, n, 8, GRID, KeyScope::Batch).unwrap())
     });
-    let clusters = space_filling_cluster(&pos, 1, n, 8, GRID, KeyScope::Batch).unwrap();
-    g.bench_function("nearest_clusters/stage0", |b| {
-        b.iter(|| {
-            nearest_clusters(
-                black_box(&clusters.pos),
-                &clusters.means,
-                1,
-                n,
-                clusters.clusters,
-                6,
-            )
-            .unwrap()
-        })
-    });
+    // Nearest clusters at stage 0 of 224²: `layout_per_image/nearest_clusters/224`.
     let offsets = OffsetTable::new(GRID.0, GRID.1, None);
     g.bench_function("cluster_layout/stage1", |b| {
         let pos = stage_positions(1);

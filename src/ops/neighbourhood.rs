@@ -265,13 +265,12 @@ pub fn nearest_clusters(
             order
         })
         .collect();
-    let mut out = vec![0u32; batch * n * nnc];
-    out.par_chunks_mut(nnc).enumerate().for_each_init(
-        || NearestList::new(nnc),
-        |best, (row, dst)| {
-            let img = row / n;
-            let p = [pos[2 * row], pos[2 * row + 1]];
-            let img_means = &means[img * k * 2..(img + 1) * k * 2];
+    Ok(nearest_per_token(
+        pos,
+        means,
+        (batch, n, k),
+        nnc,
+        |img, p, img_means, best| {
             let order = &by_x[img];
             let mean = |c: u32| [img_means[2 * c as usize], img_means[2 * c as usize + 1]];
             // The rounded dx² of the mean at `order[at]`: a lower bound of the
@@ -280,7 +279,6 @@ pub fn nearest_clusters(
                 let dx = p[0] - mean(order[at])[0];
                 dx * dx
             };
-            best.clear();
             // `order[..left]` lie left of the token (x below its x), `order[right..]` right.
             let first_right = order.partition_point(|&c| mean(c)[0] < p[0]);
             let (mut left, mut right) = (first_right, first_right);
@@ -289,29 +287,22 @@ pub fn nearest_clusters(
                 let open = |lb: f32| best.worst().is_none_or(|worst| lb <= worst);
                 let left_lb = (left > 0).then(|| bound(left - 1)).filter(|&lb| open(lb));
                 let right_lb = (right < k).then(|| bound(right)).filter(|&lb| open(lb));
-                let c = match (left_lb, right_lb) {
+                let take_left = match (left_lb, right_lb) {
                     (None, None) => break,
-                    (Some(l), Some(r)) if l <= r => {
-                        left -= 1;
-                        order[left]
-                    }
-                    (Some(_), None) => {
-                        left -= 1;
-                        order[left]
-                    }
-                    (_, Some(_)) => {
-                        right += 1;
-                        order[right - 1]
-                    }
+                    (Some(l), Some(r)) => l <= r,
+                    (l, _) => l.is_some(),
+                };
+                let c = if take_left {
+                    left -= 1;
+                    order[left]
+                } else {
+                    right += 1;
+                    order[right - 1]
                 };
                 best.insert(squared_distance(p, mean(c)), c);
             }
-            for (o, (_, c)) in dst.iter_mut().zip(&best.entries) {
-                *o = *c;
-            }
         },
-    );
-    Ok(out)
+    ))
 }
 
 /// [`nearest_clusters`] by scanning every mean for every token (O(n·k)):
@@ -330,23 +321,47 @@ pub fn nearest_clusters_brute_force(
     nnc: usize,
 ) -> Result<Vec<u32>> {
     check_nearest_args(pos, means, batch, n, k, nnc)?;
+    Ok(nearest_per_token(
+        pos,
+        means,
+        (batch, n, k),
+        nnc,
+        |_, p, img_means, best| {
+            for (c, m) in img_means.chunks_exact(2).enumerate() {
+                best.insert(squared_distance(p, [m[0], m[1]]), c as u32);
+            }
+        },
+    ))
+}
+
+/// b×n×nnc cluster indices: for every token, `search(image, its position,
+/// the image's means, an empty list)` offers candidates to the list, whose
+/// indices are the token's row.
+fn nearest_per_token(
+    pos: &[f32],
+    means: &[f32],
+    (batch, n, k): (usize, usize, usize),
+    nnc: usize,
+    search: impl Fn(usize, [f32; 2], &[f32], &mut NearestList) + Sync,
+) -> Vec<u32> {
     let mut out = vec![0u32; batch * n * nnc];
     out.par_chunks_mut(nnc).enumerate().for_each_init(
         || NearestList::new(nnc),
         |best, (row, dst)| {
             let img = row / n;
-            let p = [pos[2 * row], pos[2 * row + 1]];
-            let img_means = &means[img * k * 2..(img + 1) * k * 2];
             best.clear();
-            for (c, m) in img_means.chunks_exact(2).enumerate() {
-                best.insert(squared_distance(p, [m[0], m[1]]), c as u32);
-            }
+            search(
+                img,
+                [pos[2 * row], pos[2 * row + 1]],
+                &means[img * k * 2..(img + 1) * k * 2],
+                best,
+            );
             for (o, (_, c)) in dst.iter_mut().zip(&best.entries) {
                 *o = *c;
             }
         },
     );
-    Ok(out)
+    out
 }
 
 fn check_nearest_args(
