@@ -1,15 +1,19 @@
-//! Build script: compiles `kernels/*.cu` twice.
+//! Build script: compiles `kernels/*.cu` twice, and embeds their sources;
+//! compiles the NVTX shim (`src/nvtx_shim.c`, headers in `third_party/nvtx3`).
 //!
 //! 1. As C++ with the CPU emulator (`kernels/emulator/`), always, so that
 //!    `cargo test` runs every kernel without a GPU.
 //! 2. With nvcc, when one is found (`NVCC`, then `CUDA_HOME`/`CUDA_PATH`,
-//!    then `PATH`), into fatbins with sm_80 and sm_90 machine code plus
-//!    compute_90 PTX (`CUDA_COMPUTE_CAP=90` narrows it to one target), never
-//!    with fast math. Without nvcc the crate builds CPU-only with a warning;
-//!    `AUTOFOCUS_REQUIRE_CUDA=1` makes that an error.
+//!    then `PATH`), into fatbins with machine code for sm_75, sm_80, sm_90,
+//!    sm_100 and sm_120 plus compute_120 PTX (`CUDA_COMPUTE_CAP=90` narrows
+//!    it to one target), never with fast math. Without nvcc the crate builds
+//!    with a warning and its GPU path compiles the embedded sources with
+//!    NVRTC at run time; `AUTOFOCUS_REQUIRE_CUDA=1` makes that an error.
 //!
 //! Both are described to the crate by `$OUT_DIR/kernels.rs`: every kernel's
-//! name and source file, the embedded fatbins, and the emulator's entry points.
+//! name and source file, the embedded fatbins and the CUDA version of the
+//! nvcc that built them, the sources and headers (for NVRTC), and the
+//! emulator's entry points.
 
 use std::env;
 use std::fmt::Write as _;
@@ -47,10 +51,12 @@ fn main() {
         .collect();
 
     build_emulator(&sources, &out_dir);
-    let images = build_fatbins(&sources, &out_dir);
+    build_nvtx_shim();
+    let fatbins = build_fatbins(&sources, &out_dir);
+    let headers = header_files(kernel_dir);
     fs::write(
         out_dir.join("kernels.rs"),
-        generated_rust(&kernels, &images),
+        generated_rust(&kernels, &fatbins, &sources, &headers),
     )
     .expect("write kernels.rs");
 }
@@ -76,6 +82,19 @@ fn cu_sources(dir: &Path) -> Vec<PathBuf> {
         .collect();
     sources.sort();
     sources
+}
+
+/// The headers the `.cu` files include (`kernels/*.cuh`, `kernels/*.h`);
+/// the emulator's own header is only included outside CUDA.
+fn header_files(dir: &Path) -> Vec<PathBuf> {
+    let mut headers: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("kernels/ exists")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cuh" || e == "h"))
+        .collect();
+    headers.sort();
+    headers
 }
 
 fn file_stem(path: &Path) -> String {
@@ -132,6 +151,21 @@ fn build_emulator(sources: &[PathBuf], out_dir: &Path) {
     build.compile("autofocus_kernel_emulator");
 }
 
+/// `src/nvtx_shim.c` over the vendored NVTX3 headers (`src/nvtx.rs`).
+fn build_nvtx_shim() {
+    println!("cargo::rerun-if-changed=src/nvtx_shim.c");
+    watch(Path::new("third_party/nvtx3"));
+    cc::Build::new()
+        .file("src/nvtx_shim.c")
+        .include("third_party")
+        .warnings(false) // the NVTX headers are not ours to lint
+        .compile("autofocus_nvtx");
+    // NVTX loads a profiler's library with dlopen (in libc since glibc 2.34).
+    if env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux") {
+        println!("cargo::rustc-link-lib=dl");
+    }
+}
+
 fn find_nvcc() -> Option<PathBuf> {
     if let Some(nvcc) = env::var_os("NVCC") {
         return Some(PathBuf::from(nvcc));
@@ -149,9 +183,15 @@ fn find_nvcc() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Compiles each `.cu` into `$OUT_DIR/<stem>.fatbin`; returns (stem, path)
-/// of each, or nothing without nvcc.
-fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Vec<(String, PathBuf)> {
+/// The fatbins nvcc built: (stem, path) of each, and nvcc's CUDA version
+/// as the driver API writes it (13000 for 13.0).
+struct Fatbins {
+    images: Vec<(String, PathBuf)>,
+    cuda_version: u32,
+}
+
+/// Compiles each `.cu` into `$OUT_DIR/<stem>.fatbin`; nothing without nvcc.
+fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Fatbins {
     let required = env::var("AUTOFOCUS_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     let Some(nvcc) = find_nvcc() else {
         if required {
@@ -160,10 +200,14 @@ fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Vec<(String, PathBuf)> 
             );
         }
         println!(
-            "cargo::warning=nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH): building without CUDA kernels, CPU only"
+            "cargo::warning=nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH): no fatbins; on a GPU the kernels will be compiled at run time by NVRTC"
         );
-        return Vec::new();
+        return Fatbins {
+            images: Vec::new(),
+            cuda_version: 0,
+        };
     };
+    let cuda_version = nvcc_cuda_version(&nvcc);
     let targets: Vec<String> = match env::var("CUDA_COMPUTE_CAP") {
         Ok(cap) if !cap.trim().is_empty() => {
             let cap = cap.trim().replace('.', "");
@@ -172,11 +216,14 @@ fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Vec<(String, PathBuf)> 
                 format!("arch=compute_{cap},code=compute_{cap}"),
             ]
         }
-        _ => vec![
-            "arch=compute_80,code=sm_80".into(),
-            "arch=compute_90,code=sm_90".into(),
-            "arch=compute_90,code=compute_90".into(),
-        ],
+        // Machine code runs on GPUs of its major version with an equal or
+        // higher minor (sm_80 code on A10, L4, 4090; sm_120 on sm_121), and
+        // the PTX is JIT-compiled by the driver for anything newer.
+        _ => [75, 80, 90, 100, 120]
+            .iter()
+            .map(|cap| format!("arch=compute_{cap},code=sm_{cap}"))
+            .chain(["arch=compute_120,code=compute_120".to_string()])
+            .collect(),
     };
     let results: Vec<Result<(String, PathBuf), String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = sources
@@ -195,7 +242,43 @@ fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Vec<(String, PathBuf)> 
             Err(message) => panic!("{message}"),
         }
     }
-    images
+    Fatbins {
+        images,
+        cuda_version,
+    }
+}
+
+/// `nvcc --version`'s "release 13.0" as 13000: a driver older than this
+/// cannot load what this nvcc built.
+fn nvcc_cuda_version(nvcc: &Path) -> u32 {
+    let output = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} --version: {e}", nvcc.display()));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let release = text
+        .split("release ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| {
+            panic!(
+                "no \"release X.Y\" in {} --version:\n{text}",
+                nvcc.display()
+            )
+        });
+    let (major, minor) = release
+        .trim()
+        .split_once('.')
+        .unwrap_or((release.trim(), "0"));
+    let parse = |v: &str| -> u32 {
+        v.parse().unwrap_or_else(|_| {
+            panic!(
+                "cannot read the CUDA release {release:?} of {}",
+                nvcc.display()
+            )
+        })
+    };
+    parse(major) * 1000 + parse(minor) * 10
 }
 
 fn compile_fatbin(
@@ -233,7 +316,12 @@ fn compile_fatbin(
     Ok((stem, output))
 }
 
-fn generated_rust(kernels: &[(String, String)], images: &[(String, PathBuf)]) -> String {
+fn generated_rust(
+    kernels: &[(String, String)],
+    fatbins: &Fatbins,
+    sources: &[PathBuf],
+    headers: &[PathBuf],
+) -> String {
     let mut rust = String::from("// Generated by build.rs.\n\n");
     rust += "/// Every kernel: (name, source file stem in `kernels/`).\n";
     rust += "pub const KERNELS: &[(&str, &str)] = &[\n";
@@ -242,11 +330,42 @@ fn generated_rust(kernels: &[(String, String)], images: &[(String, PathBuf)]) ->
     }
     rust += "];\n\n/// Fatbin per source file stem; empty when built without nvcc.\n";
     rust += "pub const IMAGES: &[(&str, &[u8])] = &[\n";
-    for (stem, path) in images {
+    for (stem, path) in &fatbins.images {
         writeln!(
             rust,
             "    ({stem:?}, include_bytes!({:?})),",
             path.display()
+        )
+        .unwrap();
+    }
+    rust += "];\n\n/// CUDA version of the nvcc that built [`IMAGES`] (13000 = 13.0), 0 without.\n";
+    writeln!(
+        rust,
+        "pub const FATBIN_CUDA_VERSION: u32 = {};",
+        fatbins.cuda_version
+    )
+    .unwrap();
+    rust += "\n/// Every `.cu` file: (stem, source text), for NVRTC.\n";
+    rust += "pub const SOURCES: &[(&str, &str)] = &[\n";
+    for source in sources {
+        let absolute = fs::canonicalize(source).expect("kernel source exists");
+        writeln!(
+            rust,
+            "    ({:?}, include_str!({:?})),",
+            file_stem(source),
+            absolute.display()
+        )
+        .unwrap();
+    }
+    rust += "];\n\n/// The headers they include: (name, text), for NVRTC.\n";
+    rust += "pub const HEADERS: &[(&str, &str)] = &[\n";
+    for header in headers {
+        let absolute = fs::canonicalize(header).expect("kernel header exists");
+        let name = header.file_name().unwrap().to_string_lossy();
+        writeln!(
+            rust,
+            "    ({name:?}, include_str!({:?})),",
+            absolute.display()
         )
         .unwrap();
     }

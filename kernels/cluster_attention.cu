@@ -87,7 +87,7 @@ __device__ void cluster_attention_impl(const AttentionParams p) {
 
   for (int t = 0; t < p.heads; ++t) {
     const float* qt = query + t * d;
-    float local_max = -INFINITY;
+    float local_max = negative_infinity();
     for (int s = lane; s < m; s += 32) {
       const int j = nbrs ? clamp_index(nbrs[s], p.tokens) : s;
       const T* key = kv + size_t(j) * 2 * c + t * 2 * d;
@@ -207,7 +207,7 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
     __syncthreads();
     if (has_query) {
       const float* qt = query + t * d;
-      float local_max = -INFINITY;
+      float local_max = negative_infinity();
       for (int sl = lane; sl < m; sl += 32) {
         const int base = slot_base[warp * nnc + sl / s];
         float logit = 0.0f;

@@ -2,33 +2,51 @@
 // (CUDA and CPU emulator alike), warp reductions, and the parameter structs.
 #pragma once
 
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-#else
+#ifndef __CUDACC__
 #include "emulator/emulator.h"
 #endif
 
-#include "params.h"
+#include "params.h"  // and the fixed-width integer types
 
 // ---------------------------------------------------------------- types ----
-// Storage types: f32, f16, bf16. Arithmetic is always f32.
+// Storage types: f32, f16, bf16. Arithmetic is always f32. The half types
+// are their bit patterns, on the GPU as in the emulator.
+struct af_f16 { uint16_t bits; };
+struct af_bf16 { uint16_t bits; };
 #ifdef __CUDACC__
-typedef __half af_f16;
-typedef __nv_bfloat16 af_bf16;
-__device__ __forceinline__ float to_f32(af_f16 v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(af_bf16 v) { return __bfloat162float(v); }
+// The half types as bit patterns, converted by the same instructions as
+// cuda_fp16.h's `__half2float`/`__float2half_rn` and cuda_bf16.h's
+// equivalents: no toolkit header, so NVRTC compiles these sources too.
+__device__ __forceinline__ float to_f32(af_f16 v) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+  return f;
+}
+__device__ __forceinline__ float to_f32(af_bf16 v) {
+  return __uint_as_float(uint32_t(v.bits) << 16);
+}
 template <class T>
 __device__ __forceinline__ T from_f32(float v);
 template <>
-__device__ __forceinline__ af_f16 from_f32<af_f16>(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ af_f16 from_f32<af_f16>(float v) {
+  af_f16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+  return h;
+}
 template <>
-__device__ __forceinline__ af_bf16 from_f32<af_bf16>(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ af_bf16 from_f32<af_bf16>(float v) {
+  af_bf16 h;
+#if __CUDA_ARCH__ >= 800
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#else  // no bf16 conversion instruction before sm_80: round to nearest even by hand
+  uint32_t u = __float_as_uint(v);
+  h.bits = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40u)
+                                            : uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+  return h;
+}
 #else
-// Bit patterns with round-to-nearest-even conversions, as the GPU rounds.
-struct af_f16 { uint16_t bits; };
-struct af_bf16 { uint16_t bits; };
+// Round-to-nearest-even conversions in plain C++, as the GPU rounds.
 inline float to_f32(af_bf16 v) {
   uint32_t u = uint32_t(v.bits) << 16;
   float f;
@@ -114,6 +132,9 @@ extern "C" int af_emu_run(const af_emu_launch*, void (*)(const void*), const voi
   AF_KERNEL(name##_f32, Params, impl<float>(p))   \
   AF_KERNEL(name##_f16, Params, impl<af_f16>(p))  \
   AF_KERNEL(name##_bf16, Params, impl<af_bf16>(p))
+
+// −∞ without <math.h>'s INFINITY, which NVRTC lacks.
+__device__ __forceinline__ float negative_infinity() { return __int_as_float(int(0xff800000u)); }
 
 // ---------------------------------------------------------- reductions ----
 __device__ __forceinline__ float warp_sum(float v) {

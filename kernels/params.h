@@ -3,13 +3,21 @@
 // the storage type of the kernel instance (f32, f16 or bf16); shapes trail
 // every indexed buffer.
 //
-// src/gpu/params_generated.rs is generated from this file by bindgen
+// src/gpu/params/generated.rs is generated from this file by bindgen
 // (`scripts/generate-params.sh`; CI fails when it is stale), doc comments
 // (/// and ///<) included; a test checks sizes and alignments against the
 // C++ compiler's.
 #pragma once
 
-#ifdef __CUDACC__
+#if defined(__CUDACC_RTC__)
+// NVRTC has no C library headers: the fixed-width types these structs use.
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#elif defined(__CUDACC__)
 #include <stdint.h>
 #else
 #include <cstdint>

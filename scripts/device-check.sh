@@ -8,6 +8,8 @@
 #
 # `run` executes every kernel test and the golden end-to-end tests on GPU 0
 # (AUTOFOCUS_REQUIRE_GPU=1: no silent fallback to the emulator alone),
+# the golden tests again on kernels compiled by NVRTC (AUTOFOCUS_KERNELS=nvrtc),
+# an ncu run filtered by NVTX range (stage1/block0/attn.cluster_attention/),
 # compute-sanitizer memcheck and racecheck over the kernel tests, the kernel
 # benchmarks (attention, stage-0 layout), `autofocus bench --device cuda` on
 # aff_mini (plus a per-op profile), the card's copy and matmul ceilings
@@ -66,6 +68,15 @@ run() {
   } >"$report"
   step kernel-tests device-bin/test-kernels --test-threads=1
   step golden-on-gpu device-bin/test-device_model --test-threads=1 --nocapture
+  # The NVRTC path forced (the old-driver fallback): the golden cases again
+  # on cubins compiled there, through a fresh cache, then from that cache.
+  nvrtc_lib="${AUTOFOCUS_NVRTC:-$(ls /usr/local/cuda/lib64/libnvrtc.so.* 2>/dev/null | head -n 1)}"
+  kernel_cache="${TMPDIR:-/tmp}/autofocus-kernel-cache"
+  rm -rf "$kernel_cache"
+  for pass in compile cached; do
+    step "golden-nvrtc-$pass" env AUTOFOCUS_KERNELS=nvrtc AUTOFOCUS_CACHE_DIR="$kernel_cache" \
+      ${nvrtc_lib:+AUTOFOCUS_NVRTC="$nvrtc_lib"} device-bin/test-device_model --test-threads=1
+  done
   step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 device-bin/test-kernels --test-threads=1
   step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 device-bin/test-kernels --test-threads=1
   step backward-tests device-bin/test-backward --test-threads=1
@@ -101,6 +112,12 @@ t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLO
     -k "regex:cluster_attention|linear|pointconv_merge|stable_sort|nearest_neighbourhoods" \
     device-bin/autofocus bench --device cuda --dtype bf16 --config aff_mini --batch 64 \
     --size 224 --iters 1 --warmup 0
+  # NVTX ranges as ncu sees them: only the kernels inside one block's
+  # attention range are profiled, so the log must name the attention kernel.
+  step ncu-nvtx timeout 120 bash -c 'ncu --clock-control none --nvtx \
+    --nvtx-include "stage1/block0/attn.cluster_attention/" --launch-count 1 \
+    device-bin/autofocus bench --device cuda --config aff_mini --batch 8 --size 224 \
+    --iters 1 --warmup 0 | tee /dev/stderr | grep -q cluster_attention'
   {
     echo
     echo "## Attention (aff_tiny stage 0, b = 64) and stage-0 layout (b = 64, 224²)"

@@ -32,6 +32,7 @@ pub mod gpu;
 pub mod io;
 pub mod limits;
 pub mod model;
+pub mod nvtx;
 pub mod ops;
 pub mod profile;
 pub mod tensor;

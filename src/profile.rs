@@ -1,6 +1,7 @@
 //! A flat wall-clock profile of the forward pass, by op.
 //!
-//! Off by default: a [`scope`] then costs one atomic load. `autofocus bench
+//! Off by default: a [`scope`] then costs one atomic load (and the check of
+//! its NVTX range: every scope is one, [`crate::nvtx`]). `autofocus bench
 //! --profile` turns it on and prints where the time went.
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub fn scope(name: &'static str) -> Scope {
     Scope {
         name,
         start: ENABLED.load(Ordering::Relaxed).then(Instant::now),
+        _range: crate::nvtx::range(name),
     }
 }
 
@@ -40,6 +42,7 @@ pub fn timed<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
 pub struct Scope {
     name: &'static str,
     start: Option<Instant>,
+    _range: crate::nvtx::Range,
 }
 
 impl Drop for Scope {

@@ -241,3 +241,45 @@ fn batches_match_the_cpu() {
         }
     }
 }
+
+/// Every stage, block and op opens an NVTX range, nested as ncu's
+/// `--nvtx-include "stage1/block0/attn.cluster_attention/"` names them, on
+/// the device path and the CPU path alike, and every range is closed.
+#[test]
+fn every_stage_block_and_op_opens_a_nested_nvtx_range() {
+    let Some(case) = Case::load("tiny-128") else {
+        return;
+    };
+    let image = case.f32("input.image");
+    let model = DeviceModel::<f32>::new(&case.model, Device::emulator()).unwrap();
+    let (device_logits, device_ranges, device_open) =
+        autofocus::nvtx::record(|| model.forward(&image));
+    let (cpu_logits, cpu_ranges, cpu_open) = autofocus::nvtx::record(|| case.model.forward(&image));
+    device_logits.unwrap();
+    cpu_logits.unwrap();
+    let depths = &case.model.config().depths;
+    for (path, ranges, open) in [
+        ("device", &device_ranges, device_open),
+        ("cpu", &cpu_ranges, cpu_open),
+    ] {
+        assert_eq!(open, 0, "{path}: ranges left open");
+        let has = |range: &str| ranges.iter().any(|r| r == range);
+        for top in ["patch_embed", "head"] {
+            assert!(has(top), "{path}: no `{top}` in {ranges:?}");
+        }
+        for (s, &depth) in depths.iter().enumerate() {
+            for j in 0..depth {
+                for op in ["attn.qkv", "attn.cluster_attention", "attn.proj"] {
+                    let range = format!("stage{s}/block{j}/{op}");
+                    assert!(has(&range), "{path}: no `{range}` in {ranges:?}");
+                }
+            }
+            if s + 1 < depths.len() {
+                let range = format!("stage{s}/merge.selection");
+                assert!(has(&range), "{path}: no `{range}` in {ranges:?}");
+            }
+        }
+        let beyond = format!("stage{}/block0", depths.len());
+        assert!(!has(&beyond), "{path}: a stage too many");
+    }
+}

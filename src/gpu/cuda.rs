@@ -1,6 +1,7 @@
 //! The GPU backend: cudarc's driver API with the library loaded at run time,
-//! modules loaded from the embedded fatbins on first use and kept, functions
-//! cached by name. One stream per device: launches and copies are ordered.
+//! each kernel file's module loaded on first use and kept (from the embedded
+//! fatbin or NVRTC's cubin, [`super::loader`]), functions cached by name.
+//! One stream per device: launches and copies are ordered.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,13 +11,16 @@ use cudarc::driver::{
 };
 
 use super::LaunchConfig;
-use super::generated::{IMAGES, KERNELS};
+use super::generated::KERNELS;
+use super::loader::{KernelLoader, KernelSource};
+use super::nvrtc::Arch;
 use super::params::{KernelParams, Ptr};
 use crate::error::{Error, Result};
 
 pub struct CudaBackend {
     context: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    loader: KernelLoader,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
 }
@@ -33,13 +37,9 @@ impl DeviceSlice {
     }
 }
 
-/// Fails unless this build has kernels and the machine a CUDA driver.
+/// Fails unless the machine has a CUDA driver. (Kernels come from the
+/// fatbins or, without them, from NVRTC: [`KernelLoader::new`] checks.)
 fn check_available() -> Result<()> {
-    if !super::built_with_cuda() {
-        return Err(Error::Unsupported(
-                "--device cuda: this build has no CUDA kernels (nvcc was not found when it was compiled)".into(),
-            ));
-    }
     // SAFETY: only probes whether the driver library can be opened.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::Unsupported(
@@ -64,19 +64,41 @@ impl CudaBackend {
             Error::Unsupported(format!("--device cuda: cannot open GPU {ordinal}: {e}"))
         })?;
         let stream = context.default_stream();
+        let unsupported = |what: &str, e: cudarc::driver::DriverError| {
+            Error::Unsupported(format!("--device cuda: cannot read the {what}: {e}"))
+        };
+        let mut driver_version = 0;
+        // SAFETY: one valid out-pointer; the driver is loaded (context above).
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(|e| unsupported("driver version", e))?;
+        let (major, minor) = context
+            .compute_capability()
+            .map_err(|e| unsupported("compute capability", e))?;
+        let arch = Arch {
+            major: major as u32,
+            minor: minor as u32,
+        };
+        let loader = KernelLoader::new(driver_version as u32, arch)?;
         Ok(Self {
             context,
             stream,
+            loader,
             modules: Mutex::default(),
             functions: Mutex::default(),
         })
     }
 
+    /// `cuda:N (GPU name; fatbin kernels)`, or `NVRTC kernels`.
     pub fn name(&self) -> String {
         let ordinal = self.context.ordinal();
+        let kernels = match self.loader.source() {
+            KernelSource::Fatbin => "fatbin kernels",
+            KernelSource::Nvrtc => "NVRTC kernels",
+        };
         match self.context.name() {
-            Ok(name) => format!("cuda:{ordinal} ({name})"),
-            Err(_) => format!("cuda:{ordinal}"),
+            Ok(name) => format!("cuda:{ordinal} ({name}; {kernels})"),
+            Err(_) => format!("cuda:{ordinal} ({kernels})"),
         }
     }
 
@@ -132,15 +154,7 @@ impl CudaBackend {
             match modules.get(stem) {
                 Some(module) => module.clone(),
                 None => {
-                    let (_, image) = IMAGES.iter().find(|(s, _)| *s == stem).ok_or_else(|| {
-                        Error::device(name, "kernel image missing from the build")
-                    })?;
-                    let module = self
-                        .context
-                        .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-                        .map_err(|e| {
-                            Error::device(name, format!("loading kernels/{stem}.cu: {e}"))
-                        })?;
+                    let module = self.loader.load(&self.context, stem)?;
                     modules.insert(stem, module.clone());
                     module
                 }

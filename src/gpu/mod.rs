@@ -11,6 +11,8 @@
 
 mod cuda;
 mod emulator;
+pub mod loader;
+pub mod nvrtc;
 pub mod params;
 pub mod sort;
 pub mod tensor_ops;
@@ -29,7 +31,8 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// True when this build embeds GPU kernel images (nvcc was found at build time).
+/// True when this build embeds fatbins (nvcc was found at build time);
+/// without them a GPU still runs, on kernels NVRTC compiles at run time.
 pub fn built_with_cuda() -> bool {
     !generated::IMAGES.is_empty()
 }

@@ -348,7 +348,8 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 Ok((clustering.pos, feat, StageNeighbourhood::Own(nbhd)))
             })?
         };
-        for block in &self.stages[s].blocks {
+        for (j, block) in self.stages[s].blocks.iter().enumerate() {
+            let _block = crate::nvtx::range_with(|| format!("block{j}"));
             self.run_block(block, &mut feat, &pos, nbhd.get(), (b, n, c))?;
         }
         let tokens = DeviceTokens {
@@ -564,6 +565,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
     ) -> Result<DeviceTokens<T>> {
         let last = self.stages.len() - 1;
         for s in 0..last {
+            let _stage = crate::nvtx::range_with(|| format!("stage{s}"));
             let (tokens, nbhd) = self.run_stage(s, x, grid, trace)?;
             let merge = self.stages[s]
                 .merge
@@ -572,7 +574,10 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             x = self.merge(s, merge, &tokens, nbhd.get(), trace)?;
             before_merge(s, tokens)?;
         }
-        let out = self.run_stage(last, x, grid, trace)?.0;
+        let out = {
+            let _stage = crate::nvtx::range_with(|| format!("stage{last}"));
+            self.run_stage(last, x, grid, trace)?.0
+        };
         if trace.is_some() {
             let pos = self.device.download(&out.pos)?;
             let (b, n) = (out.batch, out.tokens);

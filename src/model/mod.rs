@@ -356,6 +356,7 @@ impl AutoFocusFormer {
                 || format!("stage{s}.in.feat"),
                 || f32_tensor(&[input.batch, input.tokens, input.channels], &input.feat),
             );
+            let _stage = crate::nvtx::range_with(|| format!("stage{s}"));
             let result = self.run_stage(s, input, grid, trace.as_deref_mut())?;
             results.push(result);
         }

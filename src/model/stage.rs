@@ -155,6 +155,7 @@ impl AutoFocusFormer {
             || f32_tensor(&[b, n, c], &feat),
         );
         for j in 0..self.weights.stages[s].blocks.len() {
+            let _block = crate::nvtx::range_with(|| format!("block{j}"));
             self.run_block(s, j, &mut feat, &layout)?;
             record(
                 &mut trace,
