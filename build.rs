@@ -102,17 +102,22 @@ fn file_stem(path: &Path) -> String {
 }
 
 /// Kernel names defined by `AF_KERNEL(name, ...)` and
-/// `AF_KERNEL_ALL_TYPES(name, ...)` (which stamps `name_{f32,f16,bf16}`).
+/// `AF_KERNEL_ALL_TYPES(name, ...)` (which stamps `name_{f32,f16,bf16}`),
+/// and their `_BOUNDED` forms.
 fn kernel_names(source: &str) -> Vec<String> {
     let mut names = Vec::new();
     for line in source.lines() {
         let line = line.trim_start();
-        let (all_types, rest) = if let Some(rest) = line.strip_prefix("AF_KERNEL_ALL_TYPES(") {
-            (true, rest)
-        } else if let Some(rest) = line.strip_prefix("AF_KERNEL(") {
-            (false, rest)
-        } else {
-            continue;
+        let all_types = ["AF_KERNEL_ALL_TYPES(", "AF_KERNEL_ALL_TYPES_BOUNDED("]
+            .iter()
+            .find_map(|macro_| line.strip_prefix(macro_));
+        let single = ["AF_KERNEL(", "AF_KERNEL_BOUNDED("]
+            .iter()
+            .find_map(|macro_| line.strip_prefix(macro_));
+        let (all_types, rest) = match (all_types, single) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => continue,
         };
         let name = rest.split(',').next().unwrap().trim().to_string();
         if all_types {

@@ -87,13 +87,20 @@ __device__ void cluster_attention_impl(const AttentionParams p) {
 
   for (int t = 0; t < p.heads; ++t) {
     const float* qt = query + t * d;
-    float local_max = negative_infinity();
-    for (int s = lane; s < m; s += 32) {
+    // One neighbour at a time, lanes over its key's channels: each key row
+    // is read by consecutive lanes (coalesced), then summed by the warp.
+    for (int s = 0; s < m; ++s) {
       const int j = nbrs ? clamp_index(nbrs[s], p.tokens) : s;
       const T* key = kv + size_t(j) * 2 * c + t * 2 * d;
-      float logit = 0.0f;
-      for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
-      logit += bias_and_mask(p, t, features, m, s, mask);
+      float partial = 0.0f;
+      for (int e = lane; e < d; e += 32) partial += qt[e] * to_f32(key[e]);
+      const float dot = warp_sum(partial);
+      if (lane == 0) logits[s] = dot;
+    }
+    __syncwarp();
+    float local_max = negative_infinity();
+    for (int s = lane; s < m; s += 32) {
+      const float logit = logits[s] + bias_and_mask(p, t, features, m, s, mask);
       logits[s] = logit;
       local_max = fmaxf(local_max, logit);
     }
@@ -115,24 +122,29 @@ __device__ void cluster_attention_impl(const AttentionParams p) {
 AF_KERNEL_ALL_TYPES(cluster_attention, AttentionParams, cluster_attention_impl)
 
 // The tiled variant, for neighbour lists made of whole clusters (spec §4):
-// one block per query cluster (s queries, one warp each). The s queries
+// one block per query cluster (S queries, one warp each). The S queries
 // mostly share their nearest clusters, so the block stages, per head, the
 // keys and values of the union of their neighbour clusters in shared memory
 // once, instead of each query gathering its own from L2. Clusters beyond
 // the tile's capacity are read from global memory, as the generic kernel does.
 //
-// Shared memory: five int arrays of s·nnc (the union bookkeeping), the
-// generic kernel's per-warp scratch for s warps, then the tile:
-// tile_clusters·s rows of key and value, each head_dim + 1 floats (padded:
-// lanes reading different rows hit different banks).
-template <class T>
+// The cluster size S is a template parameter for the sizes the presets use
+// (every index split by S is then a multiply and shift); S = 0 reads it from
+// the parameters (any other size). Inner loops run over (cluster, member)
+// pairs, so they divide by nothing.
+//
+// Shared memory: five int arrays of S·nnc (the union bookkeeping), the
+// generic kernel's per-warp scratch for S warps, then the tile: the keys of
+// tile_clusters·S rows, then their values, each row head_dim + 1 floats
+// (an odd stride: lanes reading consecutive rows hit different banks).
+template <class T, int S>
 __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   AF_DYNAMIC_SHARED(float, shared);
-  const int s = p.cluster_size, d = p.head_dim, c = p.heads * d, m = p.m, nnc = m / s;
-  const int entries = s * nnc, row_stride = d + 1;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int s = S > 0 ? S : p.cluster_size, d = p.head_dim, c = p.heads * d, m = p.m;
+  const int nnc = m / s, entries = m, row_stride = d + 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int clusters = (p.tokens + s - 1) / s;
-  const int img = blockIdx.x / clusters, query_cluster = blockIdx.x % clusters;
+  const int img = blockIdx.x / clusters, query_cluster = blockIdx.x - img * clusters;
   const int i = query_cluster * s + warp;  // this warp's query token
   const bool has_query = i < p.tokens;
 
@@ -147,7 +159,8 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   float* query = scratch;                     // c
   float* features = query + c;                // 5 × m
   float* logits = features + 5 * m;           // m + 1
-  float* tile = shared + ints + s * (c + 6 * m + 1);  // tile_clusters·s × 2 × row_stride
+  float* key_tile = shared + ints + s * (c + 6 * m + 1);  // tile_clusters·S × row_stride
+  float* value_tile = key_tile + p.tile_clusters * s * row_stride;
 
   const size_t nbhd_image = size_t(p.nbhd_images == 1 ? 0 : img) * p.tokens;
   const int32_t* nbrs = p.nbhd + (nbhd_image + (has_query ? i : 0)) * m;
@@ -158,9 +171,10 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   // The union of the block's neighbour clusters (warp 0; entries ≤ 1024).
   if (warp == 0) {
     for (int e = lane; e < entries; e += 32) {
-      const int q = query_cluster * s + e / nnc;
+      const int member = e / nnc, r = e - member * nnc;  // once per entry
+      const int q = query_cluster * s + member;
       const int32_t* list = p.nbhd + (nbhd_image + q) * m;
-      ids[e] = q < p.tokens ? clamp_index(list[(e % nnc) * s], p.tokens) / s : -1;
+      ids[e] = q < p.tokens ? clamp_index(list[r * s], p.tokens) / s : -1;
     }
     __syncwarp();
     for (int e = lane; e < entries; e += 32) {
@@ -192,27 +206,31 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   }
   __syncthreads();
   const int staged = *union_count < p.tile_clusters ? *union_count : p.tile_clusters;
+  const int* my_bases = slot_base + warp * nnc;  // union index of each of my clusters
 
   for (int t = 0; t < p.heads; ++t) {
-    // Stage this head's keys and values of the first `staged` clusters.
-    const int elements = staged * s * d;
-    for (int e = threadIdx.x; e < elements; e += blockDim.x) {
-      const int row = e / d, ch = e % d;
-      const int member = union_ids[row / s] * s + row % s;
+    // Stage this head's keys and values of the first `staged` clusters: a
+    // warp per row, lanes over channels (coalesced reads).
+    for (int row = warp; row < staged * s; row += warps) {
+      const int u = row / s;
+      const int member = union_ids[u] * s + (row - u * s);
       const int token = member < p.tokens ? member : 0;  // padding reads token 0, as its slot does
-      const T* at = kv + size_t(token) * 2 * c + t * 2 * d + ch;
-      tile[(2 * row) * row_stride + ch] = to_f32(at[0]);
-      tile[(2 * row + 1) * row_stride + ch] = to_f32(at[d]);
+      const T* at = kv + size_t(token) * 2 * c + t * 2 * d;
+      for (int ch = lane; ch < d; ch += 32) {
+        key_tile[row * row_stride + ch] = to_f32(at[ch]);
+        value_tile[row * row_stride + ch] = to_f32(at[d + ch]);
+      }
     }
     __syncthreads();
     if (has_query) {
       const float* qt = query + t * d;
       float local_max = negative_infinity();
       for (int sl = lane; sl < m; sl += 32) {
-        const int base = slot_base[warp * nnc + sl / s];
+        const int r = sl / s;
+        const int base = my_bases[r];
         float logit = 0.0f;
         if (base < staged) {
-          const float* key = tile + (2 * (base * s + sl % s)) * row_stride;
+          const float* key = key_tile + (base * s + (sl - r * s)) * row_stride;
           for (int e = 0; e < d; ++e) logit += qt[e] * key[e];
         } else {
           const T* key = kv + size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d;
@@ -227,12 +245,15 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
       T* out = static_cast<T*>(p.out) + (size_t(img) * p.tokens + i) * c;
       for (int e = lane; e < d; e += 32) {
         float acc = blank_weight * p.blank_v[t * d + e];
-        for (int sl = 0; sl < m; ++sl) {
-          const int base = slot_base[warp * nnc + sl / s];
-          const float v = base < staged
-                              ? tile[(2 * (base * s + sl % s) + 1) * row_stride + e]
-                              : to_f32(kv[size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d + d + e]);
-          acc += logits[sl] * v;
+        for (int r = 0, sl = 0; r < nnc; ++r) {
+          const int base = my_bases[r];
+          if (base < staged) {
+            const float* values = value_tile + base * s * row_stride + e;
+            for (int k = 0; k < s; ++k, ++sl) acc += logits[sl] * values[k * row_stride];
+          } else {
+            for (int k = 0; k < s; ++k, ++sl)
+              acc += logits[sl] * to_f32(kv[size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d + d + e]);
+          }
         }
         out[t * d + e] = from_f32<T>(acc * inv_sum);
       }
@@ -241,4 +262,17 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   }
 }
 
-AF_KERNEL_ALL_TYPES(cluster_attention_tiled, AttentionParams, cluster_attention_tiled_impl)
+// The instances: cluster sizes 6, 8 and 24 (the presets'), and any other.
+template <class T>
+__device__ void cluster_attention_tiled_s6_impl(const AttentionParams p) { cluster_attention_tiled_impl<T, 6>(p); }
+template <class T>
+__device__ void cluster_attention_tiled_s8_impl(const AttentionParams p) { cluster_attention_tiled_impl<T, 8>(p); }
+template <class T>
+__device__ void cluster_attention_tiled_s24_impl(const AttentionParams p) { cluster_attention_tiled_impl<T, 24>(p); }
+template <class T>
+__device__ void cluster_attention_tiled_any_impl(const AttentionParams p) { cluster_attention_tiled_impl<T, 0>(p); }
+
+AF_KERNEL_ALL_TYPES_BOUNDED(cluster_attention_tiled_s6, AttentionParams, cluster_attention_tiled_s6_impl, 6 * 32)
+AF_KERNEL_ALL_TYPES_BOUNDED(cluster_attention_tiled_s8, AttentionParams, cluster_attention_tiled_s8_impl, 8 * 32)
+AF_KERNEL_ALL_TYPES_BOUNDED(cluster_attention_tiled_s24, AttentionParams, cluster_attention_tiled_s24_impl, 24 * 32)
+AF_KERNEL_ALL_TYPES_BOUNDED(cluster_attention_tiled_any, AttentionParams, cluster_attention_tiled_any_impl, 32 * 32)

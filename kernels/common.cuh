@@ -133,6 +133,19 @@ extern "C" int af_emu_run(const af_emu_launch*, void (*)(const void*), const voi
   AF_KERNEL(name##_f16, Params, impl<af_f16>(p))  \
   AF_KERNEL(name##_bf16, Params, impl<af_bf16>(p))
 
+// As AF_KERNEL_ALL_TYPES, for kernels launched with at most `threads` per
+// block (`__launch_bounds__`: the register budget is planned for that).
+#ifdef __CUDACC__
+#define AF_KERNEL_BOUNDED(name, Params, threads, ...) \
+  extern "C" __global__ void __launch_bounds__(threads) name(const Params p) { __VA_ARGS__; }
+#else
+#define AF_KERNEL_BOUNDED(name, Params, threads, ...) AF_KERNEL(name, Params, __VA_ARGS__)
+#endif
+#define AF_KERNEL_ALL_TYPES_BOUNDED(name, Params, impl, threads)   \
+  AF_KERNEL_BOUNDED(name##_f32, Params, threads, impl<float>(p))   \
+  AF_KERNEL_BOUNDED(name##_f16, Params, threads, impl<af_f16>(p))  \
+  AF_KERNEL_BOUNDED(name##_bf16, Params, threads, impl<af_bf16>(p))
+
 // −∞ without <math.h>'s INFINITY, which NVRTC lacks.
 __device__ __forceinline__ float negative_infinity() { return __int_as_float(int(0xff800000u)); }
 

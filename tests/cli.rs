@@ -417,6 +417,8 @@ fn bench_ends_with_one_json_line() {
     }
     assert_eq!(json["batch"], 2);
     assert_eq!(json["size"], 96);
+    assert_eq!(json["gemm"], "cpu");
+    assert_eq!(json["cuda_graph"], false);
     let out = autofocus(&["bench", "--config", "aff_mini", "--device", "cuda"]);
     assert_error_line(&out, "cuda");
 }

@@ -44,6 +44,10 @@ struct Report {
     size: usize,
     device: String,
     dtype: String,
+    /// Dense layers: `cpu` (the gemm crate) or `simt` (this crate's CUDA GEMM).
+    gemm: &'static str,
+    /// Whether the forward was replayed from a CUDA graph (not yet: never).
+    cuda_graph: bool,
     threads: usize,
     iters: usize,
     ms_per_batch: f64,
@@ -124,6 +128,12 @@ pub fn run(args: Args) -> Result<()> {
         config: args.config,
         batch: args.batch,
         size,
+        gemm: if runner.name() == "cpu" {
+            "cpu"
+        } else {
+            "simt"
+        },
+        cuda_graph: false,
         device: runner.name(),
         dtype: args.backend.dtype.clone(),
         threads: rayon::current_num_threads(),

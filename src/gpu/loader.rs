@@ -53,6 +53,12 @@ impl KernelSource {
     }
 }
 
+/// The driver CUDA version fatbins built by CUDA `fatbin_version` need, for
+/// messages (13.0 for a build without them: CI builds them with nvcc 13).
+fn driver_cuda_for_fatbins(fatbin_version: u32) -> u32 {
+    fatbin_version.max(13000)
+}
+
 /// `12020` as `12.2`.
 fn cuda_version_text(version: u32) -> String {
     format!("{}.{}", version / 1000, version % 1000 / 10)
@@ -124,7 +130,7 @@ impl KernelLoader {
                 "--device cuda: {why}, and {reason}. Install an NVIDIA driver of CUDA {} or newer, \
                  or the NVRTC of the driver's CUDA {} (e.g. `pip install nvidia-cuda-nvrtc-cu{}`, \
                  then put its lib/ on LD_LIBRARY_PATH or name its library in AUTOFOCUS_NVRTC)",
-                cuda_version_text(FATBIN_CUDA_VERSION.max(13000)),
+                cuda_version_text(driver_cuda_for_fatbins(FATBIN_CUDA_VERSION)),
                 self.driver_version / 1000,
                 self.driver_version / 1000,
             ))

@@ -107,11 +107,7 @@ pub fn cluster_attention<T: Element>(
         // SAFETY: as below; the tile bookkeeping is sized from the same
         // cluster size and neighbourhood the kernel reads.
         return unsafe {
-            device.launch(
-                &kernel_name::<T>("cluster_attention_tiled"),
-                config.2,
-                &params,
-            )
+            device.launch(&kernel_name::<T>(tiled_kernel(config.0)), config.2, &params)
         };
     }
     let per_warp = shared_floats_per_warp(c, m) * size_of::<f32>();
@@ -120,6 +116,17 @@ pub fn cluster_attention<T: Element>(
     // SAFETY: every buffer was checked against the shapes the kernel indexes;
     // neighbour indices are clamped into range by the kernel.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
+}
+
+/// The tiled kernel's instance for cluster size `s`: one compiled for it
+/// (the presets' sizes), or the one that reads it at run time.
+fn tiled_kernel(s: usize) -> &'static str {
+    match s {
+        6 => "cluster_attention_tiled_s6",
+        8 => "cluster_attention_tiled_s8",
+        24 => "cluster_attention_tiled_s24",
+        _ => "cluster_attention_tiled_any",
+    }
 }
 
 /// The tiled kernel's launch when the neighbourhoods are whole clusters and
