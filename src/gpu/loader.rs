@@ -59,6 +59,16 @@ fn driver_cuda_for_fatbins(fatbin_version: u32) -> u32 {
     fatbin_version.max(13000)
 }
 
+/// The PyPI package with the NVRTC of CUDA `major`: CUDA 12's carries a
+/// `-cu12` suffix, later ones a version instead.
+fn nvrtc_wheel(major: u32) -> String {
+    if major <= 12 {
+        format!("nvidia-cuda-nvrtc-cu{major}")
+    } else {
+        format!("\"nvidia-cuda-nvrtc=={major}.*\"")
+    }
+}
+
 /// `12020` as `12.2`.
 fn cuda_version_text(version: u32) -> String {
     format!("{}.{}", version / 1000, version % 1000 / 10)
@@ -128,11 +138,11 @@ impl KernelLoader {
         opened.clone().map_err(|reason| {
             Error::Unsupported(format!(
                 "--device cuda: {why}, and {reason}. Install an NVIDIA driver of CUDA {} or newer, \
-                 or the NVRTC of the driver's CUDA {} (e.g. `pip install nvidia-cuda-nvrtc-cu{}`, \
+                 or the NVRTC of the driver's CUDA {} (e.g. `pip install {}`, \
                  then put its lib/ on LD_LIBRARY_PATH or name its library in AUTOFOCUS_NVRTC)",
                 cuda_version_text(driver_cuda_for_fatbins(FATBIN_CUDA_VERSION)),
                 self.driver_version / 1000,
-                self.driver_version / 1000,
+                nvrtc_wheel(self.driver_version / 1000),
             ))
         })
     }
@@ -218,6 +228,12 @@ mod tests {
         assert_eq!(KernelSource::preferred(14000, 13000), Fatbin);
         // Built without nvcc: always NVRTC.
         assert_eq!(KernelSource::preferred(13000, 0), Nvrtc);
+    }
+
+    #[test]
+    fn the_advice_names_the_wheel_of_the_driver_s_cuda() {
+        assert_eq!(nvrtc_wheel(12), "nvidia-cuda-nvrtc-cu12");
+        assert_eq!(nvrtc_wheel(13), "\"nvidia-cuda-nvrtc==13.*\"");
     }
 
     #[test]
