@@ -8,12 +8,14 @@
 //! whole b×h×n×m tensor), and for each tile:
 //! 1. by query: the logits and `dO·v` scored as the forward scores (blocks
 //!    of cluster members, dimension-major keys and values), `p` and `da`
-//!    kept in the tile's scratch, `dq = scale · (Σ_j da_j k_j + da_blank ·
-//!    blank_k)`, and the position-bias weights and bias, `blank_k` and
-//!    `blank_v` (a few values shared by every query) in partial sums over
-//!    fixed chunks of queries, added in chunk order;
-//! 2. by key: `dk_j += scale · Σ da · q`, `dv_j += Σ p · dO` over the tile's
-//!    queries whose neighbourhood holds `j`: a gather over
+//!    computed in place in the tile's scratch,
+//!    `dq = scale · (Σ_j da_j k_j + da_blank · blank_k)`, and the
+//!    position-bias weights and bias (one multiply-add per slot with a row
+//!    of offset features), `blank_k` and `blank_v` (a few values shared by
+//!    every query) in partial sums over fixed chunks of queries, added in
+//!    chunk order;
+//! 2. by key: `dk_j += scale · Σ da · q` and `dv_j += Σ p · dO` in one pass
+//!    over the tile's queries whose neighbourhood holds `j`: a gather over
 //!    [`InverseNeighbourhood`] lists, so no two threads write one row.
 //!
 //! Every sum runs in an order fixed by the inputs alone, so gradients are
@@ -27,7 +29,7 @@ use crate::error::{Error, Result, check_len};
 use crate::ops::gather::{ScorePlan, gather_weighted_sum, score_pair};
 use crate::ops::neighbourhood::InverseNeighbourhood;
 use crate::ops::rel_pos::OffsetTable;
-use crate::ops::vector_math::{axpy, dot, exp, sum};
+use crate::ops::vector_math::{LANES, axpy, dot, exp};
 
 /// What the backward needs beyond the forward's inputs.
 #[derive(Debug, Clone, Copy)]
@@ -122,7 +124,7 @@ pub fn cluster_attention_backward_tiled(
     }
     let ctx = Context {
         g,
-        features: std::array::from_fn(|k| g.offsets.feature(k)),
+        features: position_features(g.offsets),
         // D = dO·O per query and head.
         delta: g
             .grad_out
@@ -180,12 +182,9 @@ pub fn cluster_attention_backward_tiled(
             }
         }
         spans.into_par_iter().for_each(|(img, first_key, dkv)| {
-            dkv.par_chunks_mut(2 * c).enumerate().for_each_init(
-                KeyScratch::default,
-                |scratch, (k, dkv)| {
-                    key_gather(&ctx, &tile_data, img, first_key + k, dkv, scratch);
-                },
-            );
+            dkv.par_chunks_mut(2 * c)
+                .enumerate()
+                .for_each(|(k, dkv)| key_gather(&ctx, &tile_data, img, first_key + k, dkv));
         });
     }
     for part in &partials {
@@ -230,11 +229,32 @@ fn touched_keys(
         .collect()
 }
 
+/// Lanes of a [`position_features`] row.
+const FEATURE_LANES: usize = 8;
+
+/// Per bias-table row, what the position bias `P_t(f) = w_t·f + b_t` is
+/// differentiated by: the five offset features and 1 (for the bias), padded
+/// to [`FEATURE_LANES`], so that one multiply-add per slot accumulates all
+/// six gradients (a row load, not six gathers).
+fn position_features(offsets: &OffsetTable) -> Vec<[f32; FEATURE_LANES]> {
+    let features: [&[f32]; 5] = std::array::from_fn(|k| offsets.feature(k));
+    (0..offsets.len())
+        .map(|r| {
+            let mut row = [0.0; FEATURE_LANES];
+            for (v, f) in row.iter_mut().zip(&features) {
+                *v = f[r];
+            }
+            row[5] = 1.0;
+            row
+        })
+        .collect()
+}
+
 /// What both passes read.
 struct Context<'a> {
     g: &'a AttentionGradInputs<'a>,
-    /// The five offset features per bias-table row.
-    features: [&'a [f32]; 5],
+    /// Per bias-table row: [`position_features`].
+    features: Vec<[f32; FEATURE_LANES]>,
     /// b×n×h: `dO·O`.
     delta: Vec<f32>,
     /// Keys and values dimension-major, as the forward scores them.
@@ -249,8 +269,8 @@ struct Tile {
     end: usize,
 }
 
-/// A tile's `p` and `da`, per row `[slot][t][p, da]`: one cache line
-/// holds all a (query, slot) pair's values, which pass 2 reads together.
+/// A tile's `p` and `da`, per row `[t][p of every slot | da of every
+/// slot]`: pass 1 computes them in place.
 struct TileData<'a> {
     tile: Tile,
     values: &'a [f32],
@@ -260,12 +280,8 @@ struct TileData<'a> {
 struct QueryScratch {
     plan: ScorePlan,
     query: Vec<f32>,
-    /// One head's `p`, `dO·v` and `da` per slot.
-    p: Vec<f32>,
+    /// One head's `dO·v` per slot.
     dp: Vec<f32>,
-    da: Vec<f32>,
-    /// `[k][slot]`: the query's offset features.
-    features: Vec<f32>,
 }
 
 /// Pass 1 over rows `first_row..` (one chunk): their `dq`, `p` and `da`
@@ -283,10 +299,7 @@ fn query_chunk(
     let (h, d) = (inp.heads, inp.head_dim);
     let (c, m) = (h * d, inp.nbhd.size);
     scratch.query.resize(d, 0.0);
-    for v in [&mut scratch.p, &mut scratch.dp, &mut scratch.da] {
-        v.resize(m, 0.0);
-    }
-    scratch.features.resize(5 * m, 0.0);
+    scratch.dp.resize(m, 0.0);
     let mut part = vec![0.0f32; 6 * h + 2 * c];
     for (r, (dq, values)) in dq
         .chunks_exact_mut(c)
@@ -299,8 +312,8 @@ fn query_chunk(
     part
 }
 
-/// Pass 1 for query row `row`: `dq`, and its `p` and `da` per slot and
-/// head (`values`, `[slot][t][p, da]`); its shares of the parameter
+/// Pass 1 for query row `row`: `dq`, and its `p` and `da` per head and
+/// slot (`values`, [`TileData`]'s row); its shares of the parameter
 /// gradients are added to `part`.
 #[inline(always)]
 fn query_backward(
@@ -326,15 +339,6 @@ fn query_backward(
     let (pos_weight, pos_bias) = pw_bias.split_at_mut(5 * h);
     let (blank_k, blank_v) = rest.split_at_mut(c);
     scratch.plan.build(nbrs);
-    // The offset features of every slot, shared by the heads.
-    for (f, all) in scratch.features.chunks_exact_mut(m).zip(&ctx.features) {
-        for (f, &r) in f.iter_mut().zip(rows) {
-            // SAFETY: `check_inputs` checked every bias row against the
-            // table's row count, which the features have (checked against
-            // `offsets`); unchecked, this gather vectorises.
-            *f = unsafe { *all.get_unchecked(r as usize) };
-        }
-    }
     for t in 0..h {
         let qs = &mut scratch.query[..];
         for (s, &v) in qs.iter_mut().zip(&q[t * d..(t + 1) * d]) {
@@ -343,7 +347,7 @@ fn query_backward(
         let qs = &scratch.query[..];
         let go = &go_row[t * d..(t + 1) * d];
         let per_head = (img * h + t) * d * n..(img * h + t + 1) * d * n;
-        let (p, da) = (&mut scratch.p[..], &mut scratch.da[..]);
+        let (p, da) = values[t * 2 * m..(t + 1) * 2 * m].split_at_mut(m);
         // Logits into `p`, dO·v into `dp` (one sweep), then p and da in
         // place (in separate loops, so that each vectorises).
         let dp = &mut scratch.dp[..];
@@ -372,10 +376,6 @@ fn query_backward(
             *p = exp(*p - lse);
             *da = *p * (dp - delta);
         }
-        for (s, (&p, &da)) in p.iter().zip(da.iter()).enumerate() {
-            values[(s * h + t) * 2] = p;
-            values[(s * h + t) * 2 + 1] = da;
-        }
         let dq_t = &mut dq[t * d..(t + 1) * d];
         // Key of token j: kv[j·2c + t·2d ..][..d].
         gather_weighted_sum(da, nbrs, &kv[t * 2 * d..], 2 * c, dq_t);
@@ -392,37 +392,30 @@ fn query_backward(
         axpy(da_blank, qs, &mut blank_k[t * d..(t + 1) * d]);
         axpy(p_blank, go, &mut blank_v[t * d..(t + 1) * d]);
         // Position bias: P_t(f) = w_t·f + b_t per table row.
-        for (k, f) in scratch.features.chunks_exact(m).enumerate() {
-            pos_weight[t * 5 + k] += dot(da, f);
+        let mut acc = [0.0f32; FEATURE_LANES];
+        for (&da, &r) in da.iter().zip(rows) {
+            // SAFETY: `check_inputs` checked every bias row against the
+            // table's row count, which the features have (checked against
+            // `offsets`).
+            let f = unsafe { ctx.features.get_unchecked(r as usize) };
+            for (a, &f) in acc.iter_mut().zip(f) {
+                *a = da.mul_add(f, *a);
+            }
         }
-        pos_bias[t] += sum(da);
+        for (w, &a) in pos_weight[t * 5..(t + 1) * 5].iter_mut().zip(&acc) {
+            *w += a;
+        }
+        pos_bias[t] += acc[5];
     }
-}
-
-#[derive(Default)]
-struct KeyScratch {
-    queries: Vec<u32>,
-    /// `[t][pair]`: the pairs' `p` and `da`.
-    probs: Vec<f32>,
-    das: Vec<f32>,
-    sum: Vec<f32>,
 }
 
 /// Pass 2 for key `j` of image `img`: adds to `dk_j` and `dv_j` (in `dkv`,
 /// the forward's kv layout) the shares of the tile's queries that hold `j`.
 #[multiversion(targets = "simd")]
-fn key_gather(
-    ctx: &Context<'_>,
-    tile: &TileData<'_>,
-    img: usize,
-    j: usize,
-    dkv: &mut [f32],
-    scratch: &mut KeyScratch,
-) {
+fn key_gather(ctx: &Context<'_>, tile: &TileData<'_>, img: usize, j: usize, dkv: &mut [f32]) {
     let inp = ctx.g.forward;
     let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
     let c = h * d;
-    let m = inp.nbhd.size;
     // The pairs are in ascending query order: the tile's are one run.
     let pairs = ctx.g.inverse.of(img, j);
     let in_tile =
@@ -439,32 +432,83 @@ fn key_gather(
     if pairs.is_empty() {
         return;
     }
-    scratch.queries.clear();
-    scratch.queries.extend(pairs.iter().map(|&(i, _)| i));
-    scratch.sum.resize(d, 0.0);
-    let count = pairs.len();
-    scratch.probs.resize(h * count, 0.0);
-    scratch.das.resize(h * count, 0.0);
-    for (k, &(i, slot)) in pairs.iter().enumerate() {
-        let row = img * n + i as usize - tile.tile.first;
-        let at = (row * m + slot as usize) * 2 * h;
-        for (t, pda) in tile.values[at..at + 2 * h].chunks_exact(2).enumerate() {
-            scratch.probs[t * count + k] = pda[0];
-            scratch.das[t * count + k] = pda[1];
+    let sweep = KeySweep {
+        pairs,
+        values: tile.values,
+        row0: img * n,
+        first: tile.tile.first,
+        m: inp.nbhd.size,
+        heads: h,
+        q: &inp.q[img * n * c..(img + 1) * n * c],
+        grad_out: &ctx.g.grad_out[img * n * c..(img + 1) * n * c],
+        c,
+    };
+    for t in 0..h {
+        let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
+        // Blocks of 2·LANES, LANES, then 1 dimension: every element is one
+        // chain over the pairs in order, whatever the block.
+        let mut e = 0;
+        while e + 2 * LANES <= d {
+            sweep.add::<{ 2 * LANES }>(t, t * d + e, inp.q_scale, &mut dk[e..], &mut dv[e..]);
+            e += 2 * LANES;
+        }
+        if e + LANES <= d {
+            sweep.add::<LANES>(t, t * d + e, inp.q_scale, &mut dk[e..], &mut dv[e..]);
+            e += LANES;
+        }
+        while e < d {
+            sweep.add::<1>(t, t * d + e, inp.q_scale, &mut dk[e..], &mut dv[e..]);
+            e += 1;
         }
     }
-    let q = &inp.q[img * n * c..(img + 1) * n * c];
-    let go = &ctx.g.grad_out[img * n * c..(img + 1) * n * c];
-    for t in 0..h {
-        let (probs, das) = (
-            &scratch.probs[t * count..(t + 1) * count],
-            &scratch.das[t * count..(t + 1) * count],
-        );
-        let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
-        // The scale belongs to the logit: d(q·k·scale)/dk = scale·q.
-        gather_weighted_sum(das, &scratch.queries, &q[t * d..], c, &mut scratch.sum);
-        axpy(inp.q_scale, &scratch.sum, dk);
-        gather_weighted_sum(probs, &scratch.queries, &go[t * d..], c, &mut scratch.sum);
-        axpy(1.0, &scratch.sum, dv);
+}
+
+/// One key's pairs in a tile, and what their shares read.
+struct KeySweep<'a> {
+    pairs: &'a [(u32, u32)],
+    /// The tile's `p` and `da` ([`TileData`]).
+    values: &'a [f32],
+    /// The image's query 0 as a row flattened over the batch (query `i` is
+    /// row `row0 + i`, which the tile holds from row `first`).
+    row0: usize,
+    first: usize,
+    m: usize,
+    heads: usize,
+    /// The image's queries and output gradients (n×c).
+    q: &'a [f32],
+    grad_out: &'a [f32],
+    c: usize,
+}
+
+impl KeySweep<'_> {
+    /// `dk[..W] += scale · Σ da · q[col..]`, `dv[..W] += Σ p · dO[col..]`
+    /// over the pairs, for head `t`: the two sums share one pass over the
+    /// pairs and keep `2W` floats in registers.
+    #[inline(always)]
+    fn add<const W: usize>(
+        &self,
+        t: usize,
+        col: usize,
+        scale: f32,
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let (mut ak, mut av) = ([0.0f32; W], [0.0f32; W]);
+        for &(i, slot) in self.pairs {
+            let i = i as usize;
+            let at = ((self.row0 + i - self.first) * self.heads + t) * 2 * self.m + slot as usize;
+            let (p, da) = (self.values[at], self.values[at + self.m]);
+            let q: &[f32; W] = self.q[i * self.c + col..][..W].try_into().unwrap();
+            let go: &[f32; W] = self.grad_out[i * self.c + col..][..W].try_into().unwrap();
+            for l in 0..W {
+                ak[l] = da.mul_add(q[l], ak[l]);
+                av[l] = p.mul_add(go[l], av[l]);
+            }
+        }
+        for l in 0..W {
+            // The scale belongs to the logit: d(q·k·scale)/dk = scale·q.
+            dk[l] += scale * ak[l];
+            dv[l] += av[l];
+        }
     }
 }
