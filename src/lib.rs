@@ -24,6 +24,8 @@
 //! composes the ops ([`DeviceModel`] on a device), [`io`] reads and writes
 //! checkpoints and images, [`dataset`] runs a model over whole datasets.
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod config;
 pub mod dataset;
 pub mod error;

@@ -40,13 +40,24 @@ impl DeviceSlice {
 /// Fails unless the machine has a CUDA driver. (Kernels come from the
 /// fatbins or, without them, from NVRTC: [`KernelLoader::new`] checks.)
 fn check_available() -> Result<()> {
-    // SAFETY: only probes whether the driver library can be opened.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Err(Error::Unsupported(
             "--device cuda: no CUDA driver on this machine (libcuda not found)".into(),
         ));
     }
     Ok(())
+}
+
+/// Whether the CUDA driver library can be opened. (cudarc's own probe
+/// exists only when cudarc loads the driver at run time, not when another
+/// crate, such as candle with its `cuda` feature, links it.)
+fn driver_present() -> bool {
+    const NAMES: &[&str] = &["libcuda.so.1", "libcuda.so", "nvcuda.dll"];
+    NAMES.iter().any(|name| {
+        // SAFETY: opening the driver library runs no initialiser that
+        // expects anything of this process.
+        unsafe { libloading::Library::new(*name) }.is_ok()
+    })
 }
 
 /// How many GPUs the driver sees.

@@ -1,0 +1,348 @@
+//! The PointConv merge as a candle custom op (see [`PointConvMerge`]).
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+use super::storage::{f32_values, storage_of, tensor_of, tensor_values};
+use crate::io::F32Buffer;
+use crate::ops::neighbourhood::{InverseNeighbourhood, Neighbourhood};
+use crate::ops::pointconv_merge::backward::{MergeGradInputs, pointconv_merge_backward};
+use crate::ops::pointconv_merge::{INNER_CHANNELS, MergeInputs, pointconv_merge, weight_net_table};
+use crate::ops::rel_pos::OffsetTable;
+use crate::ops::{LayerNorm, Linear};
+
+const OP: &str = "autofocus pointconv_merge";
+
+/// The weight net's parameters: Linear(5 → 4) weight and bias, LayerNorm(4)
+/// weight and bias.
+const NET_PARAMS: usize = 5 * INNER_CHANNELS + 3 * INNER_CHANNELS;
+
+/// One stage's PointConv merge (spec §7) for candle tensors: the
+/// neighbourhoods, the kept centres and the offset rows are fixed at
+/// construction (a stage layout and its token selection), the features,
+/// importance and weight net are the arguments of
+/// [`PointConvMerge::forward`], and the result is differentiable in all of
+/// them. The importance's gradient is how `prob_net` learns: the selection
+/// used the detached score, the merge weights use `p`.
+#[derive(Debug, Clone)]
+pub struct PointConvMerge {
+    layout: Arc<MergeLayout>,
+}
+
+#[derive(Debug)]
+struct MergeLayout {
+    nbhd: Neighbourhood,
+    inverse: InverseNeighbourhood,
+    /// images×n×m offset-table rows, `images` being the neighbourhood's.
+    weight_rows: Vec<u32>,
+    /// batch×n' centres (indices into each image's n tokens).
+    centres: Vec<u32>,
+    batch: usize,
+    offsets: OffsetTable,
+}
+
+impl PointConvMerge {
+    /// `nbhd` (per image, or one shared by the batch) with its `weight_rows`
+    /// (images×n×m, from [`crate::ops::rel_pos::neighbour_rows`]), the
+    /// `centres` kept in each image of a batch of `batch` (batch×n', as
+    /// the selection gives them) and the stage's `offsets`.
+    ///
+    /// # Errors
+    /// When `weight_rows` does not have one row per neighbour slot, the
+    /// centres do not split into `batch` images of tokens below n, or the
+    /// neighbourhood is malformed.
+    pub fn new(
+        nbhd: Neighbourhood,
+        weight_rows: Vec<u32>,
+        centres: Vec<u32>,
+        batch: usize,
+        offsets: OffsetTable,
+    ) -> Result<Self> {
+        let slots = nbhd.images * nbhd.tokens * nbhd.size;
+        if weight_rows.len() != slots {
+            bail!(
+                "{OP}: `weight_rows` must hold {} × {} × {} = {slots} rows (images × tokens × \
+                 neighbours), found {}",
+                nbhd.images,
+                nbhd.tokens,
+                nbhd.size,
+                weight_rows.len()
+            );
+        }
+        if batch == 0
+            || !centres.len().is_multiple_of(batch)
+            || centres.iter().any(|&i| i as usize >= nbhd.tokens)
+        {
+            bail!(
+                "{OP}: `centres` must be {batch} images' indices below {} tokens, found {} values",
+                nbhd.tokens,
+                centres.len()
+            );
+        }
+        if nbhd.images != 1 && nbhd.images != batch {
+            bail!(
+                "{OP}: the neighbourhood has {} images, the centres a batch of {batch}",
+                nbhd.images
+            );
+        }
+        let inverse = InverseNeighbourhood::new(&nbhd).map_err(candle_core::Error::wrap)?;
+        Ok(Self {
+            layout: Arc::new(MergeLayout {
+                nbhd,
+                inverse,
+                weight_rows,
+                centres,
+                batch,
+                offsets,
+            }),
+        })
+    }
+
+    /// The merged features `u`, b×n'×4c (inner-channel major, before the
+    /// merge's linear layer), of the token features `feat` (b×n×c) and their
+    /// importance `p` (b×n, or b×n×1), with the weight net `net_weight`
+    /// (4×5, out × in), `net_bias`, `norm_weight` and `norm_bias` (4
+    /// values each, any shape). f32, f16 or bf16; the weight net in one
+    /// dtype.
+    ///
+    /// # Errors
+    /// A shape that disagrees with the others or with the layout (the
+    /// message names the tensor, the expected and the found shape), or a
+    /// dtype the op does not take.
+    pub fn forward(
+        &self,
+        feat: &Tensor,
+        importance: &Tensor,
+        net_weight: &Tensor,
+        net_bias: &Tensor,
+        norm_weight: &Tensor,
+        norm_bias: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, n, _) = feat.dims3()?;
+        if importance.elem_count() != b * n {
+            bail!(
+                "{OP}: `importance` must hold {b} × {n} values (one per token), found shape {:?}",
+                importance.dims()
+            );
+        }
+        if net_weight.dims() != [INNER_CHANNELS, 5] {
+            bail!(
+                "{OP}: `net_weight` must have shape [{INNER_CHANNELS}, 5] (out × in), found {:?}",
+                net_weight.dims()
+            );
+        }
+        for (name, t, count) in [
+            ("net_bias", net_bias, INNER_CHANNELS),
+            ("norm_weight", norm_weight, INNER_CHANNELS),
+            ("norm_bias", norm_bias, INNER_CHANNELS),
+        ] {
+            if t.elem_count() != count {
+                bail!(
+                    "{OP}: `{name}` must hold {count} values, found shape {:?}",
+                    t.dims()
+                );
+            }
+        }
+        let params = Tensor::cat(
+            &[
+                net_weight.flatten_all()?,
+                net_bias.flatten_all()?,
+                norm_weight.flatten_all()?,
+                norm_bias.flatten_all()?,
+            ],
+            0,
+        )?;
+        let op = MergeOp {
+            layout: Arc::clone(&self.layout),
+        };
+        feat.contiguous()?.apply_op3_arc(
+            &importance.reshape((b, n))?.contiguous()?,
+            &params,
+            Arc::new(Box::new(op)),
+        )
+    }
+}
+
+struct MergeOp {
+    layout: Arc<MergeLayout>,
+}
+
+/// The weight net, split out of the packed input.
+struct WeightNet {
+    linear: Linear,
+    norm: LayerNorm,
+    table: Vec<f32>,
+}
+
+impl MergeOp {
+    /// Checks the shapes against each other and the layout; returns
+    /// (batch, tokens, channels, kept centres per image).
+    fn check(&self, feat: &[usize], importance: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        let layout = &self.layout;
+        let &[b, n, c] = feat else {
+            bail!("{OP}: `feat` must be batch × tokens × channels, found shape {feat:?}")
+        };
+        if n != layout.nbhd.tokens {
+            bail!(
+                "{OP}: `feat` has {n} tokens, the layout {} (shape {feat:?})",
+                layout.nbhd.tokens
+            );
+        }
+        if b != layout.batch {
+            bail!(
+                "{OP}: `feat` has a batch of {b}, the centres {} (shape {feat:?})",
+                layout.batch
+            );
+        }
+        if importance != [b, n] {
+            bail!(
+                "{OP}: `importance` must have shape {:?}, found {importance:?}",
+                [b, n]
+            );
+        }
+        Ok((b, n, c, layout.centres.len() / b))
+    }
+
+    fn weight_net(&self, packed: &[f32]) -> Result<WeightNet> {
+        if packed.len() != NET_PARAMS {
+            bail!(
+                "{OP}: packed weight net of {} values, expected {NET_PARAMS}",
+                packed.len()
+            );
+        }
+        let (weight, rest) = packed.split_at(5 * INNER_CHANNELS);
+        let (bias, rest) = rest.split_at(INNER_CHANNELS);
+        let (norm_weight, norm_bias) = rest.split_at(INNER_CHANNELS);
+        let linear = Linear {
+            weight: F32Buffer::owned(weight.to_vec()),
+            bias: Some(F32Buffer::owned(bias.to_vec())),
+            in_dim: 5,
+            out_dim: INNER_CHANNELS,
+        };
+        let norm = LayerNorm {
+            weight: F32Buffer::owned(norm_weight.to_vec()),
+            bias: F32Buffer::owned(norm_bias.to_vec()),
+        };
+        let table = weight_net_table(&self.layout.offsets, &linear, &norm)
+            .map_err(candle_core::Error::wrap)?;
+        Ok(WeightNet {
+            linear,
+            norm,
+            table,
+        })
+    }
+
+    /// The offset rows for a batch of `b` (a shared layout's repeated).
+    fn weight_rows(&self, b: usize) -> Cow<'_, [u32]> {
+        let rows = &self.layout.weight_rows;
+        if self.layout.nbhd.images == b {
+            rows.into()
+        } else {
+            rows.repeat(b).into()
+        }
+    }
+
+    fn inputs<'a>(
+        &'a self,
+        feat: &'a [f32],
+        importance: &'a [f32],
+        net: &'a WeightNet,
+        weight_rows: &'a [u32],
+        (b, n, c): (usize, usize, usize),
+    ) -> MergeInputs<'a> {
+        MergeInputs {
+            feat,
+            importance,
+            nbhd: &self.layout.nbhd,
+            centres: &self.layout.centres,
+            weight_rows,
+            weight_table: &net.table,
+            batch: b,
+            tokens: n,
+            channels: c,
+        }
+    }
+}
+
+impl CustomOp3 for MergeOp {
+    fn name(&self) -> &'static str {
+        "autofocus-pointconv-merge"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, n, c, kept) = self.check(l1.dims(), l2.dims())?;
+        let feat = f32_values(OP, "feat", s1, l1)?;
+        let importance = f32_values(OP, "importance", s2, l2)?;
+        let net = self.weight_net(&f32_values(OP, "weight net", s3, l3)?)?;
+        let rows = self.weight_rows(b);
+        let inputs = self.inputs(&feat, &importance, &net, &rows, (b, n, c));
+        let merged = pointconv_merge(&inputs).map_err(candle_core::Error::wrap)?;
+        Ok((
+            storage_of(merged, s1.dtype())?,
+            Shape::from((b, kept, INNER_CHANNELS * c)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        feat: &Tensor,
+        importance: &Tensor,
+        packed: &Tensor,
+        _merged: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n, c, _) = self.check(feat.dims(), importance.dims())?;
+        let (feat_values, importance_values) = (tensor_values(feat)?, tensor_values(importance)?);
+        let net = self.weight_net(&tensor_values(packed)?)?;
+        let rows = self.weight_rows(b);
+        let inputs = self.inputs(&feat_values, &importance_values, &net, &rows, (b, n, c));
+        let grad_out = tensor_values(grad_out)?;
+        let grads = pointconv_merge_backward(&MergeGradInputs {
+            forward: &inputs,
+            grad_out: &grad_out,
+            inverse: &self.layout.inverse,
+            offsets: &self.layout.offsets,
+            weight_net: &net.linear,
+            weight_norm: &net.norm,
+        })
+        .map_err(candle_core::Error::wrap)?;
+        let packed_grad = [
+            grads.net_weight,
+            grads.net_bias,
+            grads.norm_weight,
+            grads.norm_bias,
+        ]
+        .concat();
+        Ok((
+            Some(tensor_of(
+                grads.feat,
+                feat.dims(),
+                feat.dtype(),
+                feat.device(),
+            )?),
+            Some(tensor_of(
+                grads.importance,
+                importance.dims(),
+                importance.dtype(),
+                importance.device(),
+            )?),
+            Some(tensor_of(
+                packed_grad,
+                packed.dims(),
+                packed.dtype(),
+                packed.device(),
+            )?),
+        ))
+    }
+}
