@@ -4,12 +4,11 @@
 # comes from PyPI into .venv-tools: no system clang needed. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/venv.sh
 venv=.venv-tools
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv" >&2
-fi
+ensure_venv "$venv" >/dev/null
 if ! "$venv/bin/python" -c 'import clang' 2>/dev/null; then
-  "$venv/bin/pip" install --quiet --disable-pip-version-check libclang==18.1.1 >&2
+  venv_install "$venv" libclang==18.1.1
 fi
 LIBCLANG_PATH="$("$venv/bin/python" -c 'import clang, os; print(os.path.join(os.path.dirname(clang.__file__), "native"))')"
 export LIBCLANG_PATH

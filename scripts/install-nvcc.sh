@@ -4,14 +4,11 @@
 # driver, so the compiler is pinned to match. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/venv.sh
 venv=.venv-nvcc
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv" >&2
-fi
-bin="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cu13/bin"
+bin="$(ensure_venv "$venv")/nvidia/cu13/bin"
 if [ ! -x "$bin/nvcc" ]; then
-  "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    nvidia-cuda-nvcc==13.0.88 "nvidia-cuda-runtime==13.0.*" \
-    "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*" >&2
+  venv_install "$venv" nvidia-cuda-nvcc==13.0.88 "nvidia-cuda-runtime==13.0.*" \
+    "nvidia-cuda-cccl==13.0.*" "nvidia-nvvm==13.0.*"
 fi
 echo "$bin"

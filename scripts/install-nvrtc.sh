@@ -5,12 +5,10 @@
 # compiles every kernel with it too (tests/nvrtc.rs). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/venv.sh
 venv=.venv-nvcc
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv" >&2
-fi
-lib="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
+lib="$(ensure_venv "$venv")/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
 if [ ! -f "$lib" ]; then
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc-cu12==12.4.127" >&2
+  venv_install "$venv" "nvidia-cuda-nvrtc-cu12==12.4.127"
 fi
 echo "$lib"

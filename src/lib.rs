@@ -22,7 +22,9 @@
 //! `gpu` submodule the wrapper of its CUDA kernel), [`gpu`] the device seam
 //! (a GPU through cudarc, or the CPU emulator of the kernels), [`model`]
 //! composes the ops ([`DeviceModel`] on a device), [`io`] reads and writes
-//! checkpoints and images, [`dataset`] runs a model over whole datasets.
+//! checkpoints and images, [`dataset`] runs a model over whole datasets,
+//! and `candle` (feature `candle`) wraps the ops that carry a gradient as
+//! candle custom ops.
 
 #[cfg(feature = "candle")]
 pub mod candle;
