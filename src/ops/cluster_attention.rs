@@ -135,15 +135,17 @@ struct Scratch {
     query: Vec<f32>,
 }
 
-/// Which half of a kv row [`transpose_heads`] reads.
-const KEYS: usize = 0;
-const VALUES: usize = 1;
+/// What of a kv row [`transpose_heads`] copies: each head's key, or its
+/// key and value (adjacent in the row, so one pass reads them together).
+const KEYS: usize = 1;
+const KEYS_AND_VALUES: usize = 2;
 
-/// Keys (`part` = [`KEYS`]) or values ([`VALUES`]) per image and head,
-/// dimension-major: `[img][t][e][j] = kv_j[t·2d + part·d + e]`.
-fn transpose_heads(kv: &[f32], b: usize, n: usize, h: usize, d: usize, part: usize) -> Vec<f32> {
-    let columns: Vec<usize> = (0..h).map(|t| t * 2 * d + part * d).collect();
-    gather::transpose_columns(kv, b, n, 2 * h * d, &columns, d)
+/// Each head's first `parts·d` columns of kv (its key, then its value),
+/// per image, dimension-major: `[img][t][e][j] = kv_j[t·2d + e]` for `e`
+/// below `parts·d`.
+fn transpose_heads(kv: &[f32], b: usize, n: usize, h: usize, d: usize, parts: usize) -> Vec<f32> {
+    let columns: Vec<usize> = (0..h).map(|t| t * 2 * d).collect();
+    gather::transpose_columns(kv, b, n, 2 * h * d, &columns, parts * d)
 }
 
 #[multiversion(targets = "simd")]

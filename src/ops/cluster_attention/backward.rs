@@ -24,7 +24,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{AttentionInputs, KEYS, MASKED_LOGIT, VALUES, check_inputs, transpose_heads};
+use super::{AttentionInputs, KEYS_AND_VALUES, MASKED_LOGIT, check_inputs, transpose_heads};
 use crate::error::{Error, Result, check_len};
 use crate::ops::gather::{ScorePlan, gather_weighted_sum, score_pair};
 use crate::ops::neighbourhood::InverseNeighbourhood;
@@ -70,9 +70,10 @@ pub struct AttentionGrads {
 /// not depend on the thread count.
 const ROWS_PER_CHUNK: usize = 32;
 
-/// The most floats of `p` and `da` a tile keeps: 512 Ki (2 MiB, about a
-/// core's L2 cache), whatever the batch, so that pass 2 reads them back
-/// while they are still cached.
+/// The most floats of `p` and `da` a tile keeps: 512 Ki (2 MiB), whatever
+/// the batch, so that pass 2 reads them back from cache (L2 or L3). Smaller
+/// tiles measured slower at the aff_tiny stage-0 shape (more passes, more
+/// keys split between tiles), larger ones no faster.
 pub const TILE_FLOATS: usize = 1 << 19;
 
 /// The gradients of [`super::cluster_attention`] (see the module).
@@ -132,8 +133,7 @@ pub fn cluster_attention_backward_tiled(
             .zip(g.out.par_chunks_exact(d))
             .map(|(go, o)| dot(go, o))
             .collect(),
-        keys_t: transpose_heads(inp.kv, b, n, h, d, KEYS),
-        values_t: transpose_heads(inp.kv, b, n, h, d, VALUES),
+        kv_t: transpose_heads(inp.kv, b, n, h, d, KEYS_AND_VALUES),
     };
 
     // Whole chunks per tile, so the chunks (and the partial sums) are the
@@ -257,9 +257,10 @@ struct Context<'a> {
     features: Vec<[f32; FEATURE_LANES]>,
     /// b×n×h: `dO·O`.
     delta: Vec<f32>,
-    /// Keys and values dimension-major, as the forward scores them.
-    keys_t: Vec<f32>,
-    values_t: Vec<f32>,
+    /// Keys and values dimension-major as the forward scores them, per
+    /// image and head `[keys d×n | values d×n]` (one copy: each head's key
+    /// and value are adjacent in a kv row).
+    kv_t: Vec<f32>,
 }
 
 /// Query rows `first..end` (flattened over the batch).
@@ -346,15 +347,17 @@ fn query_backward(
         }
         let qs = &scratch.query[..];
         let go = &go_row[t * d..(t + 1) * d];
-        let per_head = (img * h + t) * d * n..(img * h + t + 1) * d * n;
+        // The head's keys, then its values, d×n each.
+        let key_rows = (img * h + t) * 2 * d * n..(img * h + t) * 2 * d * n + d * n;
+        let value_rows = key_rows.end..key_rows.end + d * n;
         let (p, da) = values[t * 2 * m..(t + 1) * 2 * m].split_at_mut(m);
         // Logits into `p`, dO·v into `dp` (one sweep), then p and da in
         // place (in separate loops, so that each vectorises).
         let dp = &mut scratch.dp[..];
         score_pair(
             &scratch.plan,
-            (qs, &ctx.keys_t[per_head.clone()]),
-            (go, &ctx.values_t[per_head]),
+            (qs, &ctx.kv_t[key_rows]),
+            (go, &ctx.kv_t[value_rows]),
             n,
             nbrs,
             (&mut *p, &mut *dp),
