@@ -23,17 +23,38 @@ use autofocus::ops::rel_pos::OffsetTable;
 use autofocus::ops::{LayerNorm, Linear};
 use candle_core::{DType, Device, Tensor, Var};
 
+mod common;
+
 /// Deterministic values in [-1, 1).
 fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    common::SplitMix(seed).floats(len, 1.0)
+}
+
+/// The gradients of `Σ out · coef` through candle's autograd.
+fn backward_of_weighted_sum(out: &Tensor, coef: &[f32]) -> candle_core::backprop::GradStore {
+    let coef = Tensor::from_vec(coef.to_vec(), out.dims(), out.device()).unwrap();
+    (out * &coef)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
+/// Every variable's gradient has its shape and the ops' values bit for
+/// bit, and is not all zero (which would test nothing).
+fn assert_gradients(grads: &candle_core::backprop::GradStore, want: &[(&str, &Var, &Vec<f32>)]) {
+    for &(name, var, want) in want {
+        let got = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        assert_eq!(got.dims(), var.dims(), "{name}: gradient shape");
+        assert_eq!(&flat(got), want, "{name}");
+        assert!(
+            want.iter().any(|&g| g != 0.0),
+            "{name}: a zero gradient tests nothing"
+        );
+    }
 }
 
 /// A clustered stage on an `h × w` grid (clusters of 8, neighbourhoods of
@@ -159,34 +180,21 @@ fn check_against_the_ops(case: &Case) {
         .forward(&q, &kv, &pos_weight, &pos_bias, &blank_k, &blank_v)
         .unwrap();
     assert_eq!(out.dims(), [b, n, c]);
-    let coef = Tensor::from_vec(case.coef.clone(), (b, n, c), &dev).unwrap();
-    let grads = (&out * &coef)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = backward_of_weighted_sum(&out, &case.coef);
 
     let (want_out, want) = case.reference();
     assert_eq!(flat(&out), want_out, "forward");
-    for (name, var, want) in [
-        ("q", &q, &want.q),
-        ("kv", &kv, &want.kv),
-        ("pos_weight", &pos_weight, &want.pos_weight),
-        ("pos_bias", &pos_bias, &want.pos_bias),
-        ("blank_k", &blank_k, &want.blank_k),
-        ("blank_v", &blank_v, &want.blank_v),
-    ] {
-        let got = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        assert_eq!(got.dims(), var.dims(), "{name}: gradient shape");
-        assert_eq!(&flat(got), want, "{name}");
-        assert!(
-            want.iter().any(|&g| g != 0.0),
-            "{name}: a zero gradient tests nothing"
-        );
-    }
+    assert_gradients(
+        &grads,
+        &[
+            ("q", &q, &want.q),
+            ("kv", &kv, &want.kv),
+            ("pos_weight", &pos_weight, &want.pos_weight),
+            ("pos_bias", &pos_bias, &want.pos_bias),
+            ("blank_k", &blank_k, &want.blank_k),
+            ("blank_v", &blank_v, &want.blank_v),
+        ],
+    );
 }
 
 #[test]
@@ -423,34 +431,21 @@ fn check_merge_against_the_ops(case: &MergeCase) {
         )
         .unwrap();
     assert_eq!(merged.dims(), [b, kept, INNER_CHANNELS * c]);
-    let coef = Tensor::from_vec(case.coef.clone(), merged.dims(), &dev).unwrap();
-    let grads = (&merged * &coef)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = backward_of_weighted_sum(&merged, &case.coef);
 
     let (want_merged, want) = case.reference();
     assert_eq!(flat(&merged), want_merged, "forward");
-    for (name, var, want) in [
-        ("feat", &feat, &want.feat),
-        ("importance", &importance, &want.importance),
-        ("net_weight", &net_weight, &want.net_weight),
-        ("net_bias", &net_bias, &want.net_bias),
-        ("norm_weight", &norm_weight, &want.norm_weight),
-        ("norm_bias", &norm_bias, &want.norm_bias),
-    ] {
-        let got = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        assert_eq!(got.dims(), var.dims(), "{name}: gradient shape");
-        assert_eq!(&flat(got), want, "{name}");
-        assert!(
-            want.iter().any(|&g| g != 0.0),
-            "{name}: a zero gradient tests nothing"
-        );
-    }
+    assert_gradients(
+        &grads,
+        &[
+            ("feat", &feat, &want.feat),
+            ("importance", &importance, &want.importance),
+            ("net_weight", &net_weight, &want.net_weight),
+            ("net_bias", &net_bias, &want.net_bias),
+            ("norm_weight", &norm_weight, &want.norm_weight),
+            ("norm_bias", &norm_bias, &want.norm_bias),
+        ],
+    );
 }
 
 #[test]

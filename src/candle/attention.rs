@@ -5,12 +5,13 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use super::storage::{f32_values, storage_of, tensor_of, tensor_values};
+use super::layout::SlotLayout;
+use super::storage::{f32_values, pack_params, storage_of, tensor_of, tensor_values};
 use crate::io::F32Buffer;
 use crate::ops::Linear;
 use crate::ops::cluster_attention::backward::{AttentionGradInputs, cluster_attention_backward};
 use crate::ops::cluster_attention::{AttentionInputs, cluster_attention_with_lse};
-use crate::ops::neighbourhood::{InverseNeighbourhood, Neighbourhood};
+use crate::ops::neighbourhood::Neighbourhood;
 use crate::ops::rel_pos::OffsetTable;
 
 const OP: &str = "autofocus cluster_attention";
@@ -50,11 +51,8 @@ pub struct ClusterAttention {
 /// What does not change from call to call, and has no gradient.
 #[derive(Debug)]
 struct AttentionLayout {
-    nbhd: Neighbourhood,
-    inverse: InverseNeighbourhood,
-    /// images×n×m bias-table rows, `images` being the neighbourhood's.
-    bias_rows: Vec<u32>,
-    offsets: OffsetTable,
+    /// The neighbourhood and its bias-table rows.
+    slots: SlotLayout,
     heads: usize,
 }
 
@@ -74,27 +72,12 @@ impl ClusterAttention {
         offsets: OffsetTable,
         heads: usize,
     ) -> Result<Self> {
-        let slots = nbhd.images * nbhd.tokens * nbhd.size;
-        if bias_rows.len() != slots {
-            bail!(
-                "{OP}: `bias_rows` must hold {} × {} × {} = {slots} rows (images × tokens × \
-                 neighbours), found {}",
-                nbhd.images,
-                nbhd.tokens,
-                nbhd.size,
-                bias_rows.len()
-            );
-        }
         if heads == 0 {
             bail!("{OP}: `heads` must be at least 1");
         }
-        let inverse = InverseNeighbourhood::new(&nbhd).map_err(candle_core::Error::wrap)?;
         Ok(Self {
             layout: Arc::new(AttentionLayout {
-                nbhd,
-                inverse,
-                bias_rows,
-                offsets,
+                slots: SlotLayout::new(OP, "bias_rows", nbhd, bias_rows, offsets)?,
                 heads,
             }),
         })
@@ -122,34 +105,14 @@ impl ClusterAttention {
     ) -> Result<Tensor> {
         let h = self.layout.heads;
         let (_, _, c) = q.dims3()?;
-        if pos_weight.dims() != [h, 5] {
-            bail!(
-                "{OP}: `pos_weight` must have shape [{h}, 5] (heads × offset features), found {:?}",
-                pos_weight.dims()
-            );
-        }
-        for (name, t, count) in [
-            ("pos_bias", pos_bias, h),
-            ("blank_k", blank_k, c),
-            ("blank_v", blank_v, c),
-        ] {
-            if t.elem_count() != count {
-                bail!(
-                    "{OP}: `{name}` must hold {count} values, found shape {:?}",
-                    t.dims()
-                );
-            }
-        }
-        // One input for the small parameters (a custom op takes at most
-        // three tensors); `cat`'s backward splits their gradient.
-        let params = Tensor::cat(
-            &[
-                pos_weight.flatten_all()?,
-                pos_bias.flatten_all()?,
-                blank_k.flatten_all()?,
-                blank_v.flatten_all()?,
+        let params = pack_params(
+            OP,
+            ("pos_weight", pos_weight, [h, 5], "heads × offset features"),
+            [
+                ("pos_bias", pos_bias, h),
+                ("blank_k", blank_k, c),
+                ("blank_v", blank_v, c),
             ],
-            0,
         )?;
         let op = AttentionOp {
             layout: Arc::clone(&self.layout),
@@ -178,21 +141,7 @@ impl AttentionOp {
     /// (batch, tokens, channels).
     fn check(&self, q: &[usize], kv: &[usize], params: usize) -> Result<(usize, usize, usize)> {
         let layout = &self.layout;
-        let &[b, n, c] = q else {
-            bail!("{OP}: `q` must be batch × tokens × channels, found shape {q:?}")
-        };
-        if n != layout.nbhd.tokens {
-            bail!(
-                "{OP}: `q` has {n} tokens, the layout {} (shape {q:?})",
-                layout.nbhd.tokens
-            );
-        }
-        if layout.nbhd.images != 1 && layout.nbhd.images != b {
-            bail!(
-                "{OP}: `q` has a batch of {b}, the layout {} images (shape {q:?})",
-                layout.nbhd.images
-            );
-        }
+        let (b, n, c) = layout.slots.check_tokens(OP, "q", q)?;
         if c % layout.heads != 0 {
             bail!(
                 "{OP}: `q` has {c} channels, not a multiple of the {} heads",
@@ -228,22 +177,13 @@ impl AttentionOp {
         Ok(Params {
             bias_table: self
                 .layout
+                .slots
                 .offsets
                 .apply(&layer)
                 .map_err(candle_core::Error::wrap)?,
             blank_k,
             blank_v,
         })
-    }
-
-    /// The bias rows for a batch of `b` (a shared layout's rows repeated).
-    fn bias_rows(&self, b: usize) -> std::borrow::Cow<'_, [u32]> {
-        let rows = &self.layout.bias_rows;
-        if self.layout.nbhd.images == b {
-            rows.into()
-        } else {
-            rows.repeat(b).into()
-        }
     }
 
     fn inputs<'a>(
@@ -260,7 +200,7 @@ impl AttentionOp {
             q,
             q_scale: (d as f32).powf(-0.5),
             kv,
-            nbhd: &self.layout.nbhd,
+            nbhd: &self.layout.slots.nbhd,
             bias_rows,
             bias_table: &params.bias_table,
             blank_k: params.blank_k,
@@ -292,7 +232,7 @@ impl CustomOp3 for AttentionOp {
         let kv = f32_values(OP, "kv", s2, l2)?;
         let packed = f32_values(OP, "parameters", s3, l3)?;
         let params = self.params(&packed, dims.2)?;
-        let bias_rows = self.bias_rows(dims.0);
+        let bias_rows = self.layout.slots.rows_for(dims.0);
         let inputs = self.inputs(&q, &kv, &params, &bias_rows, dims);
         let (out, lse) = cluster_attention_with_lse(&inputs).map_err(candle_core::Error::wrap)?;
         *self
@@ -322,7 +262,7 @@ impl CustomOp3 for AttentionOp {
         let (q_values, kv_values) = (tensor_values(q)?, tensor_values(kv)?);
         let packed_values = tensor_values(packed)?;
         let params = self.params(&packed_values, dims.2)?;
-        let bias_rows = self.bias_rows(dims.0);
+        let bias_rows = self.layout.slots.rows_for(dims.0);
         let inputs = self.inputs(&q_values, &kv_values, &params, &bias_rows, dims);
         let (out, grad_out) = (tensor_values(out)?, tensor_values(grad_out)?);
         let grads = cluster_attention_backward(&AttentionGradInputs {
@@ -330,8 +270,8 @@ impl CustomOp3 for AttentionOp {
             out: &out,
             lse: &lse,
             grad_out: &grad_out,
-            inverse: &self.layout.inverse,
-            offsets: &self.layout.offsets,
+            inverse: &self.layout.slots.inverse,
+            offsets: &self.layout.slots.offsets,
         })
         .map_err(candle_core::Error::wrap)?;
         let (b, n, c) = dims;

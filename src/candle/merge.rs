@@ -1,14 +1,14 @@
 //! The PointConv merge as a candle custom op (see [`PointConvMerge`]).
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use super::storage::{f32_values, storage_of, tensor_of, tensor_values};
+use super::layout::SlotLayout;
+use super::storage::{f32_values, pack_params, storage_of, tensor_of, tensor_values};
 use crate::io::F32Buffer;
-use crate::ops::neighbourhood::{InverseNeighbourhood, Neighbourhood};
+use crate::ops::neighbourhood::Neighbourhood;
 use crate::ops::pointconv_merge::backward::{MergeGradInputs, pointconv_merge_backward};
 use crate::ops::pointconv_merge::{INNER_CHANNELS, MergeInputs, pointconv_merge, weight_net_table};
 use crate::ops::rel_pos::OffsetTable;
@@ -34,14 +34,11 @@ pub struct PointConvMerge {
 
 #[derive(Debug)]
 struct MergeLayout {
-    nbhd: Neighbourhood,
-    inverse: InverseNeighbourhood,
-    /// images×n×m offset-table rows, `images` being the neighbourhood's.
-    weight_rows: Vec<u32>,
+    /// The neighbourhood and its weight-table rows.
+    slots: SlotLayout,
     /// batch×n' centres (indices into each image's n tokens).
     centres: Vec<u32>,
     batch: usize,
-    offsets: OffsetTable,
 }
 
 impl PointConvMerge {
@@ -61,17 +58,6 @@ impl PointConvMerge {
         batch: usize,
         offsets: OffsetTable,
     ) -> Result<Self> {
-        let slots = nbhd.images * nbhd.tokens * nbhd.size;
-        if weight_rows.len() != slots {
-            bail!(
-                "{OP}: `weight_rows` must hold {} × {} × {} = {slots} rows (images × tokens × \
-                 neighbours), found {}",
-                nbhd.images,
-                nbhd.tokens,
-                nbhd.size,
-                weight_rows.len()
-            );
-        }
         if batch == 0
             || !centres.len().is_multiple_of(batch)
             || centres.iter().any(|&i| i as usize >= nbhd.tokens)
@@ -88,15 +74,11 @@ impl PointConvMerge {
                 nbhd.images
             );
         }
-        let inverse = InverseNeighbourhood::new(&nbhd).map_err(candle_core::Error::wrap)?;
         Ok(Self {
             layout: Arc::new(MergeLayout {
-                nbhd,
-                inverse,
-                weight_rows,
+                slots: SlotLayout::new(OP, "weight_rows", nbhd, weight_rows, offsets)?,
                 centres,
                 batch,
-                offsets,
             }),
         })
     }
@@ -128,32 +110,14 @@ impl PointConvMerge {
                 importance.dims()
             );
         }
-        if net_weight.dims() != [INNER_CHANNELS, 5] {
-            bail!(
-                "{OP}: `net_weight` must have shape [{INNER_CHANNELS}, 5] (out × in), found {:?}",
-                net_weight.dims()
-            );
-        }
-        for (name, t, count) in [
-            ("net_bias", net_bias, INNER_CHANNELS),
-            ("norm_weight", norm_weight, INNER_CHANNELS),
-            ("norm_bias", norm_bias, INNER_CHANNELS),
-        ] {
-            if t.elem_count() != count {
-                bail!(
-                    "{OP}: `{name}` must hold {count} values, found shape {:?}",
-                    t.dims()
-                );
-            }
-        }
-        let params = Tensor::cat(
-            &[
-                net_weight.flatten_all()?,
-                net_bias.flatten_all()?,
-                norm_weight.flatten_all()?,
-                norm_bias.flatten_all()?,
+        let params = pack_params(
+            OP,
+            ("net_weight", net_weight, [INNER_CHANNELS, 5], "out × in"),
+            [
+                ("net_bias", net_bias, INNER_CHANNELS),
+                ("norm_weight", norm_weight, INNER_CHANNELS),
+                ("norm_bias", norm_bias, INNER_CHANNELS),
             ],
-            0,
         )?;
         let op = MergeOp {
             layout: Arc::clone(&self.layout),
@@ -182,15 +146,7 @@ impl MergeOp {
     /// (batch, tokens, channels, kept centres per image).
     fn check(&self, feat: &[usize], importance: &[usize]) -> Result<(usize, usize, usize, usize)> {
         let layout = &self.layout;
-        let &[b, n, c] = feat else {
-            bail!("{OP}: `feat` must be batch × tokens × channels, found shape {feat:?}")
-        };
-        if n != layout.nbhd.tokens {
-            bail!(
-                "{OP}: `feat` has {n} tokens, the layout {} (shape {feat:?})",
-                layout.nbhd.tokens
-            );
-        }
+        let (b, n, c) = layout.slots.check_tokens(OP, "feat", feat)?;
         if b != layout.batch {
             bail!(
                 "{OP}: `feat` has a batch of {b}, the centres {} (shape {feat:?})",
@@ -226,23 +182,13 @@ impl MergeOp {
             weight: F32Buffer::owned(norm_weight.to_vec()),
             bias: F32Buffer::owned(norm_bias.to_vec()),
         };
-        let table = weight_net_table(&self.layout.offsets, &linear, &norm)
+        let table = weight_net_table(&self.layout.slots.offsets, &linear, &norm)
             .map_err(candle_core::Error::wrap)?;
         Ok(WeightNet {
             linear,
             norm,
             table,
         })
-    }
-
-    /// The offset rows for a batch of `b` (a shared layout's repeated).
-    fn weight_rows(&self, b: usize) -> Cow<'_, [u32]> {
-        let rows = &self.layout.weight_rows;
-        if self.layout.nbhd.images == b {
-            rows.into()
-        } else {
-            rows.repeat(b).into()
-        }
     }
 
     fn inputs<'a>(
@@ -256,7 +202,7 @@ impl MergeOp {
         MergeInputs {
             feat,
             importance,
-            nbhd: &self.layout.nbhd,
+            nbhd: &self.layout.slots.nbhd,
             centres: &self.layout.centres,
             weight_rows,
             weight_table: &net.table,
@@ -285,7 +231,7 @@ impl CustomOp3 for MergeOp {
         let feat = f32_values(OP, "feat", s1, l1)?;
         let importance = f32_values(OP, "importance", s2, l2)?;
         let net = self.weight_net(&f32_values(OP, "weight net", s3, l3)?)?;
-        let rows = self.weight_rows(b);
+        let rows = self.layout.slots.rows_for(b);
         let inputs = self.inputs(&feat, &importance, &net, &rows, (b, n, c));
         let merged = pointconv_merge(&inputs).map_err(candle_core::Error::wrap)?;
         Ok((
@@ -305,14 +251,14 @@ impl CustomOp3 for MergeOp {
         let (b, n, c, _) = self.check(feat.dims(), importance.dims())?;
         let (feat_values, importance_values) = (tensor_values(feat)?, tensor_values(importance)?);
         let net = self.weight_net(&tensor_values(packed)?)?;
-        let rows = self.weight_rows(b);
+        let rows = self.layout.slots.rows_for(b);
         let inputs = self.inputs(&feat_values, &importance_values, &net, &rows, (b, n, c));
         let grad_out = tensor_values(grad_out)?;
         let grads = pointconv_merge_backward(&MergeGradInputs {
             forward: &inputs,
             grad_out: &grad_out,
-            inverse: &self.layout.inverse,
-            offsets: &self.layout.offsets,
+            inverse: &self.layout.slots.inverse,
+            offsets: &self.layout.slots.offsets,
             weight_net: &net.linear,
             weight_norm: &net.norm,
         })

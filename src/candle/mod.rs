@@ -17,6 +17,7 @@
 //! bits on every run (no atomics), as those ops'.
 
 mod attention;
+mod layout;
 mod merge;
 mod storage;
 

@@ -54,3 +54,32 @@ pub(crate) fn tensor_of(
         .to_dtype(dtype)?
         .to_device(device)
 }
+
+/// An op's small parameters as one tensor (a custom op takes at most three
+/// inputs; `cat`'s backward splits their gradient): `matrix` (name, tensor,
+/// shape, what its axes are) must have exactly its shape, so that a
+/// transposed weight cannot pass; each of `vectors` (name, tensor, count)
+/// its count of values, in any shape.
+pub(crate) fn pack_params(
+    op: &str,
+    (name, matrix, shape, axes): (&str, &Tensor, [usize; 2], &str),
+    vectors: [(&str, &Tensor, usize); 3],
+) -> Result<Tensor> {
+    if matrix.dims() != shape {
+        bail!(
+            "{op}: `{name}` must have shape {shape:?} ({axes}), found {:?}",
+            matrix.dims()
+        );
+    }
+    let mut parts = vec![matrix.flatten_all()?];
+    for (name, t, count) in vectors {
+        if t.elem_count() != count {
+            bail!(
+                "{op}: `{name}` must hold {count} values, found shape {:?}",
+                t.dims()
+            );
+        }
+        parts.push(t.flatten_all()?);
+    }
+    Tensor::cat(&parts, 0)
+}

@@ -1,0 +1,86 @@
+//! What the ops' fixed layouts share: a neighbourhood, its inverse (which
+//! the backwards gather over), one offset-table row per neighbour slot, and
+//! the stage's offsets.
+
+use std::borrow::Cow;
+
+use candle_core::{Result, bail};
+
+use crate::ops::neighbourhood::{InverseNeighbourhood, Neighbourhood};
+use crate::ops::rel_pos::OffsetTable;
+
+#[derive(Debug)]
+pub(crate) struct SlotLayout {
+    pub nbhd: Neighbourhood,
+    pub inverse: InverseNeighbourhood,
+    /// images×n×m offset-table rows, `images` being the neighbourhood's.
+    rows: Vec<u32>,
+    pub offsets: OffsetTable,
+}
+
+impl SlotLayout {
+    /// Checks that `rows` (named `rows_name` in errors) has one row per
+    /// neighbour slot, and builds the inverse neighbourhood, once.
+    pub fn new(
+        op: &str,
+        rows_name: &str,
+        nbhd: Neighbourhood,
+        rows: Vec<u32>,
+        offsets: OffsetTable,
+    ) -> Result<Self> {
+        let slots = nbhd.images * nbhd.tokens * nbhd.size;
+        if rows.len() != slots {
+            bail!(
+                "{op}: `{rows_name}` must hold {} × {} × {} = {slots} rows (images × tokens × \
+                 neighbours), found {}",
+                nbhd.images,
+                nbhd.tokens,
+                nbhd.size,
+                rows.len()
+            );
+        }
+        let inverse = InverseNeighbourhood::new(&nbhd).map_err(candle_core::Error::wrap)?;
+        Ok(Self {
+            nbhd,
+            inverse,
+            rows,
+            offsets,
+        })
+    }
+
+    /// The rows for a batch of `b` (a layout shared by the batch repeated).
+    pub fn rows_for(&self, b: usize) -> Cow<'_, [u32]> {
+        if self.nbhd.images == b {
+            Cow::Borrowed(&self.rows)
+        } else {
+            Cow::Owned(self.rows.repeat(b))
+        }
+    }
+
+    /// Checks that `dims` (of the input named `what`) is batch × tokens ×
+    /// channels over the layout's tokens, for a batch the layout covers (its
+    /// own, or any when shared); returns (batch, tokens, channels).
+    pub fn check_tokens(
+        &self,
+        op: &str,
+        what: &str,
+        dims: &[usize],
+    ) -> Result<(usize, usize, usize)> {
+        let &[b, n, c] = dims else {
+            bail!("{op}: `{what}` must be batch × tokens × channels, found shape {dims:?}")
+        };
+        if n != self.nbhd.tokens {
+            bail!(
+                "{op}: `{what}` has {n} tokens, the layout {} (shape {dims:?})",
+                self.nbhd.tokens
+            );
+        }
+        if self.nbhd.images != 1 && self.nbhd.images != b {
+            bail!(
+                "{op}: `{what}` has a batch of {b}, the layout {} images (shape {dims:?})",
+                self.nbhd.images
+            );
+        }
+        Ok((b, n, c))
+    }
+}
