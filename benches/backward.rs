@@ -26,6 +26,9 @@ use autofocus::ops::rel_pos::OffsetTable;
 use autofocus::ops::{LayerNorm, Linear};
 use criterion::{Criterion, criterion_group, criterion_main};
 
+mod common;
+use common::interleaved_ratio;
+
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -53,66 +56,6 @@ fn linear(in_dim: usize, out_dim: usize) -> Linear {
 
 const GRID: (usize, usize) = (56, 56);
 const BATCH: usize = 8;
-
-/// Runs of the ratio below.
-const RATIO_RUNS: usize = 41;
-
-/// Prints the median (and range) of backward/forward over [`RATIO_RUNS`]
-/// alternating runs: the ratio the targets are about, each pair measured
-/// close together so that the machine's drift cancels (criterion's two
-/// separate estimates can be minutes apart). Skipped when a filter given
-/// on the command line does not occur in `name` + "/ratio".
-fn interleaved_ratio(name: &str, forward: impl Fn(), backward: impl Fn()) {
-    let id = format!("{name}/ratio");
-    // Criterion's arguments: `--bench`, options (those below take a value),
-    // and substring filters. Profiling runs (`--profile-time`) skip this.
-    const WITH_VALUE: &[&str] = &[
-        "--profile-time",
-        "--sample-size",
-        "--warm-up-time",
-        "--measurement-time",
-        "--save-baseline",
-        "--baseline",
-        "--load-baseline",
-        "--noise-threshold",
-        "--output-format",
-        "--color",
-    ];
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--profile-time") {
-        return;
-    }
-    let filters: Vec<&String> = args
-        .iter()
-        .enumerate()
-        .filter(|&(k, a)| {
-            !a.starts_with('-') && (k == 0 || !WITH_VALUE.contains(&args[k - 1].as_str()))
-        })
-        .map(|(_, a)| a)
-        .collect();
-    if !filters.is_empty() && !filters.iter().any(|f| id.contains(f.as_str())) {
-        return;
-    }
-    forward();
-    backward();
-    let mut ratios: Vec<f64> = (0..RATIO_RUNS)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            forward();
-            let f = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            backward();
-            t.elapsed().as_secs_f64() / f
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "{id}: backward/forward median {:.2}x (range {:.2}-{:.2}, {RATIO_RUNS} alternating runs)",
-        ratios[RATIO_RUNS / 2],
-        ratios[0],
-        ratios[RATIO_RUNS - 1]
-    );
-}
 
 fn backward(c: &mut Criterion) {
     let offsets = OffsetTable::new(GRID.0, GRID.1, None);
@@ -162,6 +105,7 @@ fn backward(c: &mut Criterion) {
     g.finish();
     interleaved_ratio(
         "attention_aff_tiny_stage0_b8",
+        "backward/forward",
         || drop(cluster_attention_with_lse(&inp).unwrap()),
         || drop(cluster_attention_backward(&grads).unwrap()),
     );
@@ -212,6 +156,7 @@ fn backward(c: &mut Criterion) {
     g.finish();
     interleaved_ratio(
         "merge_aff_tiny_stage0_b8",
+        "backward/forward",
         || drop(pointconv_merge(&inp).unwrap()),
         || drop(pointconv_merge_backward(&grads).unwrap()),
     );

@@ -458,3 +458,67 @@ fn bad_arguments_give_one_line_errors() {
         );
     }
 }
+
+/// `grads` writes the golden case's logits and every parameter's gradient
+/// (the published model's, within the spec's tolerance), and names a
+/// `grad.loss_coef` of the wrong shape.
+#[cfg(feature = "candle")]
+#[test]
+fn grads_writes_every_parameter_gradient_matching_the_golden() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = tmp(&dir, "grads.safetensors");
+    let (weights, input) = (
+        data("tiny-128.weights.safetensors"),
+        data("tiny-128.golden.safetensors"),
+    );
+    let args = [
+        "grads",
+        "--weights",
+        &weights,
+        "--input",
+        &input,
+        "--out",
+        out_path.to_str().unwrap(),
+    ];
+    let out = autofocus(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let case = common::Case::load("tiny-128").unwrap();
+    let written = SafetensorsFile::open(&out_path).unwrap();
+    let want: Vec<String> = case
+        .golden_keys()
+        .into_iter()
+        .filter(|k| k.starts_with("grad.") && k != "grad.loss_coef")
+        .chain(["logits".to_string()])
+        .collect();
+    let mut got = written.names();
+    got.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted);
+    for key in &want {
+        common::assert_close(key, written.tensor_f32(key).unwrap().data(), &case.f32(key));
+    }
+
+    let bad = tmp(&dir, "bad.safetensors");
+    let image = case.f32("input.image");
+    let tensors = [
+        ("input.image".to_string(), AnyTensor::F32(image)),
+        (
+            "grad.loss_coef".to_string(),
+            AnyTensor::F32(Tensor::new(vec![3], vec![1.0; 3]).unwrap()),
+        ),
+    ];
+    write_safetensors(&bad, &tensors, Default::default()).unwrap();
+    let bad_out = tmp(&dir, "bad-out.safetensors");
+    let args = [
+        "grads",
+        "--weights",
+        &weights,
+        "--input",
+        bad.to_str().unwrap(),
+        "--out",
+        bad_out.to_str().unwrap(),
+    ];
+    assert_error_line(&autofocus(&args), "grad.loss_coef");
+    assert!(!bad_out.exists());
+}

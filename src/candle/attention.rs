@@ -61,7 +61,7 @@ impl ClusterAttention {
     /// (one bias-table row per neighbour slot, images×n×m, from
     /// [`crate::ops::rel_pos::neighbour_rows`]), the stage's `offsets`, and
     /// the number of heads. The inverse neighbourhood the backward gathers
-    /// over is built here, once.
+    /// over is built by the first backward, once.
     ///
     /// # Errors
     /// When `bias_rows` does not have one row per neighbour slot, or the
@@ -270,7 +270,7 @@ impl CustomOp3 for AttentionOp {
             out: &out,
             lse: &lse,
             grad_out: &grad_out,
-            inverse: &self.layout.slots.inverse,
+            inverse: self.layout.slots.inverse(),
             offsets: &self.layout.slots.offsets,
         })
         .map_err(candle_core::Error::wrap)?;

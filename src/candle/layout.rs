@@ -3,6 +3,7 @@
 //! the stage's offsets.
 
 use std::borrow::Cow;
+use std::sync::OnceLock;
 
 use candle_core::{Result, bail};
 
@@ -12,7 +13,8 @@ use crate::ops::rel_pos::OffsetTable;
 #[derive(Debug)]
 pub(crate) struct SlotLayout {
     pub nbhd: Neighbourhood,
-    pub inverse: InverseNeighbourhood,
+    /// Built by the first backward (a forward alone never needs it).
+    inverse: OnceLock<InverseNeighbourhood>,
     /// images×n×m offset-table rows, `images` being the neighbourhood's.
     rows: Vec<u32>,
     pub offsets: OffsetTable,
@@ -20,7 +22,7 @@ pub(crate) struct SlotLayout {
 
 impl SlotLayout {
     /// Checks that `rows` (named `rows_name` in errors) has one row per
-    /// neighbour slot, and builds the inverse neighbourhood, once.
+    /// neighbour slot and that the neighbourhood is well formed.
     pub fn new(
         op: &str,
         rows_name: &str,
@@ -39,12 +41,20 @@ impl SlotLayout {
                 rows.len()
             );
         }
-        let inverse = InverseNeighbourhood::new(&nbhd).map_err(candle_core::Error::wrap)?;
+        nbhd.check("neighbourhood", nbhd.images, nbhd.tokens)
+            .map_err(candle_core::Error::wrap)?;
         Ok(Self {
             nbhd,
-            inverse,
+            inverse: OnceLock::new(),
             rows,
             offsets,
+        })
+    }
+
+    /// The inverse neighbourhood the backwards gather over, built once.
+    pub fn inverse(&self) -> &InverseNeighbourhood {
+        self.inverse.get_or_init(|| {
+            InverseNeighbourhood::new(&self.nbhd).expect("checked when the layout was made")
         })
     }
 

@@ -257,7 +257,7 @@ impl CustomOp3 for MergeOp {
         let grads = pointconv_merge_backward(&MergeGradInputs {
             forward: &inputs,
             grad_out: &grad_out,
-            inverse: &self.layout.slots.inverse,
+            inverse: self.layout.slots.inverse(),
             offsets: &self.layout.slots.offsets,
             weight_net: &net.linear,
             weight_norm: &net.norm,

@@ -6,6 +6,9 @@
 //!   the position-bias layer and the blank token.
 //! - [`PointConvMerge`]: the PointConv merge (spec §7), differentiable in
 //!   the token features, their importance and the weight net.
+//! - [`AutoFocusFormer`]: the whole model (classifier or segmentation
+//!   backbone) from candle-nn layers and these ops, its parameters in a
+//!   `VarMap` ([`load_varmap`] reads a checkpoint into one), trainable.
 //!
 //! The neighbourhoods and everything else that is an index (masks, bias
 //! rows, inverse lists) come from this crate's layout ops and are carried
@@ -19,7 +22,9 @@
 mod attention;
 mod layout;
 mod merge;
+mod model;
 mod storage;
 
 pub use attention::ClusterAttention;
 pub use merge::PointConvMerge;
+pub use model::{AutoFocusFormer, StageOutput, StageTokens, load_varmap, varmap_of};

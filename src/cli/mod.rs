@@ -8,6 +8,7 @@ mod dataset;
 mod device;
 mod features;
 mod focus;
+mod grads;
 mod infer;
 
 use std::collections::HashMap;
@@ -44,6 +45,9 @@ enum Command {
     Features(features::Args),
     /// Draw where the model kept its tokens, one panel per stage.
     Focus(focus::Args),
+    /// Write every parameter's gradient of Σ logits · loss_coef (candle
+    /// backend; build with `--features candle`).
+    Grads(grads::Args),
 }
 
 /// Runs the parsed command.
@@ -56,6 +60,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Features(a) => features::run(a),
         Command::Focus(a) => focus::run(a),
+        Command::Grads(a) => grads::run(a),
     }
 }
 

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::tables::PositionTables;
 use super::weights::ModelWeights;
-use crate::error::Result;
+use crate::config::AffConfig;
+use crate::error::{Error, Result};
 use crate::ops::clustering::{
     Clustering, KeyScope, grid_positions, round_half_even, space_filling_cluster,
 };
@@ -101,7 +102,7 @@ impl StageLayout {
     }
 
     /// The old index of the token at rank `r` of image `img`.
-    fn source(&self, img: usize, r: usize) -> usize {
+    pub fn source(&self, img: usize, r: usize) -> usize {
         match &self.attention {
             Attention::Global(_) => r,
             Attention::Clustered(layout) => {
@@ -127,6 +128,82 @@ impl StageLayout {
         }
         out
     }
+}
+
+/// The layout of stage `s` of a model of `config` for `batch` images of `n`
+/// tokens at `pos` (b×n×2, finite) on the stage-0 grid of `geometry`: global
+/// when the stage's neighbourhood holds every token, else clustered (from
+/// the geometry's cache when the tokens are the full grid), with every
+/// image's normaliser as `scope` says.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for a stage index out of range; the layout
+/// ops' argument errors.
+pub fn plan_stage_layout(
+    config: &AffConfig,
+    s: usize,
+    pos: &[f32],
+    batch: usize,
+    n: usize,
+    geometry: Arc<GridGeometry>,
+    scope: KeyScope,
+) -> Result<StageLayout> {
+    if s >= config.num_stages() {
+        return Err(Error::InvalidArgument(format!(
+            "stage {s} out of range (the model has {})",
+            config.num_stages()
+        )));
+    }
+    let nbhd_size = config.nbhd_size[s];
+    let grid = geometry.grid;
+    if nbhd_size >= n {
+        let nbhd = Neighbourhood::global(n);
+        let bias_rows = neighbour_rows(&geometry.offsets, pos, &nbhd, batch)?;
+        return Ok(StageLayout {
+            batch,
+            tokens: n,
+            attention: Attention::Global(nbhd),
+            pos: pos.to_vec(),
+            geometry,
+            bias_rows,
+        });
+    }
+    let s_c = config.cluster_size;
+    let on_grid = n == grid.0 * grid.1 && {
+        let full = grid_positions(grid.0, grid.1);
+        pos.chunks_exact(2 * n).all(|img| img == full.as_slice())
+    };
+    let layout = if on_grid {
+        geometry.grid_layout(s_c, nbhd_size)?
+    } else {
+        let built = ClusterLayout::build(
+            pos,
+            batch,
+            n,
+            s_c,
+            nbhd_size,
+            &geometry.offsets,
+            grid,
+            scope,
+        )?;
+        Arc::new(built)
+    };
+    // A cached grid layout holds one image, which every image shares.
+    let copies = if layout.clustering.batch == 1 {
+        batch
+    } else {
+        1
+    };
+    let pos = layout.clustering.pos.repeat(copies);
+    let bias_rows = layout.bias_rows.repeat(copies);
+    Ok(StageLayout {
+        batch,
+        tokens: n,
+        attention: Attention::Clustered(layout),
+        pos,
+        geometry,
+        bias_rows,
+    })
 }
 
 /// What depends only on the stage-0 grid `(h, w)`: the relative-offset

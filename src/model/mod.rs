@@ -18,7 +18,9 @@ use std::path::Path;
 
 pub use self::block::StageGeometry;
 pub use self::device::DeviceModel;
-pub use self::layout::{Attention, ClusterLayout, GridCache, GridGeometry, StageLayout};
+pub use self::layout::{
+    Attention, ClusterLayout, GridCache, GridGeometry, StageLayout, plan_stage_layout,
+};
 pub use self::stage::{StageResult, Tokens};
 pub use self::tables::{PositionTables, bias_table, merge_table};
 pub use self::trace::{Trace, TraceLevel};
@@ -148,6 +150,42 @@ pub fn pad_to_multiple(images: &Tensor, multiple: usize) -> Result<Tensor> {
     Tensor::new(vec![b, c, ph, pw], out)
 }
 
+/// What a checkpoint holds: its configuration (`config` when given, else the
+/// file's `config` metadata), its kind (told apart by its keys) and the
+/// prefix of its model keys.
+///
+/// # Errors
+/// [`Error::Config`] when no configuration is given or stored (naming the
+/// presets the tensors fit), or the stored one is invalid.
+pub fn resolve_config(
+    source: &dyn TensorSource,
+    config: Option<AffConfig>,
+) -> Result<(AffConfig, ModelKind, &'static str)> {
+    let (kind, prefix) = detect_kind(source);
+    let config = match config {
+        Some(c) => c,
+        None => match source.config_json() {
+            Some(json) => AffConfig::from_json(&json).map_err(|e| {
+                Error::Config(format!("{}: stored config: {e}", source.path().display()))
+            })?,
+            None => {
+                let fits = fitting_presets(source, kind, prefix);
+                let hint = if fits.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (its tensors fit {})", fits.join(", "))
+                };
+                return Err(Error::Config(format!(
+                    "{} stores no config: pass one (a preset name or a JSON file){hint}",
+                    source.path().display()
+                )));
+            }
+        },
+    };
+    config.validate()?;
+    Ok((config, kind, prefix))
+}
+
 /// An AutoFocusFormer ready to run on the CPU.
 ///
 /// `Sync`: one model may serve many threads; the grid cache is shared.
@@ -184,28 +222,7 @@ impl AutoFocusFormer {
     /// # Errors
     /// As [`load`](Self::load).
     pub fn from_source(source: &dyn TensorSource, config: Option<AffConfig>) -> Result<Self> {
-        let (kind, prefix) = detect_kind(source);
-        let config = match config {
-            Some(c) => c,
-            None => match source.config_json() {
-                Some(json) => AffConfig::from_json(&json).map_err(|e| {
-                    Error::Config(format!("{}: stored config: {e}", source.path().display()))
-                })?,
-                None => {
-                    let fits = fitting_presets(source, kind, prefix);
-                    let hint = if fits.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (its tensors fit {})", fits.join(", "))
-                    };
-                    return Err(Error::Config(format!(
-                        "{} stores no config: pass one (a preset name or a JSON file){hint}",
-                        source.path().display()
-                    )));
-                }
-            },
-        };
-        config.validate()?;
+        let (config, kind, prefix) = resolve_config(source, config)?;
         let weights = ModelWeights::from_source(source, &config, kind, prefix)?;
         Ok(Self::from_weights(config, kind, weights))
     }

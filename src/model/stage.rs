@@ -4,14 +4,11 @@ use std::borrow::Cow;
 
 use super::AutoFocusFormer;
 use super::block::StageGeometry;
-use super::layout::{Attention, ClusterLayout, StageLayout};
+use super::layout::{StageLayout, plan_stage_layout};
 use super::tables::{bias_table, merge_table};
 use super::trace::{Trace, f32_tensor, i32_tensor, record};
 use crate::error::{Error, Result, check_len};
-use crate::ops::clustering::grid_positions;
-use crate::ops::neighbourhood::Neighbourhood;
 use crate::ops::pointconv_merge::{MergeInputs, pointconv_merge};
-use crate::ops::rel_pos::neighbour_rows;
 use crate::ops::token_selection::{importance, select_tokens};
 use crate::profile;
 
@@ -69,64 +66,16 @@ impl AutoFocusFormer {
         tokens: &Tokens,
         grid: (usize, usize),
     ) -> Result<StageLayout> {
-        let config = self.config();
-        if s >= config.num_stages() {
-            return Err(Error::InvalidArgument(format!(
-                "stage {s} out of range (the model has {})",
-                config.num_stages()
-            )));
-        }
         tokens.validate()?;
-        let (b, n) = (tokens.batch, tokens.tokens);
-        let nbhd_size = config.nbhd_size[s];
-        let geometry = self.geometry(grid);
-        if nbhd_size >= n {
-            let nbhd = Neighbourhood::global(n);
-            let bias_rows = neighbour_rows(&geometry.offsets, &tokens.pos, &nbhd, b)?;
-            return Ok(StageLayout {
-                batch: b,
-                tokens: n,
-                attention: Attention::Global(nbhd),
-                pos: tokens.pos.clone(),
-                geometry,
-                bias_rows,
-            });
-        }
-        let s_c = config.cluster_size;
-        let on_grid = n == grid.0 * grid.1 && {
-            let full = grid_positions(grid.0, grid.1);
-            tokens
-                .pos
-                .chunks_exact(2 * n)
-                .all(|img| img == full.as_slice())
-        };
-        let layout = if on_grid {
-            geometry.grid_layout(s_c, nbhd_size)?
-        } else {
-            let built = ClusterLayout::build(
-                &tokens.pos,
-                b,
-                n,
-                s_c,
-                nbhd_size,
-                &geometry.offsets,
-                grid,
-                self.key_scope(),
-            )?;
-            std::sync::Arc::new(built)
-        };
-        // A cached grid layout holds one image, which every image shares.
-        let copies = if layout.clustering.batch == 1 { b } else { 1 };
-        let pos = layout.clustering.pos.repeat(copies);
-        let bias_rows = layout.bias_rows.repeat(copies);
-        Ok(StageLayout {
-            batch: b,
-            tokens: n,
-            attention: Attention::Clustered(layout),
-            pos,
-            geometry,
-            bias_rows,
-        })
+        plan_stage_layout(
+            self.config(),
+            s,
+            &tokens.pos,
+            tokens.batch,
+            tokens.tokens,
+            self.geometry(grid),
+            self.key_scope(),
+        )
     }
 
     /// Runs stage `s` on `tokens` (stage-0 grid `grid`), recording into `trace`.

@@ -147,6 +147,19 @@ impl<'a> Builder<'a> {
         value
     }
 
+    /// Every parameter built, as a tensor of its shape.
+    fn into_named(self) -> Vec<(String, Tensor<f32>)> {
+        let shapes = self.expected;
+        self.built
+            .into_iter()
+            .map(|(name, values)| {
+                let tensor = Tensor::new(shapes[&name].clone(), values.to_vec())
+                    .expect("built to its shape");
+                (name, tensor)
+            })
+            .collect()
+    }
+
     fn make(&mut self, name: &str, shape: &[usize], init: Init) -> F32Buffer {
         let numel: usize = shape.iter().product();
         match &mut self.mode {
@@ -400,30 +413,23 @@ impl ModelWeights {
         kind: ModelKind,
         prefix: &str,
     ) -> Result<Self> {
-        let mut b = Builder::new(Mode::Source(source, prefix));
-        let weights = b.build(config, kind);
-        let mut problems = b.problems;
-        for name in source.names() {
-            // Keys outside the prefix belong to the rest of a larger checkpoint.
-            let Some(key) = name.strip_prefix(prefix) else {
-                continue;
-            };
-            if !b.expected.contains_key(key) && !is_ignorable(key) {
-                problems.push(TensorProblem::Unexpected {
-                    found: source.shape(&name).unwrap_or_default(),
-                    name,
-                });
-            }
-        }
-        if problems.is_empty() {
-            Ok(weights)
-        } else {
-            Err(Error::Weights {
-                path: PathBuf::from(source.path()),
-                problems,
-                fitting_presets: fitting_presets(source, kind, prefix),
-            })
-        }
+        read_checked(source, config, kind, prefix).map(|(weights, _)| weights)
+    }
+
+    /// Every parameter of a `kind` model of `config` read from `source`
+    /// (keys under `prefix`) as named tensors under their key names without
+    /// the prefix (what another framework loads), checked as
+    /// [`from_source`](Self::from_source) checks them.
+    ///
+    /// # Errors
+    /// As [`from_source`](Self::from_source).
+    pub fn named_from_source(
+        source: &dyn TensorSource,
+        config: &AffConfig,
+        kind: ModelKind,
+        prefix: &str,
+    ) -> Result<Vec<(String, Tensor<f32>)>> {
+        read_checked(source, config, kind, prefix).map(|(_, b)| b.into_named())
     }
 
     /// Generates reproducible random parameters for `config` (benchmarks, tests).
@@ -440,15 +446,41 @@ impl ModelWeights {
     ) -> Vec<(String, Tensor<f32>)> {
         let mut b = Builder::new(Mode::Random(SplitMix64(seed)));
         b.build(config, kind);
-        let shapes = b.expected;
-        b.built
-            .into_iter()
-            .map(|(name, values)| {
-                let tensor = Tensor::new(shapes[&name].clone(), values.to_vec())
-                    .expect("built to its shape");
-                (name, tensor)
-            })
-            .collect()
+        b.into_named()
+    }
+}
+
+/// Reads and checks every parameter (see [`ModelWeights::from_source`]);
+/// returns the builder too, which holds them by name.
+fn read_checked<'a>(
+    source: &'a dyn TensorSource,
+    config: &AffConfig,
+    kind: ModelKind,
+    prefix: &'a str,
+) -> Result<(ModelWeights, Builder<'a>)> {
+    let mut b = Builder::new(Mode::Source(source, prefix));
+    let weights = b.build(config, kind);
+    let mut problems = std::mem::take(&mut b.problems);
+    for name in source.names() {
+        // Keys outside the prefix belong to the rest of a larger checkpoint.
+        let Some(key) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        if !b.expected.contains_key(key) && !is_ignorable(key) {
+            problems.push(TensorProblem::Unexpected {
+                found: source.shape(&name).unwrap_or_default(),
+                name,
+            });
+        }
+    }
+    if problems.is_empty() {
+        Ok((weights, b))
+    } else {
+        Err(Error::Weights {
+            path: PathBuf::from(source.path()),
+            problems,
+            fitting_presets: fitting_presets(source, kind, prefix),
+        })
     }
 }
 
