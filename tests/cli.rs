@@ -339,6 +339,50 @@ fn a_checkpoint_with_zero_classes_is_refused() {
     assert_error_line(&out, "num_classes");
 }
 
+/// A checkpoint's `class_names` metadata names the classes `classify`
+/// prints; names that do not fit the classes are refused, naming the key.
+#[test]
+fn classify_prints_the_checkpoint_class_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let source =
+        SafetensorsFile::open(common::data_dir().join("tiny-128.weights.safetensors")).unwrap();
+    let tensors: Vec<(String, AnyTensor)> = source
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = source.tensor_f32(&n).unwrap();
+            (n, AnyTensor::F32(t))
+        })
+        .collect();
+    let write = |file: &str, names: &serde_json::Value| {
+        let path = tmp(&dir, file);
+        let meta = [
+            (
+                "config".to_string(),
+                source.metadata("config").unwrap().to_string(),
+            ),
+            ("class_names".to_string(), names.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        write_safetensors(&path, &tensors, meta).unwrap();
+        path
+    };
+    let names: Vec<String> = (0..10).map(|i| format!("kind-{i}")).collect();
+    let named = write("named.safetensors", &serde_json::json!(names));
+    let imgs = images();
+    let out = autofocus(&["classify", "--weights", named.to_str().unwrap(), &imgs[0]]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let ranked: Vec<&str> = text.lines().filter(|l| l.contains('%')).collect();
+    assert_eq!(ranked.len(), 5, "{text}");
+    assert!(ranked.iter().all(|l| l.contains("kind-")), "{text}");
+
+    let short = write("short.safetensors", &serde_json::json!(["a", "b"]));
+    let out = autofocus(&["classify", "--weights", short.to_str().unwrap(), &imgs[0]]);
+    assert_error_line(&out, "class_names");
+}
+
 #[test]
 fn convert_reads_the_pth_and_stores_the_config() {
     let dir = tempfile::tempdir().unwrap();

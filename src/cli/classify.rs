@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use autofocus::dataset::{Decoded, Input, JsonlOutput, OutputMode};
+use autofocus::io::SafetensorsFile;
 use autofocus::io::image::{Preprocess, load_image};
 use autofocus::ops::clustering::KeyScope;
 use autofocus::{Error, Result, Tensor, limits};
@@ -54,20 +55,50 @@ struct ImageResult {
     top: Vec<Prediction>,
 }
 
-fn label(classes: usize, index: usize) -> String {
-    if classes == 1000 {
-        IMAGENET_CLASSES
-            .lines()
-            .nth(index)
-            .unwrap_or("?")
-            .to_string()
+/// Safetensors metadata key of a checkpoint's class names (a JSON array of
+/// strings, one per class, in class-index order).
+const CLASS_NAMES_KEY: &str = "class_names";
+
+/// The names of the `classes` classes of the checkpoint at `weights`: its
+/// `class_names` metadata when it has some, else ImageNet's for 1000
+/// classes, else `class <i>`.
+///
+/// # Errors
+/// Unreadable weights; `class_names` that is not a JSON array of `classes`
+/// strings (naming the file).
+fn class_names(weights: &Path, classes: usize) -> Result<Vec<String>> {
+    let stored = if autofocus::io::pth::looks_like_zip(weights)? {
+        None
     } else {
-        format!("class {index}")
+        SafetensorsFile::open(weights)?
+            .metadata(CLASS_NAMES_KEY)
+            .map(str::to_string)
+    };
+    if let Some(json) = stored {
+        let names: Vec<String> = serde_json::from_str(&json).map_err(|e| Error::Format {
+            path: weights.to_path_buf(),
+            reason: format!("metadata `{CLASS_NAMES_KEY}` is not a JSON array of strings: {e}"),
+        })?;
+        if names.len() != classes {
+            return Err(Error::Format {
+                path: weights.to_path_buf(),
+                reason: format!(
+                    "metadata `{CLASS_NAMES_KEY}` names {} classes, the model has {classes}",
+                    names.len()
+                ),
+            });
+        }
+        return Ok(names);
     }
+    Ok(if classes == 1000 {
+        IMAGENET_CLASSES.lines().map(str::to_string).collect()
+    } else {
+        (0..classes).map(|i| format!("class {i}")).collect()
+    })
 }
 
 /// Top `k` of one row of logits, with softmax probabilities.
-fn top_k(logits: &[f32], k: usize) -> Vec<Prediction> {
+fn top_k(logits: &[f32], k: usize, names: &[String]) -> Vec<Prediction> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
     let mut order: Vec<usize> = (0..logits.len()).collect();
@@ -77,7 +108,7 @@ fn top_k(logits: &[f32], k: usize) -> Vec<Prediction> {
         .take(k)
         .map(|i| Prediction {
             class: i,
-            label: label(logits.len(), i),
+            label: names.get(i).cloned().unwrap_or_else(|| "?".into()),
             probability: (logits[i] - max).exp() / sum,
             logit: logits[i],
         })
@@ -85,8 +116,8 @@ fn top_k(logits: &[f32], k: usize) -> Vec<Prediction> {
 }
 
 /// One `--out` line: the input and its top classes.
-fn success_line(input: &Input, logits: &[f32], k: usize) -> Value {
-    let top: Vec<Value> = top_k(logits, k)
+fn success_line(input: &Input, logits: &[f32], k: usize, names: &[String]) -> Value {
+    let top: Vec<Value> = top_k(logits, k, names)
         .into_iter()
         .map(|p| json!({"class": p.label, "index": p.class, "prob": p.probability}))
         .collect();
@@ -135,6 +166,7 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     let model = args.model.load(KeyScope::Image)?;
+    let names = class_names(&args.model.weights, model.config().num_classes)?;
     let mut pre = Preprocess::for_config(model.config());
     if args.no_crop {
         pre.crop = false;
@@ -160,18 +192,20 @@ pub fn run(args: Args) -> Result<()> {
             .collect())
     };
     match out {
-        Some(out) => run_to_file(&args, &plan, &out, mode, &model, decode, per_batch),
-        None => run_to_terminal(&args, &plan, &model, decode, per_batch),
+        Some(out) => run_to_file(&args, &plan, &out, mode, &model, &names, decode, per_batch),
+        None => run_to_terminal(&args, &plan, &model, &names, decode, per_batch),
     }
 }
 
 /// `--out`: lines appended as results come, resumable.
+#[allow(clippy::too_many_arguments)] // the run's parts, each used once
 fn run_to_file(
     args: &Args,
     plan: &Plan,
     out: &Path,
     mode: OutputMode,
     model: &autofocus::AutoFocusFormer,
+    names: &[String],
     decode: impl Fn(&Path) -> Result<Decoded> + Sync,
     per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<Vec<f32>>> + Sync,
 ) -> Result<()> {
@@ -196,7 +230,7 @@ fn run_to_file(
             let line = match result {
                 Ok(logits) => {
                     tally.done += 1;
-                    success_line(input, &logits, args.top)
+                    success_line(input, &logits, args.top, names)
                 }
                 Err(e) => {
                     tally.failed += 1;
@@ -220,6 +254,7 @@ fn run_to_terminal(
     args: &Args,
     plan: &Plan,
     model: &autofocus::AutoFocusFormer,
+    names: &[String],
     decode: impl Fn(&Path) -> Result<Decoded> + Sync,
     per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<Vec<f32>>> + Sync,
 ) -> Result<()> {
@@ -238,7 +273,7 @@ fn run_to_terminal(
             match result {
                 Ok(logits) => results.push(ImageResult {
                     image: paths[slot].display().to_string(),
-                    top: top_k(&logits, args.top),
+                    top: top_k(&logits, args.top, names),
                 }),
                 Err(e) => failures.push(e),
             }
