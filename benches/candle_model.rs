@@ -11,22 +11,15 @@ use std::time::Duration;
 
 use autofocus::candle::varmap_of;
 use autofocus::model::ModelWeights;
-use autofocus::{AffConfig, AutoFocusFormer, ModelKind, Tensor};
+use autofocus::{AffConfig, AutoFocusFormer, ModelKind};
 use candle_core::{DType, Device};
 use criterion::{Criterion, criterion_group, criterion_main};
 
 mod common;
-use common::interleaved_ratio;
+use common::{image, interleaved_ratio};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn image(batch: usize, side: usize) -> Tensor {
-    let data = (0..batch * 3 * side * side)
-        .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0)
-        .collect();
-    Tensor::new(vec![batch, 3, side, side], data).unwrap()
-}
 
 fn aff_mini(c: &mut Criterion) {
     let config = AffConfig::preset("aff_mini").unwrap();

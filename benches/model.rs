@@ -6,18 +6,14 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use autofocus::{AffConfig, AutoFocusFormer, ModelKind, Tensor};
+use autofocus::{AffConfig, AutoFocusFormer, ModelKind};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+mod common;
+use common::image;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn image(batch: usize, side: usize) -> Tensor {
-    let data = (0..batch * 3 * side * side)
-        .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0)
-        .collect();
-    Tensor::new(vec![batch, 3, side, side], data).unwrap()
-}
 
 fn aff_mini(c: &mut Criterion) {
     let model = AutoFocusFormer::random(

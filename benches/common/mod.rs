@@ -1,5 +1,18 @@
 //! What the benchmarks share: a ratio of two timings that the machine's
-//! drift cannot skew.
+//! drift cannot skew, and a reproducible input image.
+// Each bench compiles this module and uses part of it.
+#![allow(dead_code)]
+
+use autofocus::Tensor;
+
+/// A batch of `side`×`side` images with values in [-1, 1), the same on
+/// every run.
+pub fn image(batch: usize, side: usize) -> Tensor {
+    let data = (0..batch * 3 * side * side)
+        .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0)
+        .collect();
+    Tensor::new(vec![batch, 3, side, side], data).unwrap()
+}
 
 /// Runs of the ratio below.
 pub const RATIO_RUNS: usize = 41;

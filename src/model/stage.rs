@@ -265,15 +265,7 @@ impl AutoFocusFormer {
         profile::timed("merge.norm", || w.norm.forward_in_place(&mut merged))?;
         let kept = selection.kept;
         let feat = profile::timed("merge.linear", || w.linear.forward(&merged, b * kept))?;
-        let pos = selection
-            .order
-            .iter()
-            .enumerate()
-            .flat_map(|(row, &t)| {
-                let i = (row / kept * n + t as usize) * 2;
-                [tokens.pos[i], tokens.pos[i + 1]]
-            })
-            .collect();
+        let pos = selection.kept_positions(&tokens.pos, n);
         let out = Tokens {
             batch: b,
             tokens: kept,

@@ -28,6 +28,21 @@ pub struct Selection {
     pub order: Vec<u32>,
 }
 
+impl Selection {
+    /// The kept tokens' positions (b×kept×2), from the positions `pos`
+    /// (b×n×2) of the `n` tokens the selection chose from.
+    pub fn kept_positions(&self, pos: &[f32], n: usize) -> Vec<f32> {
+        self.order
+            .iter()
+            .enumerate()
+            .flat_map(|(row, &t)| {
+                let i = (row / self.kept * n + t as usize) * 2;
+                [pos[i], pos[i + 1]]
+            })
+            .collect()
+    }
+}
+
 /// Lanes of the importance dot product: a GPU warp.
 const IMPORTANCE_LANES: usize = 32;
 

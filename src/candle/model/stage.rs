@@ -180,16 +180,7 @@ impl Merge {
             ctx.config.ds_rate,
         )
         .map_err(candle_core::Error::wrap)?;
-        let kept = selection.kept;
-        let pos = selection
-            .order
-            .iter()
-            .enumerate()
-            .flat_map(|(row, &t)| {
-                let i = (row / kept * n + t as usize) * 2;
-                [layout.pos[i], layout.pos[i + 1]]
-            })
-            .collect();
+        let pos = selection.kept_positions(&layout.pos, n);
         let merge =
             PointConvMerge::new(nbhd, rows, selection.order, b, ctx.geometry.offsets.clone())?;
         let merged = merge.forward(
