@@ -17,6 +17,9 @@ pub const DOT: Rgb<u8> = Rgb([255, 0, 255]);
 /// Width of the white bar between panels, in pixels.
 pub const SEPARATOR: u32 = 4;
 
+/// Pictures shorter than this are enlarged for viewing (see [`enlarged`]).
+pub const VIEWABLE_HEIGHT: u32 = 256;
+
 /// Brightness of the photo behind the dots.
 const DIM: f32 = 0.6;
 
@@ -118,4 +121,20 @@ fn side_by_side(panels: &[RgbImage]) -> RgbImage {
         image::imageops::replace(&mut out, p, (i as u32 * (pw + SEPARATOR)) as i64, 0);
     }
     out
+}
+
+/// `picture` enlarged by the smallest whole factor that makes it at least
+/// [`VIEWABLE_HEIGHT`] pixels tall, each pixel a square block (dots stay
+/// sharp); unchanged when it is tall enough. A 64-pixel input's 3×3 dots are
+/// too small to see otherwise.
+pub fn enlarged(picture: RgbImage) -> RgbImage {
+    let factor = VIEWABLE_HEIGHT.div_ceil(picture.height().max(1));
+    if factor <= 1 {
+        return picture;
+    }
+    RgbImage::from_fn(
+        picture.width() * factor,
+        picture.height() * factor,
+        |x, y| *picture.get_pixel(x / factor, y / factor),
+    )
 }

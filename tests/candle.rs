@@ -4,7 +4,7 @@
 //! checked against finite differences in `tests/backward.rs`).
 #![cfg(feature = "candle")]
 
-use autofocus::candle::{ClusterAttention, PointConvMerge};
+use autofocus::candle::{ClusterAttention, NeighbourSlots, PointConvMerge};
 use autofocus::io::F32Buffer;
 use autofocus::model::ClusterLayout;
 use autofocus::ops::cluster_attention::backward::{
@@ -31,6 +31,16 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
 }
 
 /// The gradients of `Σ out · coef` through candle's autograd.
+/// The neighbour slots of a test layout, its bias rows as each slot's row.
+fn slots(layout: &ClusterLayout, offsets: &OffsetTable) -> NeighbourSlots {
+    NeighbourSlots::new(
+        layout.nbhd.clone(),
+        layout.bias_rows.clone(),
+        offsets.clone(),
+    )
+    .unwrap()
+}
+
 fn backward_of_weighted_sum(out: &Tensor, coef: &[f32]) -> candle_core::backprop::GradStore {
     let coef = Tensor::from_vec(coef.to_vec(), out.dims(), out.device()).unwrap();
     (out * &coef)
@@ -105,13 +115,7 @@ impl Case {
     }
 
     fn attention(&self) -> ClusterAttention {
-        ClusterAttention::new(
-            self.layout.nbhd.clone(),
-            self.layout.bias_rows.clone(),
-            self.offsets.clone(),
-            self.heads,
-        )
-        .unwrap()
+        ClusterAttention::new(&slots(&self.layout, &self.offsets), self.heads).unwrap()
     }
 
     /// The forward output and every gradient of `Σ out · coef`, through the
@@ -295,18 +299,17 @@ fn bad_shapes_are_errors_naming_the_tensor() {
     let e = err(attention.forward(&ints, &zeros(&[1, n, 2 * c]), &w, &b, &bk, &bv));
     assert!(e.contains("f32, f16 or bf16"), "{e}");
 
-    let short = ClusterAttention::new(
-        case.layout.nbhd.clone(),
-        vec![0; 3],
-        case.offsets.clone(),
-        2,
-    )
-    .unwrap_err()
-    .to_string();
+    let short = NeighbourSlots::new(case.layout.nbhd.clone(), vec![0; 3], case.offsets.clone())
+        .unwrap_err()
+        .to_string();
     assert!(
-        short.contains("`bias_rows`") && short.contains("found 3"),
+        short.contains("`rows`") && short.contains("found 3"),
         "{short}"
     );
+    let no_heads = ClusterAttention::new(&slots(&case.layout, &case.offsets), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(no_heads.contains("`heads`"), "{no_heads}");
 }
 
 // ------------------------------------------------------------ merge ----
@@ -356,11 +359,9 @@ impl MergeCase {
 
     fn merge(&self) -> PointConvMerge {
         PointConvMerge::new(
-            self.layout.nbhd.clone(),
-            self.layout.bias_rows.clone(),
+            &slots(&self.layout, &self.offsets),
             self.centres.clone(),
             self.b,
-            self.offsets.clone(),
         )
         .unwrap()
     }
@@ -479,19 +480,12 @@ fn merge_shapes_are_checked() {
     assert!(e.contains("`net_weight`") && e.contains("[5, 4, 1]"), "{e}");
     let e = err(merge.forward(&zeros(&[2, 64, 4]), &zeros(&[2, 64]), &w, &b, &nw, &nb));
     assert!(e.contains("batch of 2") && e.contains("centres 1"), "{e}");
-    let nbhd = case.layout.nbhd.clone();
-    let rows = case.layout.bias_rows.clone();
-    let e = PointConvMerge::new(
-        nbhd.clone(),
-        rows.clone(),
-        vec![0, 64],
-        1,
-        case.offsets.clone(),
-    )
-    .unwrap_err()
-    .to_string();
+    let slots = slots(&case.layout, &case.offsets);
+    let e = PointConvMerge::new(&slots, vec![0, 64], 1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("`centres`") && e.contains("below 64"), "{e}");
-    let e = PointConvMerge::new(nbhd, rows, vec![0, 1, 2], 2, case.offsets.clone())
+    let e = PointConvMerge::new(&slots, vec![0, 1, 2], 2)
         .unwrap_err()
         .to_string();
     assert!(e.contains("`centres`") && e.contains("found 3"), "{e}");

@@ -86,6 +86,91 @@ fn classify_prints_the_top_classes_of_each_image() {
 }
 
 #[test]
+fn classify_focus_draws_each_image_and_keeps_existing_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let focus = tmp(&dir, "focus");
+    let weights = data("tiny-128.weights.safetensors");
+    let imgs = images();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["classify", "--weights", &weights, "--focus"];
+        args.push(focus.to_str().unwrap());
+        args.extend(imgs.iter().map(String::as_str));
+        args.extend(extra);
+        autofocus(&args)
+    };
+    let first = run(&[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let mut names: Vec<String> = std::fs::read_dir(&focus)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["chelsea.focus.png", "coffee.focus.png", "rocket.focus.png"]
+    );
+    // Three 128-pixel panels with two separators, enlarged 2× to be seen.
+    let picture = image::open(focus.join("chelsea.focus.png"))
+        .unwrap()
+        .to_rgb8();
+    let separator = autofocus::focus::SEPARATOR;
+    assert_eq!(picture.dimensions(), (2 * (3 * 128 + 2 * separator), 256));
+
+    // Pictures already there are kept, and refused before any work.
+    std::fs::write(focus.join("coffee.focus.png"), b"mine").unwrap();
+    let second = run(&[]);
+    assert_error_line(&second, "--force");
+    assert!(stdout(&second).is_empty(), "refused before classifying");
+    assert_eq!(
+        std::fs::read(focus.join("coffee.focus.png")).unwrap(),
+        b"mine"
+    );
+    let third = run(&["--force"]);
+    assert!(third.status.success(), "{}", stderr(&third));
+    assert!(image::open(focus.join("coffee.focus.png")).is_ok());
+
+    // Two inputs of one file name would share a picture.
+    let twin = tmp(&dir, "twin");
+    std::fs::create_dir(&twin).unwrap();
+    std::fs::copy(&imgs[0], twin.join("chelsea.png")).unwrap();
+    let clash = run(&["--force", twin.to_str().unwrap()]);
+    assert_error_line(&clash, "would both be drawn");
+
+    // --force means nothing without --out or --focus.
+    let lone = autofocus(&["classify", "--weights", &weights, &imgs[0], "--force"]);
+    assert_error_line(&lone, "--force");
+}
+
+#[test]
+fn the_bundled_small_objects_model_names_its_bundled_images() {
+    // Trained by examples/train_small_objects (README); the images are
+    // held-out scenes named `<kind>-<i>.png`.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    let weights = root.join("small-objects.safetensors");
+    let images = root.join("small-objects");
+    let out = autofocus(&[
+        "classify",
+        "--no-crop",
+        "--json",
+        "--top",
+        "1",
+        "--weights",
+        weights.to_str().unwrap(),
+        images.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let results = json.as_array().unwrap();
+    assert_eq!(results.len(), 8, "two images of each of four kinds");
+    for r in results {
+        let image = r["image"].as_str().unwrap();
+        let stem = Path::new(image).file_stem().unwrap().to_str().unwrap();
+        let kind = stem.split('-').next().unwrap();
+        assert_eq!(r["top"][0]["label"], kind, "{image}: {r}");
+    }
+}
+
+#[test]
 fn classify_through_the_kernels_agrees_with_the_cpu() {
     let weights = data("tiny-128.weights.safetensors");
     let img = images().remove(0);

@@ -1,6 +1,8 @@
 //! Synthetic scenes whose label hangs on small details: two to four small
 //! shapes of one kind (6–12 px circles, squares, triangles or crosses) on a
 //! cluttered, smoothly varying background. The label is the kind.
+//! Training starts on larger shapes (`scene`'s `sides`) and shrinks them to
+//! the task's size: see `Curriculum` in `main.rs`.
 
 /// The kinds of shape, in class order.
 pub const KINDS: [&str; 4] = ["circle", "square", "triangle", "cross"];
@@ -36,8 +38,12 @@ impl Rng {
     }
 }
 
-/// Draws a scene of `size`×`size` pixels.
-pub fn scene(rng: &mut Rng, size: usize) -> Scene {
+/// Side lengths of the task's shapes, pixels: what held-out scenes use.
+pub const TASK_SIDES: (f32, f32) = (6.0, 12.0);
+
+/// Draws a scene of `size`×`size` pixels whose shapes have sides in
+/// `[sides.0, sides.1)` pixels.
+pub fn scene(rng: &mut Rng, size: usize, sides: (f32, f32)) -> Scene {
     let mut image = background(rng, size);
     let label = rng.below(KINDS.len());
     let count = 2 + rng.below(3);
@@ -45,7 +51,7 @@ pub fn scene(rng: &mut Rng, size: usize) -> Scene {
     let mut tries = 0;
     while boxes.len() < count && tries < 100 {
         tries += 1;
-        let side = rng.uniform(6.0, 12.0);
+        let side = rng.uniform(sides.0, sides.1);
         let margin = side / 2.0 + 2.0;
         let (cx, cy) = (
             rng.uniform(margin, size as f32 - margin),

@@ -5,14 +5,12 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use super::layout::SlotLayout;
+use super::layout::{NeighbourSlots, SlotLayout};
 use super::storage::{f32_values, pack_params, storage_of, tensor_of, tensor_values};
 use crate::io::F32Buffer;
 use crate::ops::Linear;
 use crate::ops::cluster_attention::backward::{AttentionGradInputs, cluster_attention_backward};
 use crate::ops::cluster_attention::{AttentionInputs, cluster_attention_with_lse};
-use crate::ops::neighbourhood::Neighbourhood;
-use crate::ops::rel_pos::OffsetTable;
 
 const OP: &str = "autofocus cluster_attention";
 
@@ -22,7 +20,7 @@ const OP: &str = "autofocus cluster_attention";
 /// differentiable in all of them.
 ///
 /// ```
-/// # use autofocus::candle::ClusterAttention;
+/// # use autofocus::candle::{ClusterAttention, NeighbourSlots};
 /// # use autofocus::ops::neighbourhood::Neighbourhood;
 /// # use autofocus::ops::rel_pos::OffsetTable;
 /// # use candle_core::{Device, Tensor, Var};
@@ -31,7 +29,8 @@ const OP: &str = "autofocus cluster_attention";
 /// let (n, heads, c) = (16, 2, 16);
 /// let offsets = OffsetTable::new(4, 4, None);
 /// let bias_rows = vec![0u32; n * n]; // rel_pos::neighbour_rows gives the real ones
-/// let attention = ClusterAttention::new(Neighbourhood::global(n), bias_rows, offsets, heads)?;
+/// let slots = NeighbourSlots::new(Neighbourhood::global(n), bias_rows, offsets)?;
+/// let attention = ClusterAttention::new(&slots, heads)?;
 /// let dev = Device::Cpu;
 /// let q = Var::randn(0f32, 1.0, (1, n, c), &dev)?;
 /// let kv = Var::randn(0f32, 1.0, (1, n, 2 * c), &dev)?;
@@ -52,32 +51,25 @@ pub struct ClusterAttention {
 #[derive(Debug)]
 struct AttentionLayout {
     /// The neighbourhood and its bias-table rows.
-    slots: SlotLayout,
+    slots: Arc<SlotLayout>,
     heads: usize,
 }
 
 impl ClusterAttention {
-    /// `nbhd` (per image, or one shared by the batch) and its `bias_rows`
-    /// (one bias-table row per neighbour slot, images×n×m, from
-    /// [`crate::ops::rel_pos::neighbour_rows`]), the stage's `offsets`, and
-    /// the number of heads. The inverse neighbourhood the backward gathers
-    /// over is built by the first backward, once.
+    /// Attention over `slots` (who attends to whom, with each slot's
+    /// position-bias row) with `heads` heads. The inverse neighbourhood the
+    /// backward gathers over is built by the first backward, once per
+    /// `slots` (shared with the merge that uses the same slots).
     ///
     /// # Errors
-    /// When `bias_rows` does not have one row per neighbour slot, or the
-    /// neighbourhood is malformed.
-    pub fn new(
-        nbhd: Neighbourhood,
-        bias_rows: Vec<u32>,
-        offsets: OffsetTable,
-        heads: usize,
-    ) -> Result<Self> {
+    /// No heads.
+    pub fn new(slots: &NeighbourSlots, heads: usize) -> Result<Self> {
         if heads == 0 {
             bail!("{OP}: `heads` must be at least 1");
         }
         Ok(Self {
             layout: Arc::new(AttentionLayout {
-                slots: SlotLayout::new(OP, "bias_rows", nbhd, bias_rows, offsets)?,
+                slots: Arc::clone(&slots.0),
                 heads,
             }),
         })

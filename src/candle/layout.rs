@@ -3,12 +3,46 @@
 //! the stage's offsets.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{Result, bail};
 
 use crate::ops::neighbourhood::{InverseNeighbourhood, Neighbourhood};
 use crate::ops::rel_pos::OffsetTable;
+
+/// A stage's neighbour slots, as both [`super::ClusterAttention`] and
+/// [`super::PointConvMerge`] read them: the neighbourhood, one offset-table
+/// row per slot, and the stage's offsets. Cheap to clone: a stage builds it
+/// once and hands it to both ops, so the inverse neighbourhood their
+/// backwards gather over is built once per stage, by the first backward.
+///
+/// The rows come from [`crate::ops::rel_pos::neighbour_rows`] (the same for
+/// the position bias and the merge's weight net).
+#[derive(Debug, Clone)]
+pub struct NeighbourSlots(pub(crate) Arc<SlotLayout>);
+
+impl NeighbourSlots {
+    /// `nbhd` (per image, or one shared by a batch), its `rows`
+    /// (images×n×m) and the stage's `offsets`.
+    ///
+    /// # Errors
+    /// When `rows` does not have one row per neighbour slot, or the
+    /// neighbourhood is malformed.
+    pub fn new(nbhd: Neighbourhood, rows: Vec<u32>, offsets: OffsetTable) -> Result<Self> {
+        Ok(Self(Arc::new(SlotLayout::new(
+            "autofocus neighbour slots",
+            "rows",
+            nbhd,
+            rows,
+            offsets,
+        )?)))
+    }
+
+    /// The neighbourhood.
+    pub fn neighbourhood(&self) -> &Neighbourhood {
+        &self.0.nbhd
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct SlotLayout {

@@ -5,13 +5,11 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use super::layout::SlotLayout;
+use super::layout::{NeighbourSlots, SlotLayout};
 use super::storage::{f32_values, pack_params, storage_of, tensor_of, tensor_values};
 use crate::io::F32Buffer;
-use crate::ops::neighbourhood::Neighbourhood;
 use crate::ops::pointconv_merge::backward::{MergeGradInputs, pointconv_merge_backward};
 use crate::ops::pointconv_merge::{INNER_CHANNELS, MergeInputs, pointconv_merge, weight_net_table};
-use crate::ops::rel_pos::OffsetTable;
 use crate::ops::{LayerNorm, Linear};
 
 const OP: &str = "autofocus pointconv_merge";
@@ -35,29 +33,22 @@ pub struct PointConvMerge {
 #[derive(Debug)]
 struct MergeLayout {
     /// The neighbourhood and its weight-table rows.
-    slots: SlotLayout,
+    slots: Arc<SlotLayout>,
     /// batch×n' centres (indices into each image's n tokens).
     centres: Vec<u32>,
     batch: usize,
 }
 
 impl PointConvMerge {
-    /// `nbhd` (per image, or one shared by the batch) with its `weight_rows`
-    /// (images×n×m, from [`crate::ops::rel_pos::neighbour_rows`]), the
-    /// `centres` kept in each image of a batch of `batch` (batch×n', as
-    /// the selection gives them) and the stage's `offsets`.
+    /// The merge over `slots` (each centre's neighbours, with each slot's
+    /// weight-net row) of the `centres` kept in each image of a batch of
+    /// `batch` (batch×n', as the selection gives them).
     ///
     /// # Errors
-    /// When `weight_rows` does not have one row per neighbour slot, the
-    /// centres do not split into `batch` images of tokens below n, or the
-    /// neighbourhood is malformed.
-    pub fn new(
-        nbhd: Neighbourhood,
-        weight_rows: Vec<u32>,
-        centres: Vec<u32>,
-        batch: usize,
-        offsets: OffsetTable,
-    ) -> Result<Self> {
+    /// When the centres do not split into `batch` images of tokens below n,
+    /// or the slots are per image for another batch.
+    pub fn new(slots: &NeighbourSlots, centres: Vec<u32>, batch: usize) -> Result<Self> {
+        let nbhd = slots.neighbourhood();
         if batch == 0
             || !centres.len().is_multiple_of(batch)
             || centres.iter().any(|&i| i as usize >= nbhd.tokens)
@@ -76,7 +67,7 @@ impl PointConvMerge {
         }
         Ok(Self {
             layout: Arc::new(MergeLayout {
-                slots: SlotLayout::new(OP, "weight_rows", nbhd, weight_rows, offsets)?,
+                slots: Arc::clone(&slots.0),
                 centres,
                 batch,
             }),

@@ -26,5 +26,6 @@ mod model;
 mod storage;
 
 pub use attention::ClusterAttention;
+pub use layout::NeighbourSlots;
 pub use merge::PointConvMerge;
 pub use model::{AutoFocusFormer, StageOutput, StageTokens, load_varmap, varmap_of};

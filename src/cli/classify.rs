@@ -39,6 +39,11 @@ pub struct Args {
     /// (default: crop, except for 384-pixel models, as published).
     #[arg(long)]
     no_crop: bool,
+    /// Also draw where the model kept its tokens, one picture per image:
+    /// `DIR/<file stem>.focus.png` (as `autofocus focus`). With `--force`,
+    /// pictures already there are replaced.
+    #[arg(long, value_name = "DIR")]
+    focus: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,11 +165,16 @@ pub fn run(args: Args) -> Result<()> {
         // Resuming appends to it: only a fresh run needs it absent.
         let replace = mode != OutputMode::New;
         super::check_output(out, &inputs, replace)?;
-    } else if mode != OutputMode::New {
+    } else if mode == OutputMode::Resume || (mode == OutputMode::Force && args.focus.is_none()) {
         return Err(Error::InvalidArgument(
-            "--resume and --force apply to --out".into(),
+            "--resume applies to --out, --force to --out and --focus".into(),
         ));
     }
+    let focus = args
+        .focus
+        .as_deref()
+        .map(|dir| focus_destinations(dir, &plan, &args.model.weights, args.dataset.force))
+        .transpose()?;
     let model = args.model.load(KeyScope::Image)?;
     let names = class_names(&args.model.weights, model.config().num_classes)?;
     let mut pre = Preprocess::for_config(model.config());
@@ -192,9 +202,64 @@ pub fn run(args: Args) -> Result<()> {
             .collect())
     };
     match out {
-        Some(out) => run_to_file(&args, &plan, &out, mode, &model, &names, decode, per_batch),
-        None => run_to_terminal(&args, &plan, &model, &names, decode, per_batch),
+        Some(out) => run_to_file(&args, &plan, &out, mode, &model, &names, decode, per_batch)?,
+        None => run_to_terminal(&args, &plan, &model, &names, decode, per_batch)?,
     }
+    match focus {
+        Some(pictures) => write_focus_pictures(&model, pre, &pictures, args.dataset.force),
+        None => Ok(()),
+    }
+}
+
+/// `--focus DIR`: (image, picture) pairs, checked before any work: one
+/// picture per file stem, none already there unless `force`, none an input.
+/// Creates `DIR` when missing.
+fn focus_destinations(
+    dir: &Path,
+    plan: &Plan,
+    weights: &Path,
+    force: bool,
+) -> Result<Vec<(PathBuf, PathBuf)>> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::InvalidArgument(format!("--focus {}: cannot create it: {e}", dir.display()))
+    })?;
+    let mut by_picture: std::collections::HashMap<PathBuf, &Path> = Default::default();
+    let mut pairs = Vec::with_capacity(plan.inputs.len());
+    for input in &plan.inputs {
+        let stem = input.path.file_stem().unwrap_or_default().to_string_lossy();
+        let picture = dir.join(format!("{stem}.focus.png"));
+        if let Some(other) = by_picture.insert(picture.clone(), &input.path) {
+            return Err(Error::InvalidArgument(format!(
+                "--focus: {} and {} would both be drawn to {}",
+                other.display(),
+                input.path.display(),
+                picture.display()
+            )));
+        }
+        super::check_output(&picture, &[weights, &input.path], force)?;
+        pairs.push((input.path.clone(), picture));
+    }
+    Ok(pairs)
+}
+
+/// Draws each image's focus picture (at the size it was classified) to its
+/// destination. Images that cannot be read were already reported by the
+/// classification and are skipped here.
+fn write_focus_pictures(
+    model: &autofocus::AutoFocusFormer,
+    pre: Preprocess,
+    pictures: &[(PathBuf, PathBuf)],
+    force: bool,
+) -> Result<()> {
+    for (image, picture) in pictures {
+        let Ok(pixels) = load_image(image, pre) else {
+            continue;
+        };
+        let input = Tensor::new(vec![1, 3, pre.size, pre.size], pixels)?;
+        let drawn = autofocus::focus::focus_picture(model, &input, false)?;
+        super::focus::write_png(picture, &autofocus::focus::enlarged(drawn), force)?;
+    }
+    Ok(())
 }
 
 /// `--out`: lines appended as results come, resumable.

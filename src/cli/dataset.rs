@@ -29,7 +29,8 @@ pub struct DatasetArgs {
     /// Keep what `--out` holds, skip those inputs, retry the failures.
     #[arg(long)]
     pub resume: bool,
-    /// Start `--out` again from nothing.
+    /// Start `--out` again from nothing (classify: also replace `--focus`
+    /// pictures).
     #[arg(long)]
     pub force: bool,
     /// Process shard I of N (0-based) of the input list and name the output

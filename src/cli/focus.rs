@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use autofocus::focus::focus_picture;
+use std::path::Path;
+
+use autofocus::focus::{enlarged, focus_picture};
 use autofocus::io::image::{Preprocess, decode, normalise};
 use autofocus::ops::clustering::KeyScope;
 use autofocus::{Error, ModelKind, Result, Tensor};
@@ -21,6 +23,10 @@ pub struct Args {
     /// (blue low, red high) behind the dots.
     #[arg(long)]
     heatmap: bool,
+    /// Resize straight to the model's size instead of resize + centre crop
+    /// (classifiers; as `classify --no-crop`).
+    #[arg(long)]
+    no_crop: bool,
     /// Overwrite `--out` if it exists.
     #[arg(long)]
     force: bool,
@@ -32,21 +38,31 @@ pub fn run(args: Args) -> Result<()> {
     let photo = decode(&args.image)?;
     // Classifiers see the evaluation crop; backbones the whole image.
     let photo = match model.kind() {
-        ModelKind::Classifier => Preprocess::for_config(model.config()).apply(&photo)?,
+        ModelKind::Classifier => {
+            let mut pre = Preprocess::for_config(model.config());
+            pre.crop &= !args.no_crop;
+            pre.apply(&photo)?
+        }
         ModelKind::Backbone => photo,
     };
     let (w, h) = photo.dimensions();
     let input = Tensor::new(vec![1, 3, h as usize, w as usize], normalise(&photo))?;
     let picture = focus_picture(&model, &input, args.heatmap)?;
-    let overwrite = autofocus::io::Overwrite::when(args.force);
-    autofocus::io::output::write_file(&args.out, overwrite, |w| {
+    write_png(&args.out, &enlarged(picture), args.force)
+}
+
+/// Writes `picture` to `out` atomically (an output that appeared since the
+/// checks is not clobbered unless `force`).
+pub(super) fn write_png(out: &Path, picture: &image::RgbImage, force: bool) -> Result<()> {
+    let overwrite = autofocus::io::Overwrite::when(force);
+    autofocus::io::output::write_file(out, overwrite, |w| {
         picture
             .write_with_encoder(image::codecs::png::PngEncoder::new(w))
             .map_err(|e| Error::Image {
-                path: args.out.clone(),
+                path: out.to_path_buf(),
                 reason: e.to_string(),
             })
     })?;
-    eprintln!("wrote {}", args.out.display());
+    eprintln!("wrote {}", out.display());
     Ok(())
 }

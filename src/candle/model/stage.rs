@@ -9,7 +9,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use super::block::Block;
 use super::layers::{LayerNorm, linear};
 use crate::candle::storage::tensor_values;
-use crate::candle::{ClusterAttention, PointConvMerge};
+use crate::candle::{ClusterAttention, NeighbourSlots, PointConvMerge};
 use crate::config::AffConfig;
 use crate::model::{Attention, GridGeometry, StageLayout, plan_stage_layout};
 use crate::ops::clustering::KeyScope;
@@ -130,18 +130,15 @@ impl Stage {
         .map_err(candle_core::Error::wrap)?;
         let mut x = reorder(&input.feat, &layout)?;
         let (nbhd, rows) = op_neighbourhood(&layout);
-        let attention = ClusterAttention::new(
-            nbhd.clone(),
-            rows.clone(),
-            ctx.geometry.offsets.clone(),
-            self.heads,
-        )?;
+        // One set of slots for the attention and the merge: one inverse.
+        let slots = NeighbourSlots::new(nbhd, rows, ctx.geometry.offsets.clone())?;
+        let attention = ClusterAttention::new(&slots, self.heads)?;
         for block in &self.blocks {
             x = block.forward(&x, &attention)?;
         }
         let merged = match &self.merge {
             None => None,
-            Some(merge) => Some(merge.forward(&x, &layout, ctx, self.index, (nbhd, rows))?),
+            Some(merge) => Some(merge.forward(&x, &layout, ctx, self.index, &slots)?),
         };
         debug_assert_eq!(x.dims3()?, (b, n, c));
         Ok(StageOutput {
@@ -156,15 +153,15 @@ impl Stage {
 
 impl Merge {
     /// Importance, the selection of the kept tokens by the detached score,
-    /// and the merge over the stage's neighbourhoods (`nbhd` with its offset
-    /// rows), on `x` (b×n×c after the blocks, in the order of `layout`).
+    /// and the merge over the stage's neighbour `slots`, on `x` (b×n×c
+    /// after the blocks, in the order of `layout`).
     fn forward(
         &self,
         x: &Tensor,
         layout: &StageLayout,
         ctx: &StageContext,
         s: usize,
-        (nbhd, rows): (Neighbourhood, Vec<u32>),
+        slots: &NeighbourSlots,
     ) -> Result<StageTokens> {
         let (b, n, _) = x.dims3()?;
         let importance = sigmoid(&self.prob_net.forward(x)?)?;
@@ -181,8 +178,7 @@ impl Merge {
         )
         .map_err(candle_core::Error::wrap)?;
         let pos = selection.kept_positions(&layout.pos, n);
-        let merge =
-            PointConvMerge::new(nbhd, rows, selection.order, b, ctx.geometry.offsets.clone())?;
+        let merge = PointConvMerge::new(slots, selection.order, b)?;
         let merged = merge.forward(
             x,
             &importance,
