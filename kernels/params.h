@@ -189,6 +189,15 @@ struct SelectionOrderParams {
   int32_t batch, n, sampled, reserve;
 };
 
+/// Checks the reserve counts `selection_keys` found against the count the
+/// host expects from the grid: any image that differs sets `mismatch[0]`
+/// (read once, after the forward, instead of a read-back per merge).
+struct SelectionCheckParams {
+  const int32_t* reserve_count;  ///< batch
+  int32_t* mismatch;             ///< 1 value, zeroed once per forward
+  int32_t batch, reserve;
+};
+
 /// PointConv merge (spec §7): u[i][ic·C + c] = Σ_j w_ij[ic] · p_j · mask_ij · x_j[c],
 /// w_ij = GELU(LN(Linear(5 → 4)(f_ij))) computed from the positions.
 struct MergeParams {

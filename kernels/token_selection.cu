@@ -65,6 +65,13 @@ __device__ void selection_order_impl(const SelectionOrderParams p) {
   p.order[e] = p.sorted[size_t(img) * p.n + clamp_index(from, p.n)];
 }
 
+// One thread per image: flags a reserve count other than the expected.
+__device__ void selection_check_impl(const SelectionCheckParams p) {
+  const int img = blockIdx.x * blockDim.x + threadIdx.x;
+  if (img >= p.batch) return;
+  if (p.reserve_count[img] != p.reserve) p.mismatch[0] = 1;
+}
+
 // Backward of the importance, one thread per element of x (and of the
 // rows' shares): dlogit = dp·p·(1 − p), dx = dlogit·w, share = dlogit·x.
 template <class T>
@@ -99,3 +106,4 @@ AF_KERNEL_ALL_TYPES(importance_backward, ImportanceBackwardParams, importance_ba
 AF_KERNEL(importance_backward_params, ImportanceBackwardParams, importance_backward_params_impl(p))
 AF_KERNEL(selection_keys, SelectionKeysParams, selection_keys_impl(p))
 AF_KERNEL(selection_order, SelectionOrderParams, selection_order_impl(p))
+AF_KERNEL(selection_check, SelectionCheckParams, selection_check_impl(p))

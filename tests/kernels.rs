@@ -20,7 +20,8 @@ use autofocus::ops::norm::gpu::{DeviceLayerNorm, layer_norm, layer_norm_in_place
 use autofocus::ops::pointconv_merge::gpu::{DeviceMergeInputs, DeviceWeightNet, pointconv_merge};
 use autofocus::ops::pointconv_merge::{MergeInputs, weight_net_table};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
-use autofocus::ops::token_selection::{importance, select_tokens};
+use autofocus::ops::token_selection::gpu::select_tokens_on_grid;
+use autofocus::ops::token_selection::{grid_reserve_count, importance, select_tokens};
 use common::{assert_slices_close, download_f32, upload_as};
 
 /// The run's base seed: `AUTOFOCUS_TEST_SEED`, or fresh from the clock, so
@@ -586,6 +587,41 @@ fn token_selection_matches_the_cpu_exactly() {
                 .map(|&i| i as u32)
                 .collect();
             assert_eq!(order, want.order, "stride {stride} on {device:?}");
+
+            // The model's path: the count from the grid, nothing read back,
+            // the same order; a count that is not the tokens' raises the flag.
+            let expected = grid_reserve_count((h, w), stride);
+            assert_eq!(expected, want.reserve);
+            for (reserve, flagged) in [(expected, 0), (expected + 1, 1), (expected - 1, 1)] {
+                let mut mismatch = device.zeros::<i32>(1).unwrap();
+                let got = select_tokens_on_grid(
+                    &device,
+                    &dpos,
+                    &dimp,
+                    batch,
+                    n,
+                    stride,
+                    reserve,
+                    alpha,
+                    ds_rate,
+                    &mut mismatch,
+                )
+                .unwrap();
+                assert_eq!(
+                    device.download(&mismatch).unwrap(),
+                    [flagged],
+                    "reserve {reserve}"
+                );
+                if flagged == 0 {
+                    let order: Vec<u32> = device
+                        .download(&got.order)
+                        .unwrap()
+                        .iter()
+                        .map(|&i| i as u32)
+                        .collect();
+                    assert_eq!(order, want.order, "on grid, stride {stride} on {device:?}");
+                }
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ extern "C" size_t af_emu_params_layout(const char* name, size_t* align) {
   AF_LAYOUT(ClusterXKeysParams)
   AF_LAYOUT(SelectionKeysParams)
   AF_LAYOUT(SelectionOrderParams)
+  AF_LAYOUT(SelectionCheckParams)
   AF_LAYOUT(MergeParams)
   AF_LAYOUT(MergeBackwardParams)
   AF_LAYOUT(ImportanceBackwardParams)

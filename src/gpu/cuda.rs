@@ -1,7 +1,8 @@
 //! The GPU backend: cudarc's driver API with the library loaded at run time,
 //! each kernel file's module loaded on first use and kept (from the embedded
 //! fatbin or NVRTC's cubin, [`super::loader`]), functions cached by name.
-//! One stream per device: launches and copies are ordered.
+//! One created stream per device (not the legacy default stream): launches
+//! and copies are ordered on it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -74,7 +75,18 @@ impl CudaBackend {
         let context = CudaContext::new(ordinal).map_err(|e| {
             Error::Unsupported(format!("--device cuda: cannot open GPU {ordinal}: {e}"))
         })?;
-        let stream = context.default_stream();
+        // A created stream, not the legacy default one (which synchronises
+        // with every other stream and cannot be captured in a graph). All of
+        // this backend's work is ordered on it, so cudarc's per-slice events
+        // are not needed: tracking is off for this context handle.
+        // SAFETY: every slice of this handle is allocated, used and freed on
+        // this one stream.
+        unsafe { context.disable_event_tracking() };
+        let stream = context.new_stream().map_err(|e| {
+            Error::Unsupported(format!(
+                "--device cuda: cannot create a stream on GPU {ordinal}: {e}"
+            ))
+        })?;
         let unsupported = |what: &str, e: cudarc::driver::DriverError| {
             Error::Unsupported(format!("--device cuda: cannot read the {what}: {e}"))
         };

@@ -53,6 +53,7 @@ kernel_params!(
     ClusterXKeysParams,
     SelectionKeysParams,
     SelectionOrderParams,
+    SelectionCheckParams,
     MergeParams,
     MergeBackwardParams,
     ImportanceBackwardParams,

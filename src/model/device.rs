@@ -22,7 +22,8 @@ use crate::ops::norm::gpu::{DeviceLayerNorm, layer_norm, layer_norm_in_place};
 use crate::ops::patch_embed::gpu::DevicePatchEmbed;
 use crate::ops::pointconv_merge::INNER_CHANNELS;
 use crate::ops::pointconv_merge::gpu::{DeviceMergeInputs, DeviceWeightNet, pointconv_merge};
-use crate::ops::token_selection::gpu::{importance, select_tokens};
+use crate::ops::token_selection::gpu::{importance, select_tokens_on_grid};
+use crate::ops::token_selection::grid_reserve_count;
 use crate::profile;
 use crate::tensor::Tensor;
 
@@ -207,7 +208,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             ));
         };
         let (x, grid) = self.embed(images)?;
-        let mut x = self.run_stages(x, grid, &mut trace, |_, _| Ok(()))?;
+        let (mut x, check) = self.run_stages(x, grid, &mut trace, |_, _| Ok(()))?;
         let device = &self.device;
         let b = x.batch;
         let logits = self.op("head", || {
@@ -228,6 +229,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             Ok(logits)
         })?;
         let logits = device.download(&logits)?;
+        check.verify(device)?;
         let logits = Tensor::new(
             vec![b, head.out_dim],
             logits.into_iter().map(T::to_f32).collect(),
@@ -261,8 +263,9 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             stages.push(tokens.download(device)?);
             Ok(())
         };
-        let last = self.run_stages(x, grid, &mut None, &mut output)?;
+        let (last, check) = self.run_stages(x, grid, &mut None, &mut output)?;
         output(self.stages.len() - 1, last)?;
+        check.verify(device)?;
         Ok(BackboneFeatures { grid, stages })
     }
 
@@ -470,6 +473,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         merge: &DeviceMerge<T>,
         x: &DeviceTokens<T>,
         nbhd: &DeviceNeighbourhood,
+        (grid, check): ((usize, usize), &mut SelectionCheck),
         trace: &mut Option<&mut Trace>,
     ) -> Result<DeviceTokens<T>> {
         let device = &self.device;
@@ -481,7 +485,20 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             importance(device, &x.feat, weight, bias, &mut p, (b * n, c))?;
             let stride = 2usize << s;
             let (alpha, ds_rate) = (config.alpha as f32, config.ds_rate);
-            let selection = select_tokens(device, &x.pos, &p, b, n, stride, alpha, ds_rate)?;
+            // The grid fixes the reserve count: no read-back mid-forward.
+            let reserve = grid_reserve_count(grid, stride);
+            let selection = select_tokens_on_grid(
+                device,
+                &x.pos,
+                &p,
+                b,
+                n,
+                stride,
+                reserve,
+                alpha,
+                ds_rate,
+                &mut check.mismatch,
+            )?;
             Ok((p, selection))
         })?;
         let kept = selection.kept;
@@ -554,15 +571,17 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         })
     }
 
-    /// Every stage: returns the last stage's tokens, and hands each stage's
-    /// tokens before merging to `before_merge`.
+    /// Every stage: returns the last stage's tokens and the selection
+    /// check to verify once they are read, and hands each stage's tokens
+    /// before merging to `before_merge`.
     fn run_stages(
         &self,
         mut x: DeviceTokens<T>,
         grid: (usize, usize),
         trace: &mut Option<&mut Trace>,
         mut before_merge: impl FnMut(usize, DeviceTokens<T>) -> Result<()>,
-    ) -> Result<DeviceTokens<T>> {
+    ) -> Result<(DeviceTokens<T>, SelectionCheck)> {
+        let mut check = SelectionCheck::new(&self.device)?;
         let last = self.stages.len() - 1;
         for s in 0..last {
             let _stage = crate::nvtx::range_with(|| format!("stage{s}"));
@@ -571,7 +590,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 .merge
                 .as_ref()
                 .ok_or_else(|| Error::Unsupported(format!("stage {s} has no merge")))?;
-            x = self.merge(s, merge, &tokens, nbhd.get(), trace)?;
+            x = self.merge(s, merge, &tokens, nbhd.get(), (grid, &mut check), trace)?;
             before_merge(s, tokens)?;
         }
         let out = {
@@ -587,7 +606,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 || f32_tensor(&[b, n, 2], &pos),
             );
         }
-        Ok(out)
+        Ok((out, check))
     }
 
     /// `x += g1·proj(attn(LN1(x)))`, `x += g2·fc2(GELU(fc1(LN2(x))))`.
@@ -715,4 +734,31 @@ fn upload_merge<T: Element>(device: &Device, m: &MergeWeights) -> Result<DeviceM
         norm: DeviceLayerNorm::upload(device, &m.norm)?,
         linear: DeviceLinear::upload(device, &m.linear)?,
     })
+}
+
+/// The device selections' flag: set when a merge found another reserve
+/// count than the grid implies (then its selection, and all after it, are
+/// wrong). Read once, after the forward's results.
+struct SelectionCheck {
+    mismatch: Buffer<i32>,
+}
+
+impl SelectionCheck {
+    fn new(device: &Device) -> Result<Self> {
+        Ok(Self {
+            mismatch: device.zeros::<i32>(1)?,
+        })
+    }
+
+    /// # Errors
+    /// [`Error::Internal`] when a selection flagged a mismatch.
+    fn verify(&self, device: &Device) -> Result<()> {
+        if device.download(&self.mismatch)?.first() == Some(&0) {
+            return Ok(());
+        }
+        Err(Error::Internal(
+            "token selection: a stage's reserve-grid tokens were not the ones its grid implies"
+                .into(),
+        ))
+    }
 }

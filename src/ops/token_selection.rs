@@ -199,6 +199,17 @@ pub fn grid_prior(pos: &[f32], stride: usize, grid: (usize, usize)) -> Result<Ve
         .collect())
 }
 
+/// The reserve tokens of a stage whose tokens hold every point of the coarse
+/// reserve grid of `stride` (both coordinates divisible by `2·stride`) on
+/// the stage-0 `grid` (rows, columns): the model's stages do, because stage
+/// 0 is the whole grid and each merge keeps its reserve tokens, whose grid
+/// holds the next one's. The count the device selection expects without
+/// reading one back.
+pub fn grid_reserve_count((rows, cols): (usize, usize), stride: usize) -> usize {
+    let coarse = 2 * stride.max(1);
+    rows.div_ceil(coarse) * cols.div_ceil(coarse)
+}
+
 /// Selects the tokens a merge keeps, for `batch` images of `n` tokens.
 ///
 /// `keep = floor(n · ds_rate)`; reserve tokens (both coordinates divisible by
@@ -272,6 +283,7 @@ pub fn select_tokens(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::clustering::grid_positions;
 
     #[test]
     fn grid_prior_uses_the_adaptive_stride() {
@@ -295,6 +307,30 @@ mod tests {
         assert_eq!((sel.kept, sel.reserve, sel.sampled), (4, 1, 3));
         // Prior 1 for even-even tokens 2, 8, 10 (0 is reserve): they win, in index order.
         assert_eq!(sel.order, [2, 8, 10, 0]);
+    }
+
+    #[test]
+    fn the_grid_reserve_count_is_what_selection_finds_merge_after_merge() {
+        // Stage 0 is the whole grid; each stage keeps only its reserve
+        // tokens (the fewest any merge keeps): the count still holds.
+        for grid in [(1, 1), (7, 9), (16, 16), (33, 17), (56, 56)] {
+            let mut pos = grid_positions(grid.0, grid.1);
+            for s in 0..3 {
+                let n = pos.len() / 2;
+                let stride = 2 << s;
+                let sel = select_tokens(&pos, &vec![0.5; n], 1, n, stride, grid, 4.0, 0.0).unwrap();
+                assert_eq!(
+                    sel.reserve,
+                    grid_reserve_count(grid, stride),
+                    "{grid:?}, stage {s}"
+                );
+                pos = sel
+                    .order
+                    .iter()
+                    .flat_map(|&t| [pos[2 * t as usize], pos[2 * t as usize + 1]])
+                    .collect();
+            }
+        }
     }
 
     #[test]

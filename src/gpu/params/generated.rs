@@ -309,6 +309,20 @@ pub struct SelectionOrderParams {
     pub reserve: i32,
 }
 
+/** Checks the reserve counts `selection_keys` found against the count the
+ host expects from the grid: any image that differs sets `mismatch[0]`
+ (read once, after the forward, instead of a read-back per merge).*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone, Default)]
+pub struct SelectionCheckParams {
+    /// batch
+    pub reserve_count: Ptr,
+    /// 1 value, zeroed once per forward
+    pub mismatch: Ptr,
+    pub batch: i32,
+    pub reserve: i32,
+}
+
 /** PointConv merge (spec §7): u[i][ic·C + c] = Σ_j w_ij[ic] · p_j · mask_ij · x_j[c],
  w_ij = GELU(LN(Linear(5 → 4)(f_ij))) computed from the positions.*/
 #[repr(C)]

@@ -3,7 +3,8 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::params::{
-    ImportanceBackwardParams, ImportanceParams, SelectionKeysParams, SelectionOrderParams,
+    ImportanceBackwardParams, ImportanceParams, SelectionCheckParams, SelectionKeysParams,
+    SelectionOrderParams,
 };
 use crate::gpu::sort::stable_sort;
 use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
@@ -105,7 +106,9 @@ pub fn importance_backward<T: Element>(
 }
 
 /// As [`super::select_tokens`], on a device. Reads back one count per image
-/// (the reserve tokens), which sizes the result.
+/// (the reserve tokens), which sizes the result: a general op for any
+/// positions. The model, whose reserve count the grid fixes, uses
+/// [`select_tokens_on_grid`], which reads nothing back.
 ///
 /// # Errors
 /// Shape errors; [`Error::InvalidArgument`] when the images of the batch
@@ -121,7 +124,77 @@ pub fn select_tokens(
     alpha: f32,
     ds_rate: f64,
 ) -> Result<DeviceSelection> {
+    let (keys, reserve_count) = selection_keys(device, pos, importance, (batch, n), stride, alpha)?;
+    let counts = device.download(&reserve_count)?;
+    let reserve = counts.first().map_or(0, |&r| r as usize);
+    if counts.iter().any(|&r| r as usize != reserve) {
+        return Err(Error::InvalidArgument(
+            "select_tokens: images of one batch must have the same reserve-grid tokens".into(),
+        ));
+    }
+    selection_order(device, &keys, (batch, n), reserve, ds_rate)
+}
+
+/// As [`select_tokens`] for tokens that hold every point of the coarse
+/// reserve grid, whose count is then known on the host
+/// ([`super::grid_reserve_count`]): nothing is read back, so the selection
+/// can sit in a captured graph. Where an image's count differs after all,
+/// the kernels set `mismatch[0]` to 1 (`mismatch` is one value, zeroed by
+/// the caller); the caller reads it once its results are read, and must
+/// not trust them when it is set.
+///
+/// # Errors
+/// Shape errors; device errors.
+#[allow(clippy::too_many_arguments)]
+pub fn select_tokens_on_grid(
+    device: &Device,
+    pos: &Buffer<f32>,
+    importance: &Buffer<f32>,
+    batch: usize,
+    n: usize,
+    stride: usize,
+    reserve: usize,
+    alpha: f32,
+    ds_rate: f64,
+    mismatch: &mut Buffer<i32>,
+) -> Result<DeviceSelection> {
+    const OP: &str = "select_tokens_on_grid";
+    if reserve > n {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: {reserve} reserve tokens expected among {n}"
+        )));
+    }
+    let (keys, reserve_count) = selection_keys(device, pos, importance, (batch, n), stride, alpha)?;
+    let params = SelectionCheckParams {
+        reserve_count: device.check(OP, "reserve_count", &reserve_count, &[batch])?,
+        mismatch: device.check_mut(OP, "mismatch", mismatch, &[1])?,
+        batch: dim(OP, "batch", batch)?,
+        reserve: dim(OP, "reserve", reserve)?,
+    };
+    if batch > 0 {
+        let config = LaunchConfig::per_item(OP, batch, THREADS)?;
+        // SAFETY: both buffers were checked against the shapes the kernel indexes.
+        unsafe { device.launch("selection_check", config, &params)? };
+    }
+    selection_order(device, &keys, (batch, n), reserve, ds_rate)
+}
+
+/// The sort keys of `batch` images of `n` tokens, and each image's count
+/// of reserve tokens (on the device).
+fn selection_keys(
+    device: &Device,
+    pos: &Buffer<f32>,
+    importance: &Buffer<f32>,
+    (batch, n): (usize, usize),
+    stride: usize,
+    alpha: f32,
+) -> Result<(Buffer<f32>, Buffer<i32>)> {
     const OP: &str = "select_tokens";
+    if stride == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{OP}: stride must be positive"
+        )));
+    }
     let mut keys = device.alloc::<f32>(batch * n)?;
     let mut reserve_count = device.zeros::<i32>(batch)?;
     let params = SelectionKeysParams {
@@ -134,27 +207,29 @@ pub fn select_tokens(
         stride: dim(OP, "stride", stride)?,
         alpha,
     };
-    if stride == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "{OP}: stride must be positive"
-        )));
+    if batch * n > 0 {
+        let config = LaunchConfig::per_item(OP, batch * n, THREADS)?;
+        // SAFETY: every buffer was checked against the shapes the kernel indexes.
+        unsafe { device.launch("selection_keys", config, &params)? };
     }
-    let config = LaunchConfig::per_item(OP, batch * n, THREADS)?;
-    // SAFETY: every buffer was checked against the shapes the kernel indexes.
-    unsafe { device.launch("selection_keys", config, &params)? };
-    let counts = device.download(&reserve_count)?;
-    let reserve = counts.first().map_or(0, |&r| r as usize);
-    if counts.iter().any(|&r| r as usize != reserve) {
-        return Err(Error::InvalidArgument(
-            "select_tokens: images of one batch must have the same reserve-grid tokens".into(),
-        ));
-    }
+    Ok((keys, reserve_count))
+}
+
+/// The kept tokens: the stable sort of `keys`, its first `keep − reserve`
+/// (the sampled centres), then its last `reserve` (the reserve tokens).
+fn selection_order(
+    device: &Device,
+    keys: &Buffer<f32>,
+    (batch, n): (usize, usize),
+    reserve: usize,
+    ds_rate: f64,
+) -> Result<DeviceSelection> {
+    const OP: &str = "select_tokens";
     let keep = (n as f64 * ds_rate) as usize;
     let sampled = keep.saturating_sub(reserve).min(n - reserve);
     let kept = sampled + reserve;
-
     let mut sorted = device.alloc::<i32>(batch * n)?;
-    stable_sort(device, &keys, &mut sorted, batch, n)?;
+    stable_sort(device, keys, &mut sorted, batch, n)?;
     let mut order = device.alloc::<i32>(batch * kept)?;
     let params = SelectionOrderParams {
         sorted: device.check(OP, "sorted", &sorted, &[batch, n])?,
@@ -166,7 +241,7 @@ pub fn select_tokens(
     };
     if batch * kept > 0 {
         let config = LaunchConfig::per_item(OP, batch * kept, THREADS)?;
-        // SAFETY: as above.
+        // SAFETY: every buffer was checked against the shapes the kernel indexes.
         unsafe { device.launch("selection_order", config, &params)? };
     }
     Ok(DeviceSelection {
