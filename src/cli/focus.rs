@@ -1,8 +1,6 @@
 //! `autofocus focus`: a picture of where the model kept its tokens.
 
-use std::path::PathBuf;
-
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use autofocus::focus::{enlarged, focus_picture};
 use autofocus::io::image::{Preprocess, decode, normalise};
