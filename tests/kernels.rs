@@ -22,7 +22,7 @@ use autofocus::ops::pointconv_merge::{MergeInputs, weight_net_table};
 use autofocus::ops::rel_pos::{OffsetTable, neighbour_rows};
 use autofocus::ops::token_selection::gpu::select_tokens_on_grid;
 use autofocus::ops::token_selection::{grid_reserve_count, importance, select_tokens};
-use common::{assert_slices_close, download_f32, upload_as};
+use common::{assert_slices_close, download_f32, download_indices, upload_as};
 
 /// The run's base seed: `AUTOFOCUS_TEST_SEED`, or fresh from the clock, so
 /// every run draws new inputs; printed, so a failure can be replayed.
@@ -218,12 +218,7 @@ fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
             )
             .unwrap();
             let case = format!("{h}×{w}, n {n}, s {s}, batch {batch}, {scope:?} on {device:?}");
-            let reorder: Vec<u32> = device
-                .download(&got.reorder)
-                .unwrap()
-                .iter()
-                .map(|&i| i as u32)
-                .collect();
+            let reorder: Vec<u32> = download_indices(&device, &got.reorder);
             assert_eq!(reorder, want.reorder, "reorder, {case}");
             assert_eq!(device.download(&got.pos).unwrap(), want.pos, "pos, {case}");
             assert_eq!(
@@ -247,12 +242,7 @@ fn clustering_and_neighbourhoods_match_the_cpu_exactly() {
                 want.cluster_size,
             )
             .unwrap();
-            let idx: Vec<u32> = device
-                .download(got_nbhd.idx.as_ref().unwrap())
-                .unwrap()
-                .iter()
-                .map(|&i| i as u32)
-                .collect();
+            let idx: Vec<u32> = download_indices(&device, got_nbhd.idx.as_ref().unwrap());
             assert_eq!(idx, want_nbhd.idx, "neighbourhoods, {case}");
             let mask = got_nbhd.mask.as_ref().map(|m| {
                 device
@@ -580,12 +570,7 @@ fn token_selection_matches_the_cpu_exactly() {
                 (got.kept, got.sampled, got.reserve),
                 (want.kept, want.sampled, want.reserve)
             );
-            let order: Vec<u32> = device
-                .download(&got.order)
-                .unwrap()
-                .iter()
-                .map(|&i| i as u32)
-                .collect();
+            let order: Vec<u32> = download_indices(&device, &got.order);
             assert_eq!(order, want.order, "stride {stride} on {device:?}");
 
             // The model's path: the count from the grid, nothing read back,
@@ -613,12 +598,7 @@ fn token_selection_matches_the_cpu_exactly() {
                     "reserve {reserve}"
                 );
                 if flagged == 0 {
-                    let order: Vec<u32> = device
-                        .download(&got.order)
-                        .unwrap()
-                        .iter()
-                        .map(|&i| i as u32)
-                        .collect();
+                    let order: Vec<u32> = download_indices(&device, &got.order);
                     assert_eq!(order, want.order, "on grid, stride {stride} on {device:?}");
                 }
             }

@@ -266,6 +266,16 @@ pub fn upload_as<T: Element>(device: &Device, v: &[f32]) -> Buffer<T> {
         .unwrap()
 }
 
+/// An index buffer read back as the CPU ops' `u32` indices.
+pub fn download_indices(device: &Device, b: &Buffer<i32>) -> Vec<u32> {
+    device
+        .download(b)
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect()
+}
+
 /// A `T` buffer read back as f32.
 pub fn download_f32<T: Element>(device: &Device, b: &Buffer<T>) -> Vec<f32> {
     device
