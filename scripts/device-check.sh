@@ -11,7 +11,8 @@
 # the golden tests again on kernels compiled by NVRTC (AUTOFOCUS_KERNELS=nvrtc),
 # an ncu run filtered by NVTX range (stage1/block0/attn.cluster_attention/),
 # compute-sanitizer memcheck and racecheck over the kernel tests, the kernel
-# benchmarks (attention, stage-0 layout), `autofocus bench --device cuda` on
+# benchmarks (attention, stage-0 layout), the candle backend's tests and one
+# candle training step on the GPU, `autofocus bench --device cuda` on
 # aff_mini (plus a per-op profile), the card's copy and matmul ceilings
 # (through PyTorch), and an ncu summary of the main kernels. Expect about
 # 5 to 8 minutes of device time; the emulator is skipped there (CI runs it).
@@ -40,6 +41,19 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         print(m["executable"])' \
     | while read -r exe; do cp "$exe" device-bin/bench-kernels; done
+  # The candle backend on candle's GPU (feature candle-cuda, which builds
+  # candle's own kernels with the same nvcc: about 15 minutes the first
+  # time on two cores), in its own target folder.
+  PATH="$(dirname "$NVCC"):$PATH" CARGO_TARGET_DIR=target/candle-cuda \
+    cargo test --release --locked --no-default-features --features candle-cuda --no-run \
+    --test candle --test candle_model --bench candle_model --message-format=json \
+    | python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        kind = "bench" if "bench" in m["target"]["kind"] else "test"
+        print(kind, m["target"]["name"], m["executable"])' \
+    | while read -r kind name exe; do cp "$exe" "device-bin/$kind-candle-cuda-$name"; done
   strip device-bin/* 2>/dev/null || true
   du -sh device-bin
 }
@@ -82,6 +96,11 @@ run() {
   step backward-tests device-bin/test-backward --test-threads=1
   step backward-memcheck compute-sanitizer --tool memcheck --error-exitcode 1 device-bin/test-backward kernels --test-threads=1
   step backward-racecheck compute-sanitizer --tool racecheck --error-exitcode 1 device-bin/test-backward kernels --test-threads=1
+  # The candle backend: its custom ops and the whole candle model (goldens
+  # and gradients) on candle's GPU, then one bf16 training step of aff_tiny.
+  step candle-ops-gpu device-bin/test-candle-cuda-candle --test-threads=1
+  step candle-golden-gpu device-bin/test-candle-cuda-candle_model --test-threads=1
+  step candle-train-step device-bin/bench-candle-cuda-candle_model --bench training_step
   step attention-bench device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
   for dtype in f32 bf16; do
     step "bench-aff_mini-$dtype" device-bin/autofocus bench --device cuda --dtype "$dtype" \
@@ -122,6 +141,9 @@ t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLO
     echo
     echo "## Attention (aff_tiny stage 0, b = 64) and stage-0 layout (b = 64, 224²)"
     grep -E "time:|thrpt:|cluster_attention|stage0_layout|stable_sort" "$out/attention-bench.log" || true
+    echo
+    echo "## candle: aff_tiny training step (224, batch 64, bf16)"
+    grep -E "time:|thrpt:" "$out/candle-train-step.log" || true
     echo
     echo "## Whole model"
     tail -n 1 "$out"/bench-aff_mini-*.log || true

@@ -1,7 +1,9 @@
 //! The candle backend (feature `candle`) against this crate's own ops: the
 //! custom op's forward and the gradients candle's autograd gets through it
-//! must be the ops' own results, bit for bit in f32 (the ops' backward is
-//! checked against finite differences in `tests/backward.rs`).
+//! must be the ops' own results, bit for bit in f32 on the CPU (the ops'
+//! backward is checked against finite differences in `tests/backward.rs`).
+//! With feature `candle-cuda` and a GPU, the same cases run on candle's GPU
+//! too, through this crate's kernels, within the spec's f32 tolerance.
 #![cfg(feature = "candle")]
 
 use autofocus::candle::{ClusterAttention, NeighbourSlots, PointConvMerge};
@@ -30,8 +32,8 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
     common::SplitMix(seed).floats(len, 1.0)
 }
 
-/// The gradients of `Σ out · coef` through candle's autograd.
-/// The neighbour slots of a test layout, its bias rows as each slot's row.
+/// The neighbour slots of a test layout, its bias rows as each slot's row,
+/// with the tokens' positions (which the GPU kernels read).
 fn slots(layout: &ClusterLayout, offsets: &OffsetTable) -> NeighbourSlots {
     NeighbourSlots::new(
         layout.nbhd.clone(),
@@ -39,8 +41,22 @@ fn slots(layout: &ClusterLayout, offsets: &OffsetTable) -> NeighbourSlots {
         offsets.clone(),
     )
     .unwrap()
+    .with_positions(layout.clustering.pos.clone())
+    .unwrap()
 }
 
+/// The op's result against the ops': bit for bit on the CPU (the same
+/// code); on a GPU, whose kernels sum in another order, within the spec's
+/// f32 tolerance.
+fn assert_agrees(what: &str, got: &[f32], want: &[f32], dev: &Device) {
+    if dev.is_cpu() {
+        assert_eq!(got, want, "{what}");
+    } else {
+        common::assert_within(&format!("{what} on {dev:?}"), got, want, 1e-4);
+    }
+}
+
+/// The gradients of `Σ out · coef` through candle's autograd.
 fn backward_of_weighted_sum(out: &Tensor, coef: &[f32]) -> candle_core::backprop::GradStore {
     let coef = Tensor::from_vec(coef.to_vec(), out.dims(), out.device()).unwrap();
     (out * &coef)
@@ -51,15 +67,20 @@ fn backward_of_weighted_sum(out: &Tensor, coef: &[f32]) -> candle_core::backprop
         .unwrap()
 }
 
-/// Every variable's gradient has its shape and the ops' values bit for
-/// bit, and is not all zero (which would test nothing).
-fn assert_gradients(grads: &candle_core::backprop::GradStore, want: &[(&str, &Var, &Vec<f32>)]) {
+/// Every variable's gradient has its shape and the ops' values (as
+/// [`assert_agrees`] compares them), and is not all zero (which would test
+/// nothing).
+fn assert_gradients(
+    grads: &candle_core::backprop::GradStore,
+    want: &[(&str, &Var, &Vec<f32>)],
+    dev: &Device,
+) {
     for &(name, var, want) in want {
         let got = grads
             .get(var)
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         assert_eq!(got.dims(), var.dims(), "{name}: gradient shape");
-        assert_eq!(&flat(got), want, "{name}");
+        assert_agrees(name, &flat(got), want, dev);
         assert!(
             want.iter().any(|&g| g != 0.0),
             "{name}: a zero gradient tests nothing"
@@ -169,9 +190,14 @@ fn flat(t: &Tensor) -> Vec<f32> {
 }
 
 fn check_against_the_ops(case: &Case) {
-    let dev = Device::Cpu;
+    for dev in common::candle_devices() {
+        check_against_the_ops_on(case, &dev);
+    }
+}
+
+fn check_against_the_ops_on(case: &Case, dev: &Device) {
     let (b, n, h, c) = (case.b, case.n, case.heads, case.heads * case.d);
-    let var = |v: &[f32], shape: &[usize]| Var::from_vec(v.to_vec(), shape, &dev).unwrap();
+    let var = |v: &[f32], shape: &[usize]| Var::from_vec(v.to_vec(), shape, dev).unwrap();
     let q = var(&case.q, &[b, n, c]);
     let kv = var(&case.kv, &[b, n, 2 * c]);
     let pos_weight = var(&case.pos_weight, &[h, 5]);
@@ -187,7 +213,7 @@ fn check_against_the_ops(case: &Case) {
     let grads = backward_of_weighted_sum(&out, &case.coef);
 
     let (want_out, want) = case.reference();
-    assert_eq!(flat(&out), want_out, "forward");
+    assert_agrees("forward", &flat(&out), &want_out, dev);
     assert_gradients(
         &grads,
         &[
@@ -198,6 +224,7 @@ fn check_against_the_ops(case: &Case) {
             ("blank_k", &blank_k, &want.blank_k),
             ("blank_v", &blank_v, &want.blank_v),
         ],
+        dev,
     );
 }
 
@@ -219,12 +246,17 @@ fn attention_matches_the_ops_with_a_layout_shared_by_the_batch() {
 /// inputs' dtypes.
 #[test]
 fn attention_takes_half_precision_tensors() {
+    for dev in common::candle_devices() {
+        half_precision_on(&dev);
+    }
+}
+
+fn half_precision_on(dev: &Device) {
     let case = Case::new(1, (8, 8), 2, 8, false);
-    let dev = Device::Cpu;
     let (n, h, c) = (case.n, case.heads, case.heads * case.d);
     for dtype in [DType::F16, DType::BF16] {
         let tensor = |v: &[f32], shape: &[usize]| {
-            Tensor::from_vec(v.to_vec(), shape, &dev)
+            Tensor::from_vec(v.to_vec(), shape, dev)
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap()
@@ -251,11 +283,27 @@ fn attention_takes_half_precision_tensors() {
             blank_v: flat(&bv),
             ..Case::new(1, (8, 8), 2, 8, false)
         };
-        let want = Tensor::from_vec(widened.reference().0, (1, n, c), &dev)
+        let want = Tensor::from_vec(widened.reference().0, (1, n, c), &Device::Cpu)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        assert_eq!(flat(&out), flat(&want), "{dtype:?}");
+        if dev.is_cpu() {
+            assert_eq!(flat(&out), flat(&want), "{dtype:?}");
+        } else {
+            // The kernels' f32 differs in the last bits, which can move
+            // the rounding by one unit of the half type.
+            let unit = if dtype == DType::BF16 {
+                2f32.powi(-7)
+            } else {
+                2f32.powi(-10)
+            };
+            common::assert_within(
+                &format!("{dtype:?} on {dev:?}"),
+                &flat(&out),
+                &flat(&want),
+                unit,
+            );
+        }
         let grads = out.sum_all().unwrap().backward().unwrap();
         let dq = grads.get(&q).expect("dq");
         assert_eq!((dq.dtype(), dq.dims()), (dtype, q.dims()));
@@ -305,6 +353,15 @@ fn bad_shapes_are_errors_naming_the_tensor() {
     assert!(
         short.contains("`rows`") && short.contains("found 3"),
         "{short}"
+    );
+    let images = case.layout.nbhd.images;
+    let positions = slots(&case.layout, &case.offsets)
+        .with_positions(vec![0.0; images * n * 2 - 1])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        positions.contains("`pos`") && positions.contains(&format!("[{images}, {n}, 2]")),
+        "{positions}"
     );
     let no_heads = ClusterAttention::new(&slots(&case.layout, &case.offsets), 0)
         .unwrap_err()
@@ -409,10 +466,15 @@ impl MergeCase {
 }
 
 fn check_merge_against_the_ops(case: &MergeCase) {
-    let dev = Device::Cpu;
+    for dev in common::candle_devices() {
+        check_merge_against_the_ops_on(case, &dev);
+    }
+}
+
+fn check_merge_against_the_ops_on(case: &MergeCase, dev: &Device) {
     let (b, n, c) = (case.b, case.n, case.c);
     let kept = case.centres.len() / b;
-    let var = |v: &[f32], shape: &[usize]| Var::from_vec(v.to_vec(), shape, &dev).unwrap();
+    let var = |v: &[f32], shape: &[usize]| Var::from_vec(v.to_vec(), shape, dev).unwrap();
     let feat = var(&case.feat, &[b, n, c]);
     // The published importance is b×n×1.
     let importance = var(&case.importance, &[b, n, 1]);
@@ -435,7 +497,7 @@ fn check_merge_against_the_ops(case: &MergeCase) {
     let grads = backward_of_weighted_sum(&merged, &case.coef);
 
     let (want_merged, want) = case.reference();
-    assert_eq!(flat(&merged), want_merged, "forward");
+    assert_agrees("forward", &flat(&merged), &want_merged, dev);
     assert_gradients(
         &grads,
         &[
@@ -446,6 +508,7 @@ fn check_merge_against_the_ops(case: &MergeCase) {
             ("norm_weight", &norm_weight, &want.norm_weight),
             ("norm_bias", &norm_bias, &want.norm_bias),
         ],
+        dev,
     );
 }
 

@@ -1,7 +1,8 @@
 //! The candle model (feature `candle`) against the published model's
 //! goldens: positions exact, features and logits within the spec's f32
 //! tolerance, and every parameter's gradient of `Σ logits · grad.loss_coef`
-//! within `1e-4 · max(1, max|ref|)`.
+//! within `1e-4 · max(1, max|ref|)`. On the CPU, and with feature
+//! `candle-cuda` on candle's GPU too when there is one.
 #![cfg(feature = "candle")]
 
 use autofocus::candle::{AutoFocusFormer, load_varmap};
@@ -13,19 +14,35 @@ mod common;
 
 use common::{Case, assert_close, assert_exact, for_each_golden_case};
 
-/// The case's weights as a candle model over a fresh `VarMap`.
-fn candle_model(case: &Case) -> (AutoFocusFormer, candle_nn::VarMap) {
+/// The case's weights as a candle model on `dev` over a fresh `VarMap`.
+fn candle_model(case: &Case, dev: &Device) -> (AutoFocusFormer, candle_nn::VarMap) {
     let dir = common::case_dir(&case.name).expect("the case was found once");
     let path = dir.join(format!("{}.weights.safetensors", case.name));
-    let (config, kind, varmap) = load_varmap(&path, None, DType::F32, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-    let model = AutoFocusFormer::from_varmap(&config, kind, &varmap, DType::F32, &Device::Cpu)
+    let (config, kind, varmap) =
+        load_varmap(&path, None, DType::F32, dev).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let model = AutoFocusFormer::from_varmap(&config, kind, &varmap, DType::F32, dev)
         .unwrap_or_else(|e| panic!("{}: {e}", case.name));
     (model, varmap)
 }
 
-fn candle_tensor(t: &HostTensor<f32>) -> Tensor {
-    Tensor::from_vec(t.data().to_vec(), t.shape(), &Device::Cpu).unwrap()
+fn candle_tensor(t: &HostTensor<f32>, dev: &Device) -> Tensor {
+    Tensor::from_vec(t.data().to_vec(), t.shape(), dev).unwrap()
+}
+
+/// Runs `check` on every golden case of `kind` on every candle device;
+/// returns the cases run.
+fn for_each_case_and_device(
+    kind: ModelKind,
+    check: impl Fn(&Case, &Device) + std::panic::RefUnwindSafe,
+) -> Vec<String> {
+    // A failing case is caught and named; the devices are only read.
+    let devices = std::panic::AssertUnwindSafe(common::candle_devices());
+    for_each_golden_case(kind, |case| {
+        for dev in devices.iter() {
+            eprintln!("  on {dev:?}");
+            check(case, dev);
+        }
+    })
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -34,9 +51,9 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn classifier_matches_every_golden_case() {
-    for_each_golden_case(ModelKind::Classifier, |case| {
-        let (model, _) = candle_model(case);
-        let images = candle_tensor(&case.f32("input.image"));
+    for_each_case_and_device(ModelKind::Classifier, |case, dev| {
+        let (model, _) = candle_model(case, dev);
+        let images = candle_tensor(&case.f32("input.image"), dev);
         let (_, stages) = model.forward_stages(&images).unwrap();
         for (s, stage) in stages.iter().enumerate() {
             let what = |k: &str| format!("{}: stage{s}.{k}", case.name);
@@ -80,13 +97,13 @@ fn classifier_matches_every_golden_case() {
 
 #[test]
 fn gradients_match_every_golden_case_with_gradients() {
-    let checked = for_each_golden_case(ModelKind::Classifier, |case| {
+    let checked = for_each_case_and_device(ModelKind::Classifier, |case, dev| {
         if !case.has("grad.loss_coef") {
             return;
         }
-        let (model, varmap) = candle_model(case);
-        let images = candle_tensor(&case.f32("input.image"));
-        let coef = candle_tensor(&case.f32("grad.loss_coef"));
+        let (model, varmap) = candle_model(case, dev);
+        let images = candle_tensor(&case.f32("input.image"), dev);
+        let coef = candle_tensor(&case.f32("grad.loss_coef"), dev);
         let logits = model.forward(&images).unwrap();
         let loss = logits.broadcast_mul(&coef).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
@@ -121,9 +138,9 @@ fn gradients_match_every_golden_case_with_gradients() {
 
 #[test]
 fn backbone_matches_every_golden_case() {
-    for_each_golden_case(ModelKind::Backbone, |case| {
-        let (model, _) = candle_model(case);
-        let images = candle_tensor(&case.f32("input.image"));
+    for_each_case_and_device(ModelKind::Backbone, |case, dev| {
+        let (model, _) = candle_model(case, dev);
+        let images = candle_tensor(&case.f32("input.image"), dev);
         let (grid, stages) = model.features(&images).unwrap();
         let hw = case.i32("spatial_shape");
         assert_eq!([grid.0 as i32, grid.1 as i32], hw.data(), "{}", case.name);

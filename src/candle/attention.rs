@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
 use super::layout::{NeighbourSlots, SlotLayout};
 use super::storage::{f32_values, pack_params, storage_of, tensor_of, tensor_values};
@@ -11,6 +11,9 @@ use crate::io::F32Buffer;
 use crate::ops::Linear;
 use crate::ops::cluster_attention::backward::{AttentionGradInputs, cluster_attention_backward};
 use crate::ops::cluster_attention::{AttentionInputs, cluster_attention_with_lse};
+
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 
 const OP: &str = "autofocus cluster_attention";
 
@@ -21,6 +24,7 @@ const OP: &str = "autofocus cluster_attention";
 ///
 /// ```
 /// # use autofocus::candle::{ClusterAttention, NeighbourSlots};
+/// # use autofocus::ops::clustering::grid_positions;
 /// # use autofocus::ops::neighbourhood::Neighbourhood;
 /// # use autofocus::ops::rel_pos::OffsetTable;
 /// # use candle_core::{Device, Tensor, Var};
@@ -29,7 +33,9 @@ const OP: &str = "autofocus cluster_attention";
 /// let (n, heads, c) = (16, 2, 16);
 /// let offsets = OffsetTable::new(4, 4, None);
 /// let bias_rows = vec![0u32; n * n]; // rel_pos::neighbour_rows gives the real ones
-/// let slots = NeighbourSlots::new(Neighbourhood::global(n), bias_rows, offsets)?;
+/// // The tokens' positions are read by the CUDA kernels only.
+/// let slots = NeighbourSlots::new(Neighbourhood::global(n), bias_rows, offsets)?
+///     .with_positions(grid_positions(4, 4))?;
 /// let attention = ClusterAttention::new(&slots, heads)?;
 /// let dev = Device::Cpu;
 /// let q = Var::randn(0f32, 1.0, (1, n, c), &dev)?;
@@ -105,7 +111,9 @@ impl ClusterAttention {
                 ("blank_k", blank_k, c),
                 ("blank_v", blank_v, c),
             ],
-        )?;
+        )?
+        // In f32 whatever the tensors' dtype: the kernels read them so.
+        .to_dtype(DType::F32)?;
         let op = AttentionOp {
             layout: Arc::clone(&self.layout),
             lse: Mutex::new(None),
@@ -234,6 +242,24 @@ impl CustomOp3 for AttentionOp {
         Ok((storage_of(out, s1.dtype())?, Shape::from(l1.dims())))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.check(l1.dims(), l2.dims(), l3.shape().elem_count())?;
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = crate::candle::cuda::with_element!(
+            OP, s1.dtype(), T => self.cuda_forward::<T>(inputs, dims)?
+        );
+        Ok((out, Shape::from(l1.dims())))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -243,6 +269,12 @@ impl CustomOp3 for AttentionOp {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = self.check(q.dims(), kv.dims(), packed.elem_count())?;
+        #[cfg(feature = "candle-cuda")]
+        if let candle_core::Device::Cuda(dev) = q.device() {
+            let [dq, dkv, dparams] =
+                self.cuda_backward(dev, [q, kv, packed, out, grad_out], dims)?;
+            return Ok((Some(dq), Some(dkv), Some(dparams)));
+        }
         let Some(lse) = self
             .lse
             .lock()

@@ -38,13 +38,36 @@ impl NeighbourSlots {
         )?)))
     }
 
+    /// The same slots with the tokens' positions (images×n×2, in the
+    /// layout's token order), which the CUDA kernels need: they compute
+    /// each slot's offset features from the two positions instead of
+    /// reading a table row. The CPU ops do not need them.
+    ///
+    /// # Errors
+    /// When `pos` is not images×n×2.
+    pub fn with_positions(self, pos: Vec<f32>) -> Result<Self> {
+        let layout = Arc::unwrap_or_clone(self.0);
+        let expected = [layout.nbhd.images, layout.nbhd.tokens, 2];
+        if pos.len() != expected.iter().product::<usize>() {
+            bail!(
+                "autofocus neighbour slots: `pos` must have shape {expected:?} (images × tokens × \
+                 2), found {} values",
+                pos.len()
+            );
+        }
+        Ok(Self(Arc::new(SlotLayout {
+            positions: Some(pos),
+            ..layout
+        })))
+    }
+
     /// The neighbourhood.
     pub fn neighbourhood(&self) -> &Neighbourhood {
         &self.0.nbhd
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct SlotLayout {
     pub nbhd: Neighbourhood,
     /// Built by the first backward (a forward alone never needs it).
@@ -52,6 +75,12 @@ pub(crate) struct SlotLayout {
     /// images×n×m offset-table rows, `images` being the neighbourhood's.
     rows: Vec<u32>,
     pub offsets: OffsetTable,
+    /// images×n×2 token positions, for the CUDA kernels.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    pub positions: Option<Vec<f32>>,
+    /// The layout uploaded to each GPU it has run on.
+    #[cfg(feature = "candle-cuda")]
+    pub on_gpu: super::cuda::GpuCache<super::cuda::GpuSlots>,
 }
 
 impl SlotLayout {
@@ -82,6 +111,9 @@ impl SlotLayout {
             inverse: OnceLock::new(),
             rows,
             offsets,
+            positions: None,
+            #[cfg(feature = "candle-cuda")]
+            on_gpu: Default::default(),
         })
     }
 

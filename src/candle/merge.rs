@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
 use super::layout::{NeighbourSlots, SlotLayout};
 use super::storage::{f32_values, pack_params, storage_of, tensor_of, tensor_values};
@@ -11,6 +11,9 @@ use crate::io::F32Buffer;
 use crate::ops::pointconv_merge::backward::{MergeGradInputs, pointconv_merge_backward};
 use crate::ops::pointconv_merge::{INNER_CHANNELS, MergeInputs, pointconv_merge, weight_net_table};
 use crate::ops::{LayerNorm, Linear};
+
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 
 const OP: &str = "autofocus pointconv_merge";
 
@@ -37,6 +40,9 @@ struct MergeLayout {
     /// batch×n' centres (indices into each image's n tokens).
     centres: Vec<u32>,
     batch: usize,
+    /// The centres uploaded to each GPU the merge has run on.
+    #[cfg(feature = "candle-cuda")]
+    centres_on_gpu: super::cuda::GpuCache<crate::gpu::Buffer<i32>>,
 }
 
 impl PointConvMerge {
@@ -70,6 +76,8 @@ impl PointConvMerge {
                 slots: Arc::clone(&slots.0),
                 centres,
                 batch,
+                #[cfg(feature = "candle-cuda")]
+                centres_on_gpu: Default::default(),
             }),
         })
     }
@@ -109,12 +117,17 @@ impl PointConvMerge {
                 ("norm_weight", norm_weight, INNER_CHANNELS),
                 ("norm_bias", norm_bias, INNER_CHANNELS),
             ],
-        )?;
+        )?
+        // In f32 whatever the tensors' dtype: the kernels read them so.
+        .to_dtype(DType::F32)?;
         let op = MergeOp {
             layout: Arc::clone(&self.layout),
         };
         feat.contiguous()?.apply_op3_arc(
-            &importance.reshape((b, n))?.contiguous()?,
+            &importance
+                .reshape((b, n))?
+                .to_dtype(DType::F32)?
+                .contiguous()?,
             &params,
             Arc::new(Box::new(op)),
         )
@@ -231,6 +244,25 @@ impl CustomOp3 for MergeOp {
         ))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.check(l1.dims(), l2.dims())?;
+        let (b, _, c, kept) = dims;
+        let inputs = [(s1, l1), (s2, l2), (s3, l3)];
+        let merged = crate::candle::cuda::with_element!(
+            OP, s1.dtype(), T => self.cuda_forward::<T>(inputs, dims)?
+        );
+        Ok((merged, Shape::from((b, kept, INNER_CHANNELS * c))))
+    }
+
     fn bwd(
         &self,
         feat: &Tensor,
@@ -239,6 +271,13 @@ impl CustomOp3 for MergeOp {
         _merged: &Tensor,
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if let candle_core::Device::Cuda(dev) = feat.device() {
+            let dims = self.check(feat.dims(), importance.dims())?;
+            let [df, dp, dnet] =
+                self.cuda_backward(dev, [feat, importance, packed, grad_out], dims)?;
+            return Ok((Some(df), Some(dp), Some(dnet)));
+        }
         let (b, n, c, _) = self.check(feat.dims(), importance.dims())?;
         let (feat_values, importance_values) = (tensor_values(feat)?, tensor_values(importance)?);
         let net = self.weight_net(&tensor_values(packed)?)?;

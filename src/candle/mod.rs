@@ -20,6 +20,8 @@
 //! bits on every run (no atomics), as those ops'.
 
 mod attention;
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 mod layout;
 mod merge;
 mod model;

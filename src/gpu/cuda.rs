@@ -36,6 +36,17 @@ impl DeviceSlice {
     pub fn addr(&self) -> Ptr {
         self.addr
     }
+
+    /// The memory as `len` elements of `T` (at most what was allocated),
+    /// freed on its stream when dropped, as before.
+    pub fn into_typed<T>(self, len: usize) -> CudaSlice<T> {
+        debug_assert!(len * size_of::<T>() <= self.slice.len());
+        let stream = Arc::clone(self.slice.stream());
+        let ptr = self.slice.leak();
+        // SAFETY: `ptr` is the allocation just leaked, of at least `len`
+        // elements of `T`, and nothing else owns it any more.
+        unsafe { stream.upgrade_device_ptr(ptr, len) }
+    }
 }
 
 /// Fails unless the machine has a CUDA driver. (Kernels come from the
@@ -87,6 +98,15 @@ impl CudaBackend {
                 "--device cuda: cannot create a stream on GPU {ordinal}: {e}"
             ))
         })?;
+        Self::on_stream(stream)
+    }
+
+    /// A backend that launches on `stream` (someone else's, such as
+    /// candle's), loading the kernels into the stream's context. The
+    /// context's event tracking is left as its owner set it.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        check_available()?;
+        let context = Arc::clone(stream.context());
         let unsupported = |what: &str, e: cudarc::driver::DriverError| {
             Error::Unsupported(format!("--device cuda: cannot read the {what}: {e}"))
         };

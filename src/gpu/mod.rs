@@ -201,6 +201,18 @@ impl Device {
         })
     }
 
+    /// A GPU device that launches on `stream`, someone else's (candle's,
+    /// for the custom ops), in the stream's context: the kernels are loaded
+    /// into that context, and every launch and copy is ordered on `stream`.
+    ///
+    /// # Errors
+    /// As [`Device::cuda`].
+    pub fn cuda_on_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Self> {
+        Ok(Self {
+            backend: Backend::Cuda(Arc::new(cuda::CudaBackend::on_stream(stream)?)),
+        })
+    }
+
     /// How many GPUs this machine has that this build can use.
     ///
     /// # Errors
@@ -288,6 +300,9 @@ impl Device {
                 out.truncate(buffer.len);
                 Ok(out)
             }
+            (_, Storage::Borrowed(_)) => Err(Error::InvalidArgument(
+                "download: a borrowed buffer is read through its owner".into(),
+            )),
             _ => Err(Error::InvalidArgument(format!(
                 "download: buffer is not on {}",
                 self.name()
@@ -321,7 +336,8 @@ impl Device {
         crate::error::check_len(op, tensor, shape, buffer.len)?;
         let same = matches!(
             (&self.backend, &buffer.storage),
-            (Backend::Emulator, Storage::Host(_)) | (Backend::Cuda(_), Storage::Cuda(_))
+            (Backend::Emulator, Storage::Host(_))
+                | (Backend::Cuda(_), Storage::Cuda(_) | Storage::Borrowed(_))
         );
         if !same {
             return Err(Error::InvalidArgument(format!(
@@ -383,6 +399,8 @@ pub struct Buffer<T: Pod> {
 enum Storage<T> {
     Host(Vec<T>),
     Cuda(cuda::DeviceSlice),
+    /// GPU memory someone else owns (a candle tensor's): an address only.
+    Borrowed(Ptr),
 }
 
 impl<T: Pod> Buffer<T> {
@@ -396,10 +414,50 @@ impl<T: Pod> Buffer<T> {
         self.len == 0
     }
 
+    /// A view of `len` elements of `T` at `addr` in GPU memory that
+    /// someone else owns, for `device`'s kernels to read or write.
+    ///
+    /// # Safety
+    /// `addr` must hold `len` elements of `T` in the context of `device`'s
+    /// stream, and stay allocated, and not be used by anyone else against
+    /// the stream's order, while kernels launched with the view run.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `device` is not a GPU.
+    pub unsafe fn borrowed_cuda(device: &Device, addr: Ptr, len: usize) -> Result<Self> {
+        if !device.is_cuda() {
+            return Err(Error::InvalidArgument(format!(
+                "a borrowed GPU buffer on {}",
+                device.name()
+            )));
+        }
+        Ok(Self {
+            storage: Storage::Borrowed(addr),
+            len,
+            _element: PhantomData,
+        })
+    }
+
+    /// The buffer as cudarc's slice, which frees it on the device's stream
+    /// when dropped (for handing results to candle).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a buffer that is not an owned GPU
+    /// allocation.
+    pub fn into_cuda_slice(self) -> Result<cudarc::driver::CudaSlice<T>> {
+        match self.storage {
+            Storage::Cuda(slice) => Ok(slice.into_typed(self.len)),
+            _ => Err(Error::InvalidArgument(
+                "into_cuda_slice: the buffer is not an owned GPU allocation".into(),
+            )),
+        }
+    }
+
     fn addr(&self) -> Ptr {
         match &self.storage {
             Storage::Host(data) => data.as_ptr() as Ptr,
             Storage::Cuda(slice) => slice.addr(),
+            Storage::Borrowed(addr) => *addr,
         }
     }
 
@@ -407,6 +465,7 @@ impl<T: Pod> Buffer<T> {
         match &mut self.storage {
             Storage::Host(data) => data.as_mut_ptr() as Ptr,
             Storage::Cuda(slice) => slice.addr(),
+            Storage::Borrowed(addr) => *addr,
         }
     }
 }

@@ -36,6 +36,7 @@ pub fn rel_pos_features(dx: f32, dy: f32) -> [f32; 5] {
 pub struct OffsetTable {
     half_w: i32,
     half_h: i32,
+    clamp: Option<usize>,
     features: Vec<f32>,
 }
 
@@ -51,6 +52,7 @@ impl OffsetTable {
         let mut table = Self {
             half_w: half(w),
             half_h: half(h),
+            clamp,
             features: Vec::new(),
         };
         let rows = table.len();
@@ -65,6 +67,12 @@ impl OffsetTable {
         }
         table.features = features;
         table
+    }
+
+    /// The cap on offsets per axis, if any (the device kernels, which
+    /// compute features from positions, clamp to it).
+    pub fn clamp(&self) -> Option<usize> {
+        self.clamp
     }
 
     /// Feature `k` (0..5: `dx, dy, d, dy/d, dx/d`) of every row.

@@ -172,11 +172,16 @@ impl Case {
 
 /// `max|got − want| ≤ 1e-4 · max(1, max|want|)`, the spec's f32 tolerance.
 pub fn assert_close(what: &str, got: &[f32], want: &Tensor<f32>) {
+    assert_within(what, got, want.data(), 1e-4);
+}
+
+/// `got` within `rel · max(1, max|want|)` of `want` everywhere.
+pub fn assert_within(what: &str, got: &[f32], want: &[f32], rel: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
-    let scale = want.data().iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     let (worst, at) = got
         .iter()
-        .zip(want.data())
+        .zip(want)
         .enumerate()
         .map(|(i, (g, w))| ((g - w).abs(), i))
         .fold(
@@ -184,11 +189,11 @@ pub fn assert_close(what: &str, got: &[f32], want: &Tensor<f32>) {
             |a, b| if b.0 > a.0 || b.0.is_nan() { b } else { a },
         );
     assert!(
-        worst <= 1e-4 * scale,
+        worst <= rel * scale,
         "{what}: max |diff| {worst:e} at {at} (got {}, want {}), tolerance {:e}",
         got[at],
-        want.data()[at],
-        1e-4 * scale
+        want[at],
+        rel * scale
     );
 }
 
@@ -216,6 +221,30 @@ pub fn devices() -> Vec<Device> {
     }
     let mut devices = vec![Device::emulator()];
     devices.extend(Device::cuda(0).ok());
+    devices
+}
+
+/// The devices the candle tests run on: the CPU, and, in a build with
+/// feature `candle-cuda`, candle's GPU 0 when there is one. With
+/// AUTOFOCUS_REQUIRE_GPU=1 (the device check) only the GPU, which must be
+/// there.
+#[cfg(feature = "candle")]
+pub fn candle_devices() -> Vec<candle_core::Device> {
+    let require_gpu = std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let mut devices = Vec::new();
+    if !require_gpu {
+        devices.push(candle_core::Device::Cpu);
+    }
+    #[cfg(feature = "candle-cuda")]
+    match candle_core::Device::new_cuda(0) {
+        Ok(gpu) => devices.push(gpu),
+        Err(e) if require_gpu => panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}"),
+        Err(e) => eprintln!("SKIPPED on the GPU: {e}"),
+    }
+    assert!(
+        !devices.is_empty(),
+        "AUTOFOCUS_REQUIRE_GPU=1 but this build has no candle GPU (feature candle-cuda)"
+    );
     devices
 }
 

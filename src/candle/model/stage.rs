@@ -131,7 +131,11 @@ impl Stage {
         let mut x = reorder(&input.feat, &layout)?;
         let (nbhd, rows) = op_neighbourhood(&layout);
         // One set of slots for the attention and the merge: one inverse.
-        let slots = NeighbourSlots::new(nbhd, rows, ctx.geometry.offsets.clone())?;
+        // The CUDA kernels read the positions (a shared neighbourhood's
+        // images share them: the first image's).
+        let pos = layout.pos[..nbhd.images * n * 2].to_vec();
+        let slots =
+            NeighbourSlots::new(nbhd, rows, ctx.geometry.offsets.clone())?.with_positions(pos)?;
         let attention = ClusterAttention::new(&slots, self.heads)?;
         for block in &self.blocks {
             x = block.forward(&x, &attention)?;
