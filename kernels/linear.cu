@@ -1,4 +1,5 @@
 // Dense layers: out = act(x · Wᵀ + b), optionally residual + gamma ∘ (...).
+// `linear` is the SIMT GEMM; `linear_epilogue` finishes a cuBLASLt product.
 // A 64×64 output tile per block of 256 threads, each thread 4×4 outputs,
 // k in steps of 16 through shared memory; f32 accumulation.
 #include "common.cuh"
@@ -6,6 +7,21 @@
 constexpr int kTile = 64;
 constexpr int kStep = 16;
 constexpr int kThreads = 256;
+
+// What both GEMMs do with an f32 product `acc` at (r, c): bias, GELU, then
+// the residual with its layer scale; rounded to T once.
+template <class T>
+__device__ void store_output(float acc, int r, int c, const void* bias_, const void* residual_,
+                             const float* gamma, void* out_, int out_dim, int use_gelu) {
+  const T* bias = static_cast<const T*>(bias_);
+  const T* residual = static_cast<const T*>(residual_);
+  T* out = static_cast<T*>(out_);
+  float v = acc + (bias ? to_f32(bias[c]) : 0.0f);
+  if (use_gelu) v = gelu(v);
+  const size_t at = size_t(r) * out_dim + c;
+  if (residual) v = to_f32(residual[at]) + (gamma ? gamma[c] : 1.0f) * v;
+  out[at] = from_f32<T>(v);
+}
 
 template <class T>
 __device__ void linear_impl(const LinearParams p) {
@@ -34,22 +50,29 @@ __device__ void linear_impl(const LinearParams p) {
     }
     __syncthreads();
   }
-  const T* bias = static_cast<const T*>(p.bias);
-  const T* residual = static_cast<const T*>(p.residual);
-  T* out = static_cast<T*>(p.out);
   for (int i = 0; i < 4; ++i) {
     const int r = row0 + ty + 16 * i;
     if (r >= p.rows) continue;
     for (int j = 0; j < 4; ++j) {
       const int c = col0 + tx + 16 * j;
       if (c >= p.out_dim) continue;
-      float v = acc[i][j] + (bias ? to_f32(bias[c]) : 0.0f);
-      if (p.gelu) v = gelu(v);
-      const size_t at = size_t(r) * p.out_dim + c;
-      if (residual) v = to_f32(residual[at]) + (p.gamma ? p.gamma[c] : 1.0f) * v;
-      out[at] = from_f32<T>(v);
+      store_output<T>(acc[i][j], r, c, p.bias, p.residual, p.gamma, p.out, p.out_dim, p.gelu);
     }
   }
 }
 
 AF_KERNEL_ALL_TYPES(linear, LinearParams, linear_impl)
+
+// The same epilogue over a product cuBLASLt computed (f32, rows × out_dim):
+// one thread per output, grid-stride over rows × out_dim.
+template <class T>
+__device__ void linear_epilogue_impl(const LinearEpilogueParams p) {
+  const size_t total = size_t(p.rows) * p.out_dim;
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t at = size_t(blockIdx.x) * blockDim.x + threadIdx.x; at < total; at += stride) {
+    const int r = int(at / p.out_dim), c = int(at % p.out_dim);
+    store_output<T>(p.product[at], r, c, p.bias, p.residual, p.gamma, p.out, p.out_dim, p.gelu);
+  }
+}
+
+AF_KERNEL_ALL_TYPES(linear_epilogue, LinearEpilogueParams, linear_epilogue_impl)

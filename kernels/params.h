@@ -35,6 +35,18 @@ struct LinearParams {
   int32_t gelu;          ///< 1: GELU before the residual
 };
 
+/// A linear layer's epilogue over a product computed elsewhere (cuBLASLt):
+/// out = act(product + b), optionally residual + gamma ∘ (...), as `linear`.
+struct LinearEpilogueParams {
+  const float* product;  ///< rows × out_dim, x · Wᵀ in f32
+  const void* bias;      ///< T, out_dim, or null
+  const void* residual;  ///< T, rows × out_dim, or null (may alias out)
+  const float* gamma;    ///< out_dim layer scale, or null (with a residual only)
+  void* out;             ///< T, rows × out_dim
+  int32_t rows, out_dim;
+  int32_t gelu;          ///< 1: GELU before the residual
+};
+
 /// torch.nn.LayerNorm over the last dimension (biased variance).
 struct LayerNormParams {
   const void* x;         ///< T, rows × dim

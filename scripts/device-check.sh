@@ -80,8 +80,23 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     echo
   } >"$report"
+  # cuBLASLt: the toolkit's, else a pip wheel's (PyTorch's), named for the
+  # crate; the dense layers use it unless AUTOFOCUS_GEMM=simt.
+  if [ -z "${AUTOFOCUS_CUBLASLT:-}" ]; then
+    AUTOFOCUS_CUBLASLT="$(ls /usr/local/cuda/lib64/libcublasLt.so.* 2>/dev/null | head -n 1)"
+    [ -n "$AUTOFOCUS_CUBLASLT" ] || AUTOFOCUS_CUBLASLT="$(python3 -c '
+import glob, site
+found = [p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/*/lib/libcublasLt.so.*")]
+print(sorted(found)[-1] if found else "")' 2>/dev/null || true)"
+  fi
+  [ -n "$AUTOFOCUS_CUBLASLT" ] && export AUTOFOCUS_CUBLASLT
+  echo "cuBLASLt: ${AUTOFOCUS_CUBLASLT:-none found}" >>"$report"
   step kernel-tests device-bin/test-kernels --test-threads=1
-  step golden-on-gpu device-bin/test-device_model --test-threads=1 --nocapture
+  # The dense layers on cuBLASLt (forced: a load failure fails the step)
+  # and on the SIMT kernel, each against the goldens (f32 within 1e-4).
+  step golden-on-gpu env AUTOFOCUS_GEMM=cublaslt device-bin/test-device_model --test-threads=1 --nocapture
+  step golden-on-gpu-simt env AUTOFOCUS_GEMM=simt device-bin/test-device_model --test-threads=1
+  step linear-cublaslt env AUTOFOCUS_GEMM=cublaslt device-bin/test-kernels linear --test-threads=1
   # The NVRTC path forced (the old-driver fallback): the golden cases again
   # on cubins compiled there, through a fresh cache, then from that cache.
   nvrtc_lib="${AUTOFOCUS_NVRTC:-$(ls /usr/local/cuda/lib64/libnvrtc.so.* 2>/dev/null | head -n 1)}"
@@ -103,8 +118,11 @@ run() {
   step candle-train-step device-bin/bench-candle-cuda-candle_model --bench training_step
   step attention-bench device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
   for dtype in f32 bf16; do
-    step "bench-aff_mini-$dtype" device-bin/autofocus bench --device cuda --dtype "$dtype" \
-      --config aff_mini --batch 256 --size 224 --iters 5 --warmup 1 --json
+    for gemm in cublaslt simt; do
+      step "bench-aff_mini-$dtype-$gemm" env AUTOFOCUS_GEMM=$gemm device-bin/autofocus bench \
+        --device cuda --dtype "$dtype" --config aff_mini --batch 256 --size 224 --iters 5 \
+        --warmup 1 --json
+    done
   done
   step profile-aff_mini-bf16 device-bin/autofocus bench --device cuda --dtype bf16 \
     --config aff_mini --batch 256 --size 224 --iters 2 --warmup 1 --profile

@@ -12,7 +12,7 @@ use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_atte
 use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention as cpu_attention};
 use autofocus::ops::clustering::{KeyScope, space_filling_cluster};
 use autofocus::ops::dense::{DenseOptions, to_dense};
-use autofocus::ops::linear::gpu::{DeviceLinear, Output, linear};
+use autofocus::ops::linear::gpu::{DeviceLinear, Output, linear, linear_epilogue};
 use autofocus::ops::linear::{Epilogue, Linear};
 use autofocus::ops::neighbourhood::gpu::{DeviceNeighbourhood, nearest_neighbourhoods};
 use autofocus::ops::neighbourhood::{Neighbourhood, nearest_clusters};
@@ -148,6 +148,96 @@ fn linear_matches_the_cpu_in_every_storage_type() {
         check_linear::<f32>(&device);
         check_linear::<half::f16>(&device);
         check_linear::<half::bf16>(&device);
+    }
+}
+
+/// The cuBLASLt path's epilogue, over a product computed elsewhere, gives
+/// what the SIMT kernel gives, bit for bit: on small integers every
+/// product is exact in any order, so only the epilogue can differ.
+fn check_linear_epilogue<T: Element>(device: &Device) {
+    let mut rng = Rng::new(7);
+    let mut ints = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.below(7) as f32 - 3.0).collect() };
+    let (rows, k, n) = (37, 19, 70);
+    let x = ints(rows * k);
+    let layer = Linear {
+        weight: F32Buffer::owned(ints(n * k)),
+        bias: Some(F32Buffer::owned(ints(n))),
+        in_dim: k,
+        out_dim: n,
+    };
+    let product: Vec<f32> = (0..rows * n)
+        .map(|e| {
+            let (r, c) = (e / n, e % n);
+            (0..k).map(|i| x[r * k + i] * layer.weight[c * k + i]).sum()
+        })
+        .collect();
+    let residual: Vec<f32> = ints(rows * n).iter().map(|v| v / 4.0).collect();
+    let gamma: Vec<f32> = ints(n).iter().map(|v| v / 8.0).collect();
+    let dgamma = device.upload(&gamma).unwrap();
+    let dx = upload_as::<T>(device, &x);
+    let dproduct = device.upload(&product).unwrap();
+    for bias in [true, false] {
+        let layer = Linear {
+            bias: layer.bias.clone().filter(|_| bias),
+            ..layer.clone()
+        };
+        let dev_layer = DeviceLinear::<T>::upload(device, &layer).unwrap();
+        for gelu in [false, true] {
+            for output in [
+                Output::Overwrite,
+                Output::Accumulate { gamma: None },
+                Output::Accumulate {
+                    gamma: Some(&dgamma),
+                },
+            ] {
+                let mut simt = upload_as::<T>(device, &residual);
+                linear(device, &dx, &dev_layer, gelu, &mut simt, output, rows).unwrap();
+                let mut finished = upload_as::<T>(device, &residual);
+                linear_epilogue(
+                    device,
+                    &dproduct,
+                    &dev_layer,
+                    gelu,
+                    &mut finished,
+                    output,
+                    rows,
+                )
+                .unwrap();
+                common::assert_exact(
+                    &format!(
+                        "epilogue on {device:?} {} (bias {bias}, gelu {gelu}, {output:?})",
+                        T::SUFFIX
+                    ),
+                    &download_f32(device, &finished),
+                    &download_f32(device, &simt),
+                );
+            }
+        }
+    }
+    // Shapes are checked like the kernel's.
+    let mut out = device.alloc::<T>(rows * n).unwrap();
+    let short = device.upload(&product[1..]).unwrap();
+    let dev_layer = DeviceLinear::<T>::upload(device, &layer).unwrap();
+    let e = linear_epilogue(
+        device,
+        &short,
+        &dev_layer,
+        false,
+        &mut out,
+        Output::Overwrite,
+        rows,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("product"), "{e}");
+}
+
+#[test]
+fn linear_epilogue_finishes_a_product_as_the_simt_kernel_does() {
+    for device in common::devices() {
+        check_linear_epilogue::<f32>(&device);
+        check_linear_epilogue::<half::f16>(&device);
+        check_linear_epilogue::<half::bf16>(&device);
     }
 }
 

@@ -12,6 +12,7 @@
 
 extern "C" size_t af_emu_params_layout(const char* name, size_t* align) {
   AF_LAYOUT(LinearParams)
+  AF_LAYOUT(LinearEpilogueParams)
   AF_LAYOUT(LayerNormParams)
   AF_LAYOUT(ImportanceParams)
   AF_LAYOUT(MeanTokensParams)

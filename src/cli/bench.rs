@@ -44,7 +44,8 @@ struct Report {
     size: usize,
     device: String,
     dtype: String,
-    /// Dense layers: `cpu` (the gemm crate) or `simt` (this crate's CUDA GEMM).
+    /// Dense layers: `cpu` (the gemm crate), `simt` (this crate's CUDA
+    /// GEMM) or `cublaslt` (tensor cores; `AUTOFOCUS_GEMM` chooses).
     gemm: &'static str,
     /// Whether the forward was replayed from a CUDA graph (not yet: never).
     cuda_graph: bool,
@@ -128,11 +129,7 @@ pub fn run(args: Args) -> Result<()> {
         config: args.config,
         batch: args.batch,
         size,
-        gemm: if runner.name() == "cpu" {
-            "cpu"
-        } else {
-            "simt"
-        },
+        gemm: runner.gemm()?,
         cuda_graph: false,
         device: runner.name(),
         dtype: args.backend.dtype.clone(),

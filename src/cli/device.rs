@@ -179,4 +179,19 @@ impl Runner<'_> {
             Self::Bf16(m) => m.device().name(),
         }
     }
+
+    /// The dense layers' GEMM: `cpu` (the gemm crate), or the device's
+    /// (`simt` or `cublaslt`, [`Device::gemm`]).
+    ///
+    /// # Errors
+    /// As [`Device::gemm`].
+    pub fn gemm(&self) -> Result<&'static str> {
+        let device = match self {
+            Self::Cpu(_) => return Ok("cpu"),
+            Self::F32(m) => m.device(),
+            Self::F16(m) => m.device(),
+            Self::Bf16(m) => m.device(),
+        };
+        Ok(device.gemm()?.name())
+    }
 }

@@ -5,13 +5,14 @@
 //! and copies are ordered on it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PushKernelArg,
 };
 
 use super::LaunchConfig;
+use super::cublaslt::{CublasLt, GemmChoice};
 use super::generated::KERNELS;
 use super::loader::{KernelLoader, KernelSource};
 use super::nvrtc::Arch;
@@ -24,6 +25,8 @@ pub struct CudaBackend {
     loader: KernelLoader,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// cuBLASLt on this stream, or why not (decided on first use).
+    cublaslt: OnceLock<std::result::Result<Option<CublasLt>, String>>,
 }
 
 /// Device memory with its address taken once (one stream: no event tracking needed).
@@ -129,6 +132,7 @@ impl CudaBackend {
             loader,
             modules: Mutex::default(),
             functions: Mutex::default(),
+            cublaslt: OnceLock::new(),
         })
     }
 
@@ -142,6 +146,32 @@ impl CudaBackend {
         match self.context.name() {
             Ok(name) => format!("cuda:{ordinal} ({name}; {kernels})"),
             Err(_) => format!("cuda:{ordinal} ({kernels})"),
+        }
+    }
+
+    /// cuBLASLt for the dense layers, as `AUTOFOCUS_GEMM` asks: `None`
+    /// for the SIMT kernel (asked for, or cuBLASLt unusable under `auto`,
+    /// which is said once on stderr).
+    pub fn cublaslt(&self) -> Result<Option<&CublasLt>> {
+        let decided = self.cublaslt.get_or_init(|| {
+            let choice = GemmChoice::from_env().map_err(|e| e.to_string())?;
+            match choice {
+                GemmChoice::Simt => Ok(None),
+                GemmChoice::CublasLt => CublasLt::new(Arc::clone(&self.stream))
+                    .map(Some)
+                    .map_err(|e| format!("{}=cublaslt, but {e}", GemmChoice::ENV)),
+                GemmChoice::Auto => match CublasLt::new(Arc::clone(&self.stream)) {
+                    Ok(lt) => Ok(Some(lt)),
+                    Err(e) => {
+                        eprintln!("autofocus: {e}; the dense layers use the SIMT GEMM");
+                        Ok(None)
+                    }
+                },
+            }
+        });
+        match decided {
+            Ok(lt) => Ok(lt.as_ref()),
+            Err(e) => Err(Error::Unsupported(e.clone())),
         }
     }
 
@@ -159,6 +189,16 @@ impl CudaBackend {
         let slice = self
             .stream
             .alloc_zeros::<u8>(bytes.max(4))
+            .map_err(|e| Error::device("alloc", e))?;
+        Ok(self.wrap(slice))
+    }
+
+    /// Memory for a kernel to fill, not initialised.
+    pub fn alloc(&self, bytes: usize) -> Result<DeviceSlice> {
+        // SAFETY: bytes have no invalid values; the callers' kernels write
+        // the buffer before anything reads it (the emulator poisons such
+        // buffers in the tests to show it).
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(4)) }
             .map_err(|e| Error::device("alloc", e))?;
         Ok(self.wrap(slice))
     }

@@ -9,6 +9,7 @@
 //! kernel's parameter struct ([`params`]) and launch it by name
 //! ([`kernel_name`]).
 
+pub mod cublaslt;
 mod cuda;
 mod emulator;
 pub mod loader;
@@ -35,6 +36,25 @@ mod generated {
 /// without them a GPU still runs, on kernels NVRTC compiles at run time.
 pub fn built_with_cuda() -> bool {
     !generated::IMAGES.is_empty()
+}
+
+/// The GEMM behind a device's dense layers ([`Device::gemm`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Gemm<'a> {
+    /// `kernels/linear.cu`'s tiled SIMT kernel.
+    Simt,
+    /// cuBLASLt's tensor-core product, then `linear_epilogue`.
+    CublasLt(&'a cublaslt::CublasLt),
+}
+
+impl Gemm<'_> {
+    /// `simt` or `cublaslt`, as `AUTOFOCUS_GEMM` spells them.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Simt => "simt",
+            Self::CublasLt(_) => "cublaslt",
+        }
+    }
 }
 
 /// A storage type of the kernels: arithmetic is f32 whatever the storage.
@@ -221,6 +241,23 @@ impl Device {
         cuda::device_count()
     }
 
+    /// The GEMM this device's dense layers use: the SIMT kernel on the
+    /// emulator; on a GPU, cuBLASLt unless `AUTOFOCUS_GEMM=simt` or it
+    /// cannot be loaded (then the SIMT kernel, said once on stderr).
+    ///
+    /// # Errors
+    /// A bad `AUTOFOCUS_GEMM`, or `AUTOFOCUS_GEMM=cublaslt` where cuBLASLt
+    /// cannot be used (the error says why).
+    pub fn gemm(&self) -> Result<Gemm<'_>> {
+        match &self.backend {
+            Backend::Emulator => Ok(Gemm::Simt),
+            Backend::Cuda(cuda) => Ok(match cuda.cublaslt()? {
+                Some(lt) => Gemm::CublasLt(lt),
+                None => Gemm::Simt,
+            }),
+        }
+    }
+
     /// True for a real GPU.
     pub fn is_cuda(&self) -> bool {
         matches!(self.backend, Backend::Cuda(_))
@@ -283,7 +320,13 @@ impl Device {
                     _element: PhantomData,
                 })
             }
-            Backend::Cuda(_) => self.zeros(len),
+            // Not zeroed: no fill to pay for. The emulator's poison above
+            // is what shows that every kernel writes all it was given.
+            Backend::Cuda(cuda) => Ok(Buffer {
+                storage: Storage::Cuda(cuda.alloc(len * size_of::<T>())?),
+                len,
+                _element: PhantomData,
+            }),
         }
     }
 

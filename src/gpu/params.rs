@@ -39,6 +39,7 @@ macro_rules! kernel_params {
 
 kernel_params!(
     LinearParams,
+    LinearEpilogueParams,
     LayerNormParams,
     ImportanceParams,
     MeanTokensParams,

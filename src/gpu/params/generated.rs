@@ -28,6 +28,27 @@ pub struct LinearParams {
     pub gelu: i32,
 }
 
+/** A linear layer's epilogue over a product computed elsewhere (cuBLASLt):
+ out = act(product + b), optionally residual + gamma ∘ (...), as `linear`.*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone, Default)]
+pub struct LinearEpilogueParams {
+    /// rows × out_dim, x · Wᵀ in f32
+    pub product: Ptr,
+    /// T, out_dim, or null
+    pub bias: Ptr,
+    /// T, rows × out_dim, or null (may alias out)
+    pub residual: Ptr,
+    /// out_dim layer scale, or null (with a residual only)
+    pub gamma: Ptr,
+    /// T, rows × out_dim
+    pub out: Ptr,
+    pub rows: i32,
+    pub out_dim: i32,
+    /// 1: GELU before the residual
+    pub gelu: i32,
+}
+
 /// torch.nn.LayerNorm over the last dimension (biased variance).
 #[repr(C)]
 #[derive(Debug, Copy, Clone, Default)]

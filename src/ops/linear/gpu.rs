@@ -1,8 +1,11 @@
-//! The linear layer on a [`Device`] (`kernels/linear.cu`).
+//! The linear layer on a [`Device`] (`kernels/linear.cu`): the product on
+//! cuBLASLt's tensor cores where the device has it ([`Device::gemm`]),
+//! finished by the `linear_epilogue` kernel, else the SIMT kernel, which
+//! applies the same epilogue in place.
 
 use crate::error::Result;
-use crate::gpu::params::LinearParams;
-use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name, optional_addr};
+use crate::gpu::params::{LinearEpilogueParams, LinearParams};
+use crate::gpu::{Buffer, Device, Element, Gemm, LaunchConfig, dim, kernel_name, optional_addr};
 
 /// A linear layer's weights on a device: weight `out × in`, optional bias.
 #[derive(Debug)]
@@ -83,10 +86,97 @@ pub fn linear<T: Element>(
     if rows == 0 || n == 0 {
         return Ok(());
     }
+    if let (Gemm::CublasLt(lt), true) = (device.gemm()?, k > 0) {
+        let mut product = device.alloc::<f32>(rows * n)?;
+        let product_addr = device.check_mut(OP, "product", &mut product, &[rows, n])?;
+        // SAFETY: `x` and the weight were checked against rows × k and
+        // n × k, the product was allocated rows × n, all on this device's
+        // stream, which runs the epilogue after the product.
+        unsafe {
+            lt.product(
+                T::SUFFIX,
+                params.x,
+                params.weight,
+                product_addr,
+                (rows, k, n),
+            )?
+        };
+        return launch_epilogue::<T>(device, &product, &params);
+    }
     // Rows on the grid's x axis, outputs on y (at most 65 535 tiles of 64).
     let config = LaunchConfig::blocks(OP, rows.div_ceil(TILE), n.div_ceil(TILE), THREADS, 0)?;
     // SAFETY: every buffer was checked against the shapes the kernel indexes;
     // the residual aliases `out` element for element (read, then written, by
     // the same thread).
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
+}
+
+/// The epilogue of `params` (bias, GELU, residual and layer scale, into
+/// `params.out`) over `product` = x·Wᵀ in f32, rows × out.
+fn launch_epilogue<T: Element>(
+    device: &Device,
+    product: &Buffer<f32>,
+    params: &LinearParams,
+) -> Result<()> {
+    const OP: &str = "linear_epilogue";
+    let (rows, n) = (params.rows as usize, params.out_dim as usize);
+    let epilogue = LinearEpilogueParams {
+        product: device.check(OP, "product", product, &[rows, n])?,
+        bias: params.bias,
+        residual: params.residual,
+        gamma: params.gamma,
+        out: params.out,
+        rows: params.rows,
+        out_dim: params.out_dim,
+        gelu: params.gelu,
+    };
+    let threads = 256;
+    let blocks = (rows * n).div_ceil(threads).min(1 << 16);
+    let config = LaunchConfig::blocks(OP, blocks, 1, threads as u32, 0)?;
+    // SAFETY: the caller checked bias, residual, gamma and out against
+    // the layer's shapes; the product was checked above.
+    unsafe { device.launch(&kernel_name::<T>(OP), config, &epilogue) }
+}
+
+/// `linear`'s result from a product computed elsewhere: `out` as `output`
+/// says from `product` = x·Wᵀ (f32, rows × out) and `layer`'s bias, GELU
+/// applied when `gelu`. What the cuBLASLt path runs after its product;
+/// public so that the emulator tests can check it against the SIMT kernel.
+///
+/// # Errors
+/// Shape errors naming the buffer; device errors.
+pub fn linear_epilogue<T: Element>(
+    device: &Device,
+    product: &Buffer<f32>,
+    layer: &DeviceLinear<T>,
+    gelu: bool,
+    out: &mut Buffer<T>,
+    output: Output<'_>,
+    rows: usize,
+) -> Result<()> {
+    const OP: &str = "linear_epilogue";
+    let n = layer.out_dim;
+    let out_addr = device.check_mut(OP, "out", out, &[rows, n])?;
+    let (residual, gamma) = match output {
+        Output::Overwrite => (0, 0),
+        Output::Accumulate { gamma } => {
+            (out_addr, optional_addr(device, OP, "gamma", gamma, &[n])?)
+        }
+    };
+    let params = LinearParams {
+        x: 0,
+        weight: 0,
+        bias: optional_addr(device, OP, "bias", layer.bias.as_ref(), &[n])?,
+        residual,
+        gamma,
+        out: out_addr,
+        rows: dim(OP, "rows", rows)?,
+        in_dim: dim(OP, "in_dim", layer.in_dim)?,
+        out_dim: dim(OP, "out_dim", n)?,
+        gelu: i32::from(gelu),
+    };
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    launch_epilogue::<T>(device, product, &params)
 }
