@@ -39,6 +39,7 @@ pub mod model;
 pub mod nvtx;
 pub mod ops;
 pub mod profile;
+pub mod rng;
 pub mod tensor;
 
 pub use config::AffConfig;

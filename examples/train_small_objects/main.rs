@@ -377,7 +377,7 @@ fn save(
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     // The config, and the class names `autofocus classify` prints.
-    let names = format!("{:?}", KINDS); // a JSON array of strings
+    let names = serde_json::to_string(&KINDS)?;
     let metadata = HashMap::from([
         ("config".to_string(), config.to_json()),
         ("class_names".to_string(), names),

@@ -15,28 +15,8 @@ pub struct Scene {
     pub boxes: Vec<[f32; 4]>,
 }
 
-/// SplitMix64: small, fixed, reproducible everywhere.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [lo, hi).
-    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-
-    /// Uniform in 0..n.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+/// The crate's SplitMix64: small, fixed, reproducible everywhere.
+pub use autofocus::rng::SplitMix64 as Rng;
 
 /// Side lengths of the task's shapes, pixels: what held-out scenes use.
 pub const TASK_SIDES: (f32, f32) = (6.0, 12.0);

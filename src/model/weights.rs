@@ -12,6 +12,7 @@ use crate::io::{F32Buffer, TensorSource};
 use crate::ops::patch_embed::PatchEmbed;
 use crate::ops::pointconv_merge::INNER_CHANNELS;
 use crate::ops::{BatchNorm, LayerNorm, Linear};
+use crate::rng::SplitMix64;
 use crate::tensor::Tensor;
 
 /// Weights of one cluster attention.
@@ -98,22 +99,6 @@ enum Init {
     Constant(f32),
 }
 
-/// SplitMix64: a tiny, fixed generator so random models are reproducible
-/// across platforms and crate versions.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        // Uniform in [-1, 1).
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
-
 enum Mode<'a> {
     Source(&'a dyn TensorSource, &'a str),
     Random(SplitMix64),
@@ -167,11 +152,11 @@ impl<'a> Builder<'a> {
             Mode::Random(rng) => F32Buffer::owned(match init {
                 Init::FanIn(fan_in) => {
                     let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
-                    (0..numel).map(|_| rng.next_f32() * bound).collect()
+                    (0..numel).map(|_| rng.float() * bound).collect()
                 }
-                Init::Ones => (0..numel).map(|_| 1.0 + 0.1 * rng.next_f32()).collect(),
-                Init::Zeros => (0..numel).map(|_| 0.1 * rng.next_f32()).collect(),
-                Init::Unit => (0..numel).map(|_| 1.7 * rng.next_f32()).collect(),
+                Init::Ones => (0..numel).map(|_| 1.0 + 0.1 * rng.float()).collect(),
+                Init::Zeros => (0..numel).map(|_| 0.1 * rng.float()).collect(),
+                Init::Unit => (0..numel).map(|_| 1.7 * rng.float()).collect(),
                 Init::Constant(v) => vec![v; numel],
             }),
             Mode::Source(src, prefix) => {

@@ -248,33 +248,11 @@ pub fn candle_devices() -> Vec<candle_core::Device> {
     devices
 }
 
-/// SplitMix64 with a fixed seed: the same inputs every run (tests whose
-/// inputs must not change, such as mutations and finite differences).
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (0 when n is 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    /// Uniform in [-1, 1), exactly representable in f32.
-    pub fn float(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    pub fn floats(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| scale * self.float()).collect()
-    }
-}
+/// The crate's SplitMix64 with a fixed seed: the same inputs every run
+/// (tests whose inputs must not change, such as mutations and finite
+/// differences).
+#[allow(unused_imports)] // not every test binary draws numbers
+pub use autofocus::rng::SplitMix64 as SplitMix;
 
 /// `max|got − want| ≤ tol · max(1, max|want|)`, element by element.
 pub fn assert_slices_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
