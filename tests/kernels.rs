@@ -241,6 +241,31 @@ fn linear_epilogue_finishes_a_product_as_the_simt_kernel_does() {
     }
 }
 
+/// A device counts what it is asked to do, for `bench`'s per-forward report.
+#[test]
+fn a_device_counts_launches_fills_and_copies() {
+    let device = Device::emulator();
+    let before = device.counts();
+    let mut rng = Rng::new(3);
+    let layer = DeviceLinear::<f32>::upload(&device, &linear_layer(&mut rng, 4, 3, true)).unwrap();
+    let x = device.upload(&rng.floats(2 * 4)).unwrap();
+    let mut out = device.alloc::<f32>(2 * 3).unwrap();
+    let _flag = device.zeros::<i32>(1).unwrap();
+    linear(&device, &x, &layer, false, &mut out, Output::Overwrite, 2).unwrap();
+    device.download(&out).unwrap();
+    let clone = device.clone();
+    clone.download(&out).unwrap();
+    let counts = device.counts() - before;
+    // Weight, bias and x; two downloads, one through a clone (shared).
+    assert_eq!(
+        (counts.uploads, counts.allocations, counts.zero_fills),
+        (3, 1, 1)
+    );
+    assert_eq!((counts.kernel_launches, counts.library_gemms), (1, 0));
+    assert_eq!(counts.downloads, 2);
+    assert_eq!(counts.per(2).downloads, 1);
+}
+
 #[test]
 fn layer_norm_matches_the_cpu() {
     let mut rng = Rng::new(2);

@@ -55,6 +55,10 @@ struct Report {
     ms_per_batch_min: f64,
     images_per_s: f64,
     peak_rss_mib: Option<f64>,
+    /// On a device: kernel launches, library GEMMs, zero fills,
+    /// allocations and copies per forward.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_forward: Option<autofocus::gpu::counts::DeviceCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ops: Option<Vec<profile::OpTime>>,
 }
@@ -106,6 +110,7 @@ pub fn run(args: Args) -> Result<()> {
         runner.forward(&images)?;
     }
     profile::set_enabled(args.profile);
+    let counts_before = runner.device().map(|d| d.counts());
     let mut times = Vec::with_capacity(args.iters);
     for i in 0..args.iters {
         let start = Instant::now();
@@ -116,6 +121,10 @@ pub fn run(args: Args) -> Result<()> {
         }
         times.push(ms);
     }
+    let per_forward = runner
+        .device()
+        .zip(counts_before)
+        .map(|(d, before)| (d.counts() - before).per(args.iters as u64));
     let ops = args.profile.then(|| {
         let mut ops = profile::take();
         for op in &mut ops {
@@ -139,6 +148,7 @@ pub fn run(args: Args) -> Result<()> {
         ms_per_batch_min: times[0],
         images_per_s: args.batch as f64 * 1e3 / median,
         peak_rss_mib: peak_rss_mib(),
+        per_forward,
         ops,
     };
     if let (Some(ops), false) = (&report.ops, args.json) {

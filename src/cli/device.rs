@@ -180,18 +180,25 @@ impl Runner<'_> {
         }
     }
 
+    /// The device it runs on (`None`: the CPU path).
+    pub fn device(&self) -> Option<&Device> {
+        match self {
+            Self::Cpu(_) => None,
+            Self::F32(m) => Some(m.device()),
+            Self::F16(m) => Some(m.device()),
+            Self::Bf16(m) => Some(m.device()),
+        }
+    }
+
     /// The dense layers' GEMM: `cpu` (the gemm crate), or the device's
     /// (`simt` or `cublaslt`, [`Device::gemm`]).
     ///
     /// # Errors
     /// As [`Device::gemm`].
     pub fn gemm(&self) -> Result<&'static str> {
-        let device = match self {
-            Self::Cpu(_) => return Ok("cpu"),
-            Self::F32(m) => m.device(),
-            Self::F16(m) => m.device(),
-            Self::Bf16(m) => m.device(),
-        };
-        Ok(device.gemm()?.name())
+        match self.device() {
+            None => Ok("cpu"),
+            Some(device) => Ok(device.gemm()?.name()),
+        }
     }
 }

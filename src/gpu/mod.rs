@@ -9,6 +9,7 @@
 //! kernel's parameter struct ([`params`]) and launch it by name
 //! ([`kernel_name`]).
 
+pub mod counts;
 pub mod cublaslt;
 mod cuda;
 mod emulator;
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 use bytemuck::Pod;
 
+use self::counts::{Counters, DeviceCounts, Event};
 use self::params::{KernelParams, Ptr};
 use crate::error::{Error, Result};
 
@@ -187,6 +189,8 @@ impl LaunchConfig {
 #[derive(Clone)]
 pub struct Device {
     backend: Backend,
+    /// What this device (and its clones) was asked to do.
+    counters: Arc<Counters>,
 }
 
 #[derive(Clone)]
@@ -207,6 +211,7 @@ impl Device {
     pub fn emulator() -> Self {
         Self {
             backend: Backend::Emulator,
+            counters: Arc::default(),
         }
     }
 
@@ -218,6 +223,7 @@ impl Device {
     pub fn cuda(ordinal: usize) -> Result<Self> {
         Ok(Self {
             backend: Backend::Cuda(Arc::new(cuda::CudaBackend::new(ordinal)?)),
+            counters: Arc::default(),
         })
     }
 
@@ -230,6 +236,7 @@ impl Device {
     pub fn cuda_on_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Self> {
         Ok(Self {
             backend: Backend::Cuda(Arc::new(cuda::CudaBackend::on_stream(stream)?)),
+            counters: Arc::default(),
         })
     }
 
@@ -258,6 +265,17 @@ impl Device {
         }
     }
 
+    /// What this device and its clones have been asked to do so far
+    /// ([`counts`]): subtract two snapshots for what one forward costs.
+    pub fn counts(&self) -> DeviceCounts {
+        self.counters.snapshot()
+    }
+
+    /// Counts one event (for ops that call a library, such as cuBLASLt).
+    pub(crate) fn count(&self, event: Event) {
+        self.counters.count(event);
+    }
+
     /// True for a real GPU.
     pub fn is_cuda(&self) -> bool {
         matches!(self.backend, Backend::Cuda(_))
@@ -276,6 +294,7 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when the device cannot allocate or copy.
     pub fn upload<T: Pod>(&self, data: &[T]) -> Result<Buffer<T>> {
+        self.counters.count(Event::Upload);
         let storage = match &self.backend {
             Backend::Emulator => Storage::Host(data.to_vec()),
             Backend::Cuda(cuda) => Storage::Cuda(cuda.upload(bytemuck::cast_slice(data))?),
@@ -292,6 +311,7 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when the device cannot allocate.
     pub fn zeros<T: Pod>(&self, len: usize) -> Result<Buffer<T>> {
+        self.counters.count(Event::ZeroFill);
         let storage = match &self.backend {
             Backend::Emulator => Storage::Host(vec![T::zeroed(); len]),
             Backend::Cuda(cuda) => Storage::Cuda(cuda.zeros(len * size_of::<T>())?),
@@ -310,6 +330,7 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when the device cannot allocate.
     pub fn alloc<T: Pod>(&self, len: usize) -> Result<Buffer<T>> {
+        self.counters.count(Event::Allocation);
         match &self.backend {
             Backend::Emulator => {
                 let mut data = vec![T::zeroed(); len];
@@ -335,6 +356,7 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when the copy (or an earlier launch) failed.
     pub fn download<T: Pod>(&self, buffer: &Buffer<T>) -> Result<Vec<T>> {
+        self.counters.count(Event::Download);
         match (&self.backend, &buffer.storage) {
             (Backend::Emulator, Storage::Host(data)) => Ok(data.clone()),
             (Backend::Cuda(cuda), Storage::Cuda(slice)) => {
@@ -418,6 +440,7 @@ impl Device {
         config: LaunchConfig,
         params: &P,
     ) -> Result<()> {
+        self.counters.count(Event::KernelLaunch);
         match &self.backend {
             Backend::Emulator => {
                 let kernel = generated::emulated(name)

@@ -4,6 +4,7 @@
 //! applies the same epilogue in place.
 
 use crate::error::Result;
+use crate::gpu::counts::Event;
 use crate::gpu::params::{LinearEpilogueParams, LinearParams};
 use crate::gpu::{Buffer, Device, Element, Gemm, LaunchConfig, dim, kernel_name, optional_addr};
 
@@ -101,6 +102,7 @@ pub fn linear<T: Element>(
                 (rows, k, n),
             )?
         };
+        device.count(Event::LibraryGemm);
         return launch_epilogue::<T>(device, &product, &params);
     }
     // Rows on the grid's x axis, outputs on y (at most 65 535 tiles of 64).
