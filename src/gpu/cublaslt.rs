@@ -146,8 +146,9 @@ pub struct CublasLt {
     stream: Arc<CudaStream>,
     workspace: CudaSlice<u8>,
     workspace_addr: Ptr,
-    /// Held through each product: one stream orders them anyway.
-    plans: Mutex<HashMap<PlanKey, Plan>>,
+    /// Held through each product: one stream orders them anyway. `None`
+    /// for a shape no algorithm takes (the SIMT kernel runs it).
+    plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
     library: &'static str,
 }
 
@@ -211,7 +212,9 @@ impl CublasLt {
     }
 
     /// `y = x·Wᵀ` with `x` rows × k and `w` n × k (row-major, element type
-    /// `suffix`), into `y`, f32 rows × n.
+    /// `suffix`), into `y`, f32 rows × n. `Ok(false)`, with nothing
+    /// launched, where cuBLASLt has no algorithm for this shape and these
+    /// addresses' alignment: the caller runs the SIMT kernel instead.
     ///
     /// # Safety
     /// The three addresses must hold those many elements on this stream's
@@ -223,7 +226,7 @@ impl CublasLt {
         w: Ptr,
         y: Ptr,
         (rows, k, n): (usize, usize, usize),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut plans = self
             .plans
             .lock()
@@ -233,13 +236,17 @@ impl CublasLt {
             rows,
             k,
             n,
+            alignment: alignment(&[x, w, y]),
         };
         let plan = match plans.entry(key) {
             Entry::Occupied(plan) => plan.into_mut(),
             Entry::Vacant(slot) => {
-                let plan = Plan::new(self.handle, slot.key(), self.workspace.len())?;
+                let plan = Plan::new(self.handle, slot.key(), self.workspace.len()).ok();
                 slot.insert(plan)
             }
+        };
+        let Some(plan) = plan else {
+            return Ok(false);
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let failed = |e: lt::CublasError| Error::device("cublaslt matmul", e);
@@ -271,7 +278,8 @@ impl CublasLt {
                 self.stream.cu_stream() as sys::cudaStream_t,
             )
         }
-        .map_err(failed)
+        .map_err(failed)?;
+        Ok(true)
     }
 }
 
@@ -292,6 +300,19 @@ struct PlanKey {
     rows: usize,
     k: usize,
     n: usize,
+    /// Bytes every operand's address is a multiple of (at most 256): the
+    /// heuristic otherwise assumes 256 and may pick kernels that need it.
+    alignment: u32,
+}
+
+/// The largest power of two, at most 256, that divides every address.
+fn alignment(addresses: &[Ptr]) -> u32 {
+    let zeros = addresses
+        .iter()
+        .map(|a| a.trailing_zeros())
+        .min()
+        .unwrap_or(8);
+    1 << zeros.min(8)
 }
 
 struct MatmulDesc(sys::cublasLtMatmulDesc_t);
@@ -374,6 +395,24 @@ impl Plan {
             )
         }
         .map_err(failed)?;
+        use sys::cublasLtMatmulPreferenceAttributes_t as Pref;
+        for attribute in [
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ] {
+            // SAFETY: a live preference and a u32, the attribute's type.
+            unsafe {
+                lt::set_matmul_pref_attribute(
+                    pref.0,
+                    attribute,
+                    (&raw const key.alignment).cast::<c_void>(),
+                    size_of::<u32>(),
+                )
+            }
+            .map_err(failed)?;
+        }
         // SAFETY: every descriptor is live and describes this product.
         let heuristic =
             unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, w.0, x.0, y.0, y.0, pref.0) }
@@ -417,6 +456,13 @@ mod tests {
         let found = library_candidates(None);
         assert!(found.contains(&"/usr/local/cuda/lib64/libcublasLt.so.13".to_string()));
         assert_eq!(found.last().map(String::as_str), Some("libcublasLt.so"));
+    }
+
+    #[test]
+    fn alignment_is_the_weakest_operands() {
+        assert_eq!(alignment(&[0x1000, 0x2000]), 256);
+        assert_eq!(alignment(&[0x1000, 0x2010, 0x3000]), 16);
+        assert_eq!(alignment(&[0x1002]), 2);
     }
 
     #[test]

@@ -93,17 +93,13 @@ pub fn linear<T: Element>(
         // SAFETY: `x` and the weight were checked against rows × k and
         // n × k, the product was allocated rows × n, all on this device's
         // stream, which runs the epilogue after the product.
-        unsafe {
-            lt.product(
-                T::SUFFIX,
-                params.x,
-                params.weight,
-                product_addr,
-                (rows, k, n),
-            )?
-        };
-        device.count(Event::LibraryGemm);
-        return launch_epilogue::<T>(device, &product, &params);
+        let shape = (rows, k, n);
+        let (x, w) = (params.x, params.weight);
+        if unsafe { lt.product(T::SUFFIX, x, w, product_addr, shape)? } {
+            device.count(Event::LibraryGemm);
+            return launch_epilogue::<T>(device, &product, &params);
+        }
+        // No cuBLASLt algorithm for this shape: the SIMT kernel below.
     }
     // Rows on the grid's x axis, outputs on y (at most 65 535 tiles of 64).
     let config = LaunchConfig::blocks(OP, rows.div_ceil(TILE), n.div_ceil(TILE), THREADS, 0)?;
