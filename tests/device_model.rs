@@ -283,3 +283,27 @@ fn every_stage_block_and_op_opens_a_nested_nvtx_range() {
         assert!(!has(&beyond), "{path}: a stage too many");
     }
 }
+
+/// After its first forward at a size, a forward uploads only its images
+/// and reads back only its logits and the selection check: every other
+/// table (anchors, grid positions, the stage-0 layout) is on the device
+/// already, and no buffer is zero-filled but those that must start at 0.
+#[test]
+fn a_repeated_forward_uploads_only_its_images() {
+    use autofocus::{AffConfig, Tensor};
+    let config = AffConfig::preset("aff_mini").unwrap();
+    let model = AutoFocusFormer::random(config, ModelKind::Classifier, 0).unwrap();
+    let device = Device::emulator();
+    let gpu = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
+    let images = Tensor::new(vec![2, 3, 64, 64], vec![0.25; 2 * 3 * 64 * 64]).unwrap();
+    let first = gpu.forward(&images).unwrap();
+    let before = device.counts();
+    let second = gpu.forward(&images).unwrap();
+    let counts = device.counts() - before;
+    assert_eq!(first.data(), second.data());
+    assert_eq!((counts.uploads, counts.downloads), (1, 2), "{counts:?}");
+    assert!(
+        counts.kernel_launches > 0 && counts.zero_fills < 10,
+        "{counts:?}"
+    );
+}

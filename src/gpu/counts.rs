@@ -1,5 +1,6 @@
 //! What a device was asked to do, counted: kernel launches, library GEMMs,
-//! zero fills, allocations and copies. `bench --json` reports them per
+//! zero fills, allocations and copies (host to device, device to host,
+//! device to device). `bench --json` reports them per
 //! forward (the same on the emulator as on a GPU, since both run the same
 //! calls), which is how launches per forward are compared before and after
 //! a change, and what a CUDA graph would replay.
@@ -17,6 +18,7 @@ pub(crate) struct Counters {
     allocations: AtomicU64,
     uploads: AtomicU64,
     downloads: AtomicU64,
+    device_copies: AtomicU64,
 }
 
 /// What [`Counters`] holds at one moment; subtract two for what happened
@@ -35,6 +37,8 @@ pub struct DeviceCounts {
     pub uploads: u64,
     /// Device-to-host copies (each one waits for the device).
     pub downloads: u64,
+    /// Device-to-device copies.
+    pub device_copies: u64,
 }
 
 /// One of the counted events.
@@ -46,6 +50,7 @@ pub(crate) enum Event {
     Allocation,
     Upload,
     Download,
+    DeviceCopy,
 }
 
 impl Counters {
@@ -57,6 +62,7 @@ impl Counters {
             Event::Allocation => &self.allocations,
             Event::Upload => &self.uploads,
             Event::Download => &self.downloads,
+            Event::DeviceCopy => &self.device_copies,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -70,6 +76,7 @@ impl Counters {
             allocations: get(&self.allocations),
             uploads: get(&self.uploads),
             downloads: get(&self.downloads),
+            device_copies: get(&self.device_copies),
         }
     }
 }
@@ -86,6 +93,7 @@ impl std::ops::Sub for DeviceCounts {
             allocations: self.allocations - earlier.allocations,
             uploads: self.uploads - earlier.uploads,
             downloads: self.downloads - earlier.downloads,
+            device_copies: self.device_copies - earlier.device_copies,
         }
     }
 }
@@ -101,6 +109,7 @@ impl DeviceCounts {
             allocations: self.allocations / n,
             uploads: self.uploads / n,
             downloads: self.downloads / n,
+            device_copies: self.device_copies / n,
         }
     }
 }

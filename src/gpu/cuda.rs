@@ -193,6 +193,15 @@ impl CudaBackend {
         Ok(self.wrap(slice))
     }
 
+    /// A copy of `slice`, device to device on the stream.
+    pub fn copy(&self, slice: &DeviceSlice) -> Result<DeviceSlice> {
+        let copy = self
+            .stream
+            .clone_dtod(&slice.slice)
+            .map_err(|e| Error::device("copy", e))?;
+        Ok(self.wrap(copy))
+    }
+
     /// Memory for a kernel to fill, not initialised.
     pub fn alloc(&self, bytes: usize) -> Result<DeviceSlice> {
         // SAFETY: bytes have no invalid values; the callers' kernels write

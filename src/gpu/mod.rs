@@ -19,8 +19,10 @@ pub mod params;
 pub mod sort;
 pub mod tensor_ops;
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytemuck::Pod;
 
@@ -191,7 +193,16 @@ pub struct Device {
     backend: Backend,
     /// What this device (and its clones) was asked to do.
     counters: Arc<Counters>,
+    /// Host-computed tables uploaded once ([`Device::constant`]).
+    constants: Arc<Mutex<Constants>>,
 }
+
+/// [`Device::constant`]'s buffers by key (and element type).
+type Constants = HashMap<String, Arc<dyn Any + Send + Sync>>;
+
+/// At most this many constants are kept; past it the cache starts again
+/// (a few input sizes in practice, each a handful of tables).
+const MAX_CONSTANTS: usize = 256;
 
 #[derive(Clone)]
 enum Backend {
@@ -212,6 +223,7 @@ impl Device {
         Self {
             backend: Backend::Emulator,
             counters: Arc::default(),
+            constants: Arc::default(),
         }
     }
 
@@ -224,6 +236,7 @@ impl Device {
         Ok(Self {
             backend: Backend::Cuda(Arc::new(cuda::CudaBackend::new(ordinal)?)),
             counters: Arc::default(),
+            constants: Arc::default(),
         })
     }
 
@@ -237,6 +250,7 @@ impl Device {
         Ok(Self {
             backend: Backend::Cuda(Arc::new(cuda::CudaBackend::on_stream(stream)?)),
             counters: Arc::default(),
+            constants: Arc::default(),
         })
     }
 
@@ -302,6 +316,58 @@ impl Device {
         Ok(Buffer {
             storage,
             len: data.len(),
+            _element: PhantomData,
+        })
+    }
+
+    /// The buffer of host-computed values `make` gives for `key` (a table
+    /// that depends only on shapes, such as a grid's anchors), uploaded the
+    /// first time and shared after, so that a forward uploads only its
+    /// inputs. `key` must name everything `make` depends on.
+    ///
+    /// # Errors
+    /// As [`Device::upload`].
+    pub fn constant<T: Pod + Send + Sync>(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Vec<T>,
+    ) -> Result<Arc<Buffer<T>>> {
+        let key = format!("{key} ({})", std::any::type_name::<T>());
+        let mut constants = self.constants.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(buffer) = constants
+            .get(&key)
+            .and_then(|b| Arc::clone(b).downcast::<Buffer<T>>().ok())
+        {
+            return Ok(buffer);
+        }
+        let buffer = Arc::new(self.upload(&make())?);
+        if constants.len() >= MAX_CONSTANTS {
+            constants.clear();
+        }
+        constants.insert(key, Arc::clone(&buffer) as Arc<dyn Any + Send + Sync>);
+        Ok(buffer)
+    }
+
+    /// A copy of `buffer`, made on the device (no host transfer).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a buffer of another device or a
+    /// borrowed one; [`Error::Device`] when the device cannot copy.
+    pub fn copy<T: Pod>(&self, buffer: &Buffer<T>) -> Result<Buffer<T>> {
+        self.counters.count(Event::DeviceCopy);
+        let storage = match (&self.backend, &buffer.storage) {
+            (Backend::Emulator, Storage::Host(data)) => Storage::Host(data.clone()),
+            (Backend::Cuda(cuda), Storage::Cuda(slice)) => Storage::Cuda(cuda.copy(slice)?),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "copy: the buffer is not an owned buffer of {}",
+                    self.name()
+                )));
+            }
+        };
+        Ok(Buffer {
+            storage,
+            len: buffer.len,
             _element: PhantomData,
         })
     }

@@ -292,7 +292,12 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 batch: b,
                 tokens: grid.0 * grid.1,
                 channels: self.model.config().embed_dim[0],
-                pos: device.upload(&grid_positions(grid.0, grid.1).repeat(b))?,
+                // The batch's grid positions: a table per (grid, batch),
+                // copied on the device for this forward to own.
+                pos: device.copy(&*device.constant(
+                    &format!("grid positions {}x{} b{b}", grid.0, grid.1),
+                    || grid_positions(grid.0, grid.1).repeat(b),
+                )?)?,
                 feat,
             };
             Ok((tokens, grid))

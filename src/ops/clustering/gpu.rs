@@ -71,9 +71,15 @@ pub fn space_filling_cluster(
     }
 
     let anchors = AnchorGrid::new(h, w, k);
-    let (prev, next) = prev_next(&anchors.centres(), anchors.cell);
-    let prev = device.upload(prev.as_flattened())?;
-    let next = device.upload(next.as_flattened())?;
+    // Each anchor's neighbours along the curve depend on the grid alone:
+    // uploaded once per (grid, k), not per call.
+    let tables = || prev_next(&anchors.centres(), anchors.cell);
+    let prev = device.constant(&format!("cluster anchors prev {h}x{w} k{k}"), || {
+        tables().0.as_flattened().to_vec()
+    })?;
+    let next = device.constant(&format!("cluster anchors next {h}x{w} k{k}"), || {
+        tables().1.as_flattened().to_vec()
+    })?;
     let mut rank = device.alloc::<i32>(count)?;
     let mut ratio = device.alloc::<f32>(count)?;
     let group = scope.group_tokens(batch, n);
@@ -82,8 +88,8 @@ pub fn space_filling_cluster(
     let anchor_shape = [anchors.len(), 2];
     let ratio_params = ClusterRatioParams {
         pos: pos_addr,
-        prev: device.check(OP, "prev", &prev, &anchor_shape)?,
-        next: device.check(OP, "next", &next, &anchor_shape)?,
+        prev: device.check(OP, "prev", &*prev, &anchor_shape)?,
+        next: device.check(OP, "next", &*next, &anchor_shape)?,
         rank: device.check_mut(OP, "rank", &mut rank, &[count])?,
         ratio: device.check_mut(OP, "ratio", &mut ratio, &[count])?,
         max_ratio: device.check_mut(OP, "max_ratio", &mut max_ratio, &[groups])?,
