@@ -97,6 +97,9 @@ print(sorted(found)[-1] if found else "")' 2>/dev/null || true)"
   step golden-on-gpu env AUTOFOCUS_GEMM=cublaslt device-bin/test-device_model --test-threads=1 --nocapture
   step golden-on-gpu-simt env AUTOFOCUS_GEMM=simt device-bin/test-device_model --test-threads=1
   step linear-cublaslt env AUTOFOCUS_GEMM=cublaslt device-bin/test-kernels linear --test-threads=1
+  # CUDA graphs: replays against plain launches, bit for bit (part of the
+  # golden run above too; here alone, for its own line in the report).
+  step graph-vs-launches device-bin/test-device_model graph_replays --test-threads=1
   # The NVRTC path forced (the old-driver fallback): the golden cases again
   # on cubins compiled there, through a fresh cache, then from that cache.
   nvrtc_lib="${AUTOFOCUS_NVRTC:-$(ls /usr/local/cuda/lib64/libnvrtc.so.* 2>/dev/null | head -n 1)}"
@@ -121,9 +124,12 @@ print(sorted(found)[-1] if found else "")' 2>/dev/null || true)"
     for gemm in cublaslt simt; do
       step "bench-aff_mini-$dtype-$gemm" env AUTOFOCUS_GEMM=$gemm device-bin/autofocus bench \
         --device cuda --dtype "$dtype" --config aff_mini --batch 256 --size 224 --iters 5 \
-        --warmup 1 --json
+        --warmup 2 --json
     done
   done
+  # The same without the graph: launches one by one.
+  step bench-aff_mini-bf16-no-graph device-bin/autofocus bench --device cuda --dtype bf16 \
+    --config aff_mini --batch 256 --size 224 --iters 5 --warmup 2 --json --no-graph
   step profile-aff_mini-bf16 device-bin/autofocus bench --device cuda --dtype bf16 \
     --config aff_mini --batch 256 --size 224 --iters 2 --warmup 1 --profile
   # A dataset run over every GPU (one worker each) against the CPU: same

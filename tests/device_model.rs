@@ -307,3 +307,43 @@ fn a_repeated_forward_uploads_only_its_images() {
         "{counts:?}"
     );
 }
+
+/// On a GPU the classifier's forward is replayed from one CUDA graph per
+/// input shape after its first two forwards: the logits must be the plain
+/// launches' bit for bit, for new images each time (the graph reads its
+/// fixed input buffer, refilled per forward). The emulator has no graphs:
+/// there every forward launches its kernels.
+#[test]
+fn graph_replays_give_the_plain_launches_logits_bit_for_bit() {
+    use autofocus::{AffConfig, Tensor};
+    let config = AffConfig::preset("aff_mini").unwrap();
+    let model = AutoFocusFormer::random(config, ModelKind::Classifier, 0).unwrap();
+    let image = |seed: usize| {
+        let data = (0..2 * 3 * 64 * 64)
+            .map(|i| (((i * 7 + seed * 13) % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        Tensor::new(vec![2, 3, 64, 64], data).unwrap()
+    };
+    for device in common::devices() {
+        let mut plain = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
+        plain.set_graphs(false);
+        let mut graphs = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
+        graphs.set_graphs(true);
+        // The emulator runs one forward: it only shows graphs stay off there.
+        let forwards = if device.is_cuda() { 4 } else { 1 };
+        for seed in 0..forwards {
+            let want = plain.forward(&image(seed)).unwrap();
+            let got = graphs.forward(&image(seed)).unwrap();
+            assert_exact(
+                &format!("forward {seed} on {device:?}"),
+                got.data(),
+                want.data(),
+            );
+        }
+        // The first forward warms up; the second records, then replays,
+        // as the third and fourth do.
+        let replays = if device.is_cuda() { 3 } else { 0 };
+        assert_eq!(graphs.graph_replays(), replays, "on {device:?}");
+        assert_eq!(plain.graph_replays(), 0);
+    }
+}

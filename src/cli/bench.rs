@@ -35,6 +35,10 @@ pub struct Args {
     /// Also report the time spent in each op (adds a little overhead).
     #[arg(long)]
     profile: bool,
+    /// On a GPU, launch every kernel of every forward instead of replaying
+    /// one CUDA graph per input shape (to compare).
+    #[arg(long)]
+    no_graph: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,7 +51,7 @@ struct Report {
     /// Dense layers: `cpu` (the gemm crate), `simt` (this crate's CUDA
     /// GEMM) or `cublaslt` (tensor cores; `AUTOFOCUS_GEMM` chooses).
     gemm: &'static str,
-    /// Whether the forward was replayed from a CUDA graph (not yet: never).
+    /// Whether the timed forwards replayed a CUDA graph.
     cuda_graph: bool,
     threads: usize,
     iters: usize,
@@ -105,12 +109,14 @@ pub fn run(args: Args) -> Result<()> {
         .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 2.0 + ((i / size) as f32 * 0.01).sin())
         .collect();
     let images = Tensor::new(vec![args.batch, 3, size, size], pixels)?;
-    let runner = args.backend.runner(&model)?;
+    let mut runner = args.backend.runner(&model)?;
+    runner.set_graphs(!args.no_graph);
     for _ in 0..args.warmup {
         runner.forward(&images)?;
     }
     profile::set_enabled(args.profile);
     let counts_before = runner.device().map(|d| d.counts());
+    let replays_before = runner.graph_replays();
     let mut times = Vec::with_capacity(args.iters);
     for i in 0..args.iters {
         let start = Instant::now();
@@ -139,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
         batch: args.batch,
         size,
         gemm: runner.gemm()?,
-        cuda_graph: false,
+        cuda_graph: runner.graph_replays() > replays_before,
         device: runner.name(),
         dtype: args.backend.dtype.clone(),
         threads: rayon::current_num_threads(),

@@ -180,6 +180,27 @@ impl Runner<'_> {
         }
     }
 
+    /// Whether forwards on a GPU replay one CUDA graph per input shape
+    /// ([`DeviceModel::set_graphs`]; on by default).
+    pub fn set_graphs(&mut self, on: bool) {
+        match self {
+            Self::Cpu(_) => {}
+            Self::F32(m) => m.set_graphs(on),
+            Self::F16(m) => m.set_graphs(on),
+            Self::Bf16(m) => m.set_graphs(on),
+        }
+    }
+
+    /// Forwards that replayed a graph so far.
+    pub fn graph_replays(&self) -> u64 {
+        match self {
+            Self::Cpu(_) => 0,
+            Self::F32(m) => m.graph_replays(),
+            Self::F16(m) => m.graph_replays(),
+            Self::Bf16(m) => m.graph_replays(),
+        }
+    }
+
     /// The device it runs on (`None`: the CPU path).
     pub fn device(&self) -> Option<&Device> {
         match self {

@@ -19,9 +19,10 @@ pub(crate) struct Counters {
     uploads: AtomicU64,
     downloads: AtomicU64,
     device_copies: AtomicU64,
+    graph_launches: AtomicU64,
 }
 
-/// What [`Counters`] holds at one moment; subtract two for what happened
+/// A device's running totals at one moment; subtract two for what happened
 /// between them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DeviceCounts {
@@ -39,6 +40,9 @@ pub struct DeviceCounts {
     pub downloads: u64,
     /// Device-to-device copies.
     pub device_copies: u64,
+    /// CUDA graphs replayed (each stands for the launches it recorded,
+    /// which are not counted again).
+    pub graph_launches: u64,
 }
 
 /// One of the counted events.
@@ -51,6 +55,7 @@ pub(crate) enum Event {
     Upload,
     Download,
     DeviceCopy,
+    GraphLaunch,
 }
 
 impl Counters {
@@ -63,6 +68,7 @@ impl Counters {
             Event::Upload => &self.uploads,
             Event::Download => &self.downloads,
             Event::DeviceCopy => &self.device_copies,
+            Event::GraphLaunch => &self.graph_launches,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -77,6 +83,7 @@ impl Counters {
             uploads: get(&self.uploads),
             downloads: get(&self.downloads),
             device_copies: get(&self.device_copies),
+            graph_launches: get(&self.graph_launches),
         }
     }
 }
@@ -94,6 +101,7 @@ impl std::ops::Sub for DeviceCounts {
             uploads: self.uploads - earlier.uploads,
             downloads: self.downloads - earlier.downloads,
             device_copies: self.device_copies - earlier.device_copies,
+            graph_launches: self.graph_launches - earlier.graph_launches,
         }
     }
 }
@@ -110,6 +118,7 @@ impl DeviceCounts {
             uploads: self.uploads / n,
             downloads: self.downloads / n,
             device_copies: self.device_copies / n,
+            graph_launches: self.graph_launches / n,
         }
     }
 }

@@ -193,6 +193,48 @@ impl CudaBackend {
         Ok(self.wrap(slice))
     }
 
+    /// Runs `record` with the stream capturing, and returns what it
+    /// launched as a graph (nothing runs until the graph is launched). The
+    /// capture ends whatever `record` returns, so the stream is usable
+    /// after an error.
+    pub fn capture(&self, record: impl FnOnce() -> Result<()>) -> Result<super::Graph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        // Relaxed: this thread may still make calls that are not stream
+        // work (a context bind, a cuBLASLt descriptor) while capturing.
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| Error::device("graph capture", e))?;
+        let recorded = record();
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        recorded?;
+        match ended.map_err(|e| Error::device("graph capture", e))? {
+            Some(graph) => Ok(super::Graph(graph)),
+            None => Err(Error::device("graph capture", "nothing was captured")),
+        }
+    }
+
+    /// Launches `graph` on the stream.
+    pub fn launch_graph(&self, graph: &super::Graph) -> Result<()> {
+        graph
+            .0
+            .launch()
+            .map_err(|e| Error::device("graph launch", e))
+    }
+
+    /// Writes `bytes` into `slice`, host to device.
+    pub fn upload_into(&self, slice: &mut DeviceSlice, bytes: &[u8]) -> Result<()> {
+        self.stream
+            .memcpy_htod(bytes, &mut slice.slice)
+            .map_err(|e| Error::device("upload", e))
+    }
+
+    /// Zeroes `slice` on the stream.
+    pub fn fill_zeros(&self, slice: &mut DeviceSlice) -> Result<()> {
+        self.stream
+            .memset_zeros(&mut slice.slice)
+            .map_err(|e| Error::device("memset", e))
+    }
+
     /// A copy of `slice`, device to device on the stream.
     pub fn copy(&self, slice: &DeviceSlice) -> Result<DeviceSlice> {
         let copy = self

@@ -42,6 +42,22 @@ pub fn built_with_cuda() -> bool {
     !generated::IMAGES.is_empty()
 }
 
+/// Launches recorded once and replayed as one ([`Device::capture`]).
+pub struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: a graph is only launched (never changed) after it is made, and
+// its owners launch it under a lock: the driver's rule that one graph is
+// not used by two threads at once holds.
+unsafe impl Send for Graph {}
+// SAFETY: as above.
+unsafe impl Sync for Graph {}
+
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Graph")
+    }
+}
+
 /// The GEMM behind a device's dense layers ([`Device::gemm`]).
 #[derive(Debug, Clone, Copy)]
 pub enum Gemm<'a> {
@@ -346,6 +362,84 @@ impl Device {
         }
         constants.insert(key, Arc::clone(&buffer) as Arc<dyn Any + Send + Sync>);
         Ok(buffer)
+    }
+
+    /// Records what `record` launches on this GPU as a [`Graph`], to be
+    /// replayed by [`Device::launch_graph`]: nothing runs while recording.
+    /// What `record` uses must stay allocated while the graph lives, and
+    /// it must not read anything back (a download cannot be captured).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] on the emulator, which has no graphs; the
+    /// error of `record`; device errors (a call that cannot be captured).
+    pub fn capture(&self, record: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        match &self.backend {
+            Backend::Emulator => Err(Error::Unsupported(
+                "CUDA graphs need a GPU; the emulator runs every launch".into(),
+            )),
+            Backend::Cuda(cuda) => cuda.capture(record),
+        }
+    }
+
+    /// Replays `graph` (from [`Device::capture`] on this device).
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn launch_graph(&self, graph: &Graph) -> Result<()> {
+        self.counters.count(Event::GraphLaunch);
+        match &self.backend {
+            Backend::Emulator => Err(Error::Unsupported("no graphs on the emulator".into())),
+            Backend::Cuda(cuda) => cuda.launch_graph(graph),
+        }
+    }
+
+    /// Writes `data` into `buffer` (as long as it), host to device.
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when the lengths differ; [`Error::InvalidArgument`]
+    /// for a buffer that is not this device's own; device errors.
+    pub fn upload_into<T: Pod>(&self, buffer: &mut Buffer<T>, data: &[T]) -> Result<()> {
+        crate::error::check_len("upload_into", "data", &[buffer.len], data.len())?;
+        self.counters.count(Event::Upload);
+        match (&self.backend, &mut buffer.storage) {
+            (Backend::Emulator, Storage::Host(host)) => {
+                host.copy_from_slice(data);
+                Ok(())
+            }
+            (Backend::Cuda(cuda), Storage::Cuda(slice)) => {
+                cuda.upload_into(slice, bytemuck::cast_slice(data))
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "upload_into: the buffer is not an owned buffer of {}",
+                self.name()
+            ))),
+        }
+    }
+
+    /// Sets every element of `buffer` to zero (a memset on a GPU).
+    ///
+    /// # Errors
+    /// As [`Device::upload_into`].
+    pub fn fill_zeros<T: Pod>(&self, buffer: &mut Buffer<T>) -> Result<()> {
+        self.counters.count(Event::ZeroFill);
+        match (&self.backend, &mut buffer.storage) {
+            (Backend::Emulator, Storage::Host(host)) => {
+                host.fill(T::zeroed());
+                Ok(())
+            }
+            (Backend::Cuda(cuda), Storage::Cuda(slice)) => cuda.fill_zeros(slice),
+            _ => Err(Error::InvalidArgument(format!(
+                "fill_zeros: the buffer is not an owned buffer of {}",
+                self.name()
+            ))),
+        }
+    }
+
+    /// Every constant now cached (for what must keep them alive, such as a
+    /// graph that reads them).
+    pub(crate) fn constants_in_use(&self) -> Vec<Arc<dyn Any + Send + Sync>> {
+        let constants = self.constants.lock().unwrap_or_else(|e| e.into_inner());
+        constants.values().cloned().collect()
     }
 
     /// A copy of `buffer`, made on the device (no host transfer).

@@ -27,6 +27,8 @@ use crate::ops::token_selection::grid_reserve_count;
 use crate::profile;
 use crate::tensor::Tensor;
 
+mod graph;
+
 struct DeviceBlock<T: Element> {
     norm1: DeviceLayerNorm,
     q: DeviceLinear<T>,
@@ -103,6 +105,8 @@ pub struct DeviceModel<'m, T: Element> {
     head: DeviceHead<T>,
     offset_clamp: Option<f32>,
     grid_layouts: Mutex<HashMap<(usize, usize), Arc<GridLayout>>>,
+    /// The classifier's forward per input shape as a CUDA graph.
+    graphs: graph::Graphs<T>,
 }
 
 /// Tokens on the device between stages.
@@ -174,8 +178,23 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             head,
             offset_clamp: model.offset_clamp().map(|c| c as f32),
             grid_layouts: Mutex::default(),
+            graphs: graph::Graphs::new(device.is_cuda()),
             device,
         })
+    }
+
+    /// Whether the classifier's forward is captured as a CUDA graph per
+    /// input shape (on a GPU, by default: the first forward at a shape runs
+    /// as launches, the second records them, every later one replays
+    /// them). Off, every forward launches its kernels one by one (`bench
+    /// --no-graph`, to compare).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs.set_enabled(on && self.device.is_cuda());
+    }
+
+    /// How many forwards replayed a graph so far.
+    pub fn graph_replays(&self) -> u64 {
+        self.graphs.replays()
     }
 
     /// The device the model runs on.
@@ -202,40 +221,65 @@ impl<'m, T: Element> DeviceModel<'m, T> {
     /// # Errors
     /// As [`forward`](Self::forward).
     pub fn forward_traced(&self, images: &Tensor, mut trace: Option<&mut Trace>) -> Result<Tensor> {
-        let DeviceHead::Classifier { norm, head } = &self.head else {
+        let DeviceHead::Classifier { head, .. } = &self.head else {
             return Err(Error::Unsupported(
                 "this is a segmentation backbone: it has no classification head".into(),
             ));
         };
+        let (b, height, width) = image_batch_shape(images)?;
+        // A trace reads back along the way, and a profile synchronises per
+        // op: neither can be a graph.
+        if trace.is_none() && !profile::is_enabled() {
+            if let Some(logits) = graph::forward(self, images, (b, height, width))? {
+                return Ok(logits);
+            }
+        }
+        let device = &self.device;
         let (x, grid) = self.embed(images)?;
-        let (mut x, check) = self.run_stages(x, grid, &mut trace, |_, _| Ok(()))?;
+        let mut check = SelectionCheck::new(device)?;
+        let mut logits = device.alloc::<T>(b * head.out_dim)?;
+        self.classify(x, grid, &mut trace, &mut check, &mut logits)?;
+        let logits = self.read_logits(&logits, &check, b)?;
+        record(&mut trace, || "logits".into(), || logits.clone());
+        Ok(logits)
+    }
+
+    /// Stages and head of the classifier on the embedded tokens `x`,
+    /// writing `logits` (b × classes); selections report to `check`.
+    fn classify(
+        &self,
+        x: DeviceTokens<T>,
+        grid: (usize, usize),
+        trace: &mut Option<&mut Trace>,
+        check: &mut SelectionCheck,
+        logits: &mut Buffer<T>,
+    ) -> Result<()> {
+        let DeviceHead::Classifier { norm, head } = &self.head else {
+            return Err(Error::Unsupported("no classification head".into()));
+        };
+        let mut x = self.run_stages(x, grid, trace, check, |_, _| Ok(()))?;
         let device = &self.device;
         let b = x.batch;
-        let logits = self.op("head", || {
+        self.op("head", || {
             let (n, c) = (x.tokens, x.channels);
             layer_norm_in_place(device, &mut x.feat, norm, b * n)?;
             let mut pooled = device.alloc::<T>(b * c)?;
             mean_tokens(device, &x.feat, &mut pooled, (b, n, c))?;
-            let mut logits = device.alloc::<T>(b * head.out_dim)?;
-            linear(
-                device,
-                &pooled,
-                head,
-                false,
-                &mut logits,
-                Output::Overwrite,
-                b,
-            )?;
-            Ok(logits)
-        })?;
-        let logits = device.download(&logits)?;
+            linear(device, &pooled, head, false, logits, Output::Overwrite, b)
+        })
+    }
+
+    /// The logits of a batch of `b` read back, once the selection check
+    /// has passed.
+    fn read_logits(&self, logits: &Buffer<T>, check: &SelectionCheck, b: usize) -> Result<Tensor> {
+        let device = &self.device;
+        let values = device.download(logits)?;
         check.verify(device)?;
-        let logits = Tensor::new(
-            vec![b, head.out_dim],
-            logits.into_iter().map(T::to_f32).collect(),
-        )?;
-        record(&mut trace, || "logits".into(), || logits.clone());
-        Ok(logits)
+        let classes = values.len() / b.max(1);
+        Tensor::new(
+            vec![b, classes],
+            values.into_iter().map(T::to_f32).collect(),
+        )
     }
 
     /// The multi-scale features of a segmentation backbone, as
@@ -263,7 +307,8 @@ impl<'m, T: Element> DeviceModel<'m, T> {
             stages.push(tokens.download(device)?);
             Ok(())
         };
-        let (last, check) = self.run_stages(x, grid, &mut None, &mut output)?;
+        let mut check = SelectionCheck::new(device)?;
+        let last = self.run_stages(x, grid, &mut None, &mut check, &mut output)?;
         output(self.stages.len() - 1, last)?;
         check.verify(device)?;
         Ok(BackboneFeatures { grid, stages })
@@ -283,25 +328,38 @@ impl<'m, T: Element> DeviceModel<'m, T> {
     /// Patch embedding of b×3×H×W images: stage-0 tokens and their grid.
     fn embed(&self, images: &Tensor) -> Result<(DeviceTokens<T>, (usize, usize))> {
         let (b, height, width) = image_batch_shape(images)?;
-        let device = &self.device;
         self.op("patch_embed", || {
-            let pixels: Vec<T> = images.data().iter().map(|&v| T::from_f32(v)).collect();
-            let pixels = device.upload(&pixels)?;
-            let (feat, grid) = self.embed.forward(device, &pixels, b, (height, width))?;
-            let tokens = DeviceTokens {
-                batch: b,
-                tokens: grid.0 * grid.1,
-                channels: self.model.config().embed_dim[0],
-                // The batch's grid positions: a table per (grid, batch),
-                // copied on the device for this forward to own.
-                pos: device.copy(&*device.constant(
-                    &format!("grid positions {}x{} b{b}", grid.0, grid.1),
-                    || grid_positions(grid.0, grid.1).repeat(b),
-                )?)?,
-                feat,
-            };
-            Ok((tokens, grid))
+            let pixels = self.device.upload(&Self::pixels(images))?;
+            self.embed_pixels(&pixels, (b, height, width))
         })
+    }
+
+    /// The images' values in the storage type, as uploaded.
+    fn pixels(images: &Tensor) -> Vec<T> {
+        images.data().iter().map(|&v| T::from_f32(v)).collect()
+    }
+
+    /// Patch embedding of `pixels` already on the device (b×3×H×W).
+    fn embed_pixels(
+        &self,
+        pixels: &Buffer<T>,
+        (b, height, width): (usize, usize, usize),
+    ) -> Result<(DeviceTokens<T>, (usize, usize))> {
+        let device = &self.device;
+        let (feat, grid) = self.embed.forward(device, pixels, b, (height, width))?;
+        let tokens = DeviceTokens {
+            batch: b,
+            tokens: grid.0 * grid.1,
+            channels: self.model.config().embed_dim[0],
+            // The batch's grid positions: a table per (grid, batch),
+            // copied on the device for this forward to own.
+            pos: device.copy(&*device.constant(
+                &format!("grid positions {}x{} b{b}", grid.0, grid.1),
+                || grid_positions(grid.0, grid.1).repeat(b),
+            )?)?,
+            feat,
+        };
+        Ok((tokens, grid))
     }
 
     /// Stage `s` on the stage-0 `grid`: layout, then blocks. Returns the
@@ -584,9 +642,9 @@ impl<'m, T: Element> DeviceModel<'m, T> {
         mut x: DeviceTokens<T>,
         grid: (usize, usize),
         trace: &mut Option<&mut Trace>,
+        check: &mut SelectionCheck,
         mut before_merge: impl FnMut(usize, DeviceTokens<T>) -> Result<()>,
-    ) -> Result<(DeviceTokens<T>, SelectionCheck)> {
-        let mut check = SelectionCheck::new(&self.device)?;
+    ) -> Result<DeviceTokens<T>> {
         let last = self.stages.len() - 1;
         for s in 0..last {
             let _stage = crate::nvtx::range_with(|| format!("stage{s}"));
@@ -595,7 +653,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 .merge
                 .as_ref()
                 .ok_or_else(|| Error::Unsupported(format!("stage {s} has no merge")))?;
-            x = self.merge(s, merge, &tokens, nbhd.get(), (grid, &mut check), trace)?;
+            x = self.merge(s, merge, &tokens, nbhd.get(), (grid, &mut *check), trace)?;
             before_merge(s, tokens)?;
         }
         let out = {
@@ -611,7 +669,7 @@ impl<'m, T: Element> DeviceModel<'m, T> {
                 || f32_tensor(&[b, n, 2], &pos),
             );
         }
-        Ok((out, check))
+        Ok(out)
     }
 
     /// `x += g1·proj(attn(LN1(x)))`, `x += g2·fc2(GELU(fc1(LN2(x))))`.
@@ -753,6 +811,11 @@ impl SelectionCheck {
         Ok(Self {
             mismatch: device.zeros::<i32>(1)?,
         })
+    }
+
+    /// Clears the flag (inside a graph, before each replay's selections).
+    fn reset(&mut self, device: &Device) -> Result<()> {
+        device.fill_zeros(&mut self.mismatch)
     }
 
     /// # Errors
