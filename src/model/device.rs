@@ -1,8 +1,9 @@
 //! The whole model on a [`Device`]: weights uploaded once, then every op
 //! runs as kernels (patch embedding, layout, blocks, selection, merge, head)
 //! with the activations staying on the device. Only the images go up and
-//! the logits (or backbone features) come back, plus one count per image and
-//! stage that sizes the token selection.
+//! the logits (or backbone features) come back, with one flag that checks
+//! the token selections; the classifier's forward replays one CUDA graph
+//! per input shape on a GPU (`device/graph.rs`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

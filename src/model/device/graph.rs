@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{DeviceHead, DeviceModel, GridLayout, SelectionCheck};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Buffer, Element, Graph};
 use crate::tensor::Tensor;
 
@@ -131,7 +131,9 @@ fn record<T: Element>(
 ) -> Result<Recorded<T>> {
     let device = model.device();
     let DeviceHead::Classifier { head, .. } = &model.head else {
-        unreachable!("forward_traced checked the head");
+        return Err(Error::Unsupported(
+            "a graph records the classifier's forward; this is a backbone".into(),
+        ));
     };
     let (b, height, width) = shape;
     let pixels = device.upload(pixels)?;
