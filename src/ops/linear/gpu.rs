@@ -65,24 +65,12 @@ pub fn linear<T: Element>(
 ) -> Result<()> {
     const OP: &str = "linear";
     let (k, n) = (layer.in_dim, layer.out_dim);
-    let out_addr = device.check_mut(OP, "out", out, &[rows, n])?;
-    let (residual, gamma) = match output {
-        Output::Overwrite => (0, 0),
-        Output::Accumulate { gamma } => {
-            (out_addr, optional_addr(device, OP, "gamma", gamma, &[n])?)
-        }
-    };
+    // The output first, then the inputs: the order errors are reported in.
+    let params = output_params(device, OP, layer, gelu, out, output, rows)?;
     let params = LinearParams {
         x: device.check(OP, "x", x, &[rows, k])?,
         weight: device.check(OP, "weight", &layer.weight, &[n, k])?,
-        bias: optional_addr(device, OP, "bias", layer.bias.as_ref(), &[n])?,
-        residual,
-        gamma,
-        out: out_addr,
-        rows: dim(OP, "rows", rows)?,
-        in_dim: dim(OP, "in_dim", k)?,
-        out_dim: dim(OP, "out_dim", n)?,
-        gelu: i32::from(gelu),
+        ..params
     };
     if rows == 0 || n == 0 {
         return Ok(());
@@ -153,28 +141,44 @@ pub fn linear_epilogue<T: Element>(
     rows: usize,
 ) -> Result<()> {
     const OP: &str = "linear_epilogue";
-    let n = layer.out_dim;
-    let out_addr = device.check_mut(OP, "out", out, &[rows, n])?;
-    let (residual, gamma) = match output {
-        Output::Overwrite => (0, 0),
-        Output::Accumulate { gamma } => {
-            (out_addr, optional_addr(device, OP, "gamma", gamma, &[n])?)
-        }
-    };
-    let params = LinearParams {
-        x: 0,
-        weight: 0,
-        bias: optional_addr(device, OP, "bias", layer.bias.as_ref(), &[n])?,
-        residual,
-        gamma,
-        out: out_addr,
-        rows: dim(OP, "rows", rows)?,
-        in_dim: dim(OP, "in_dim", layer.in_dim)?,
-        out_dim: dim(OP, "out_dim", n)?,
-        gelu: i32::from(gelu),
-    };
-    if rows == 0 || n == 0 {
+    let params = output_params(device, OP, layer, gelu, out, output, rows)?;
+    if rows == 0 || layer.out_dim == 0 {
         return Ok(());
     }
     launch_epilogue::<T>(device, product, &params)
+}
+
+/// `linear`'s parameters but for its inputs (`x` and the weight, left
+/// null): the bias, the output and what `output` adds to it, checked
+/// against `rows` and the layer's shapes (errors named after `op`). Both
+/// GEMMs' epilogues read these.
+fn output_params<T: Element>(
+    device: &Device,
+    op: &'static str,
+    layer: &DeviceLinear<T>,
+    gelu: bool,
+    out: &mut Buffer<T>,
+    output: Output<'_>,
+    rows: usize,
+) -> Result<LinearParams> {
+    let n = layer.out_dim;
+    let out_addr = device.check_mut(op, "out", out, &[rows, n])?;
+    let (residual, gamma) = match output {
+        Output::Overwrite => (0, 0),
+        Output::Accumulate { gamma } => {
+            (out_addr, optional_addr(device, op, "gamma", gamma, &[n])?)
+        }
+    };
+    Ok(LinearParams {
+        x: 0,
+        weight: 0,
+        bias: optional_addr(device, op, "bias", layer.bias.as_ref(), &[n])?,
+        residual,
+        gamma,
+        out: out_addr,
+        rows: dim(op, "rows", rows)?,
+        in_dim: dim(op, "in_dim", layer.in_dim)?,
+        out_dim: dim(op, "out_dim", n)?,
+        gelu: i32::from(gelu),
+    })
 }
