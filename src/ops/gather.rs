@@ -414,11 +414,15 @@ pub fn transpose_columns(
     // Blocks of rows, so that every write is a contiguous run.
     const BLOCK: usize = 16;
     let groups = columns.len();
-    let mut out = vec![0.0f32; images * groups * width * n];
-    if out.is_empty() {
+    let len = images * groups * width * n;
+    // Written once each below, so not zeroed first (a fill as long as the
+    // copy itself).
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
         return out;
     }
-    out.par_chunks_mut(width * n)
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(width * n)
         .enumerate()
         .for_each(|(img_group, dst)| {
             let (img, first) = (img_group / groups, columns[img_group % groups]);
@@ -428,11 +432,15 @@ pub fn transpose_columns(
                 for e in 0..width {
                     let run = &mut dst[e * n + j0..e * n + j0 + rows.len() / stride];
                     for (x, row) in run.iter_mut().zip(rows.chunks_exact(stride)) {
-                        *x = row[first + e];
+                        x.write(row[first + e]);
                     }
                 }
             }
         });
+    // SAFETY: the chunks tile `0..len` (`len` is a multiple of `width·n`),
+    // and each chunk's runs cover it: `e·n + j` for every `e < width` and
+    // `j < n` (blocks of rows `j0..j0 + BLOCK` up to `n`).
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -462,6 +470,37 @@ mod tests {
                         src[(first + j) * stride + e],
                         "{rows}×{width}: ({j}, {e})"
                     );
+                }
+            }
+        }
+    }
+
+    /// Every element of the result as defined, for column groups of
+    /// several widths (rows past a multiple of the block, several images).
+    #[test]
+    fn transpose_columns_matches_the_definition() {
+        for (images, n, stride, columns, width) in [
+            (1, 1, 1, vec![0], 1),
+            (2, 17, 12, vec![0, 6], 5),
+            (3, 33, 8, vec![2], 6),
+            (1, 16, 4, vec![0, 1, 2], 2),
+            (2, 5, 3, vec![], 3),
+            (2, 0, 3, vec![0], 3),
+        ] {
+            let src: Vec<f32> = (0..images * n * stride).map(|x| x as f32).collect();
+            let out = transpose_columns(&src, images, n, stride, &columns, width);
+            assert_eq!(out.len(), images * columns.len() * width * n);
+            for img in 0..images {
+                for (g, &first) in columns.iter().enumerate() {
+                    for e in 0..width {
+                        for j in 0..n {
+                            assert_eq!(
+                                out[((img * columns.len() + g) * width + e) * n + j],
+                                src[(img * n + j) * stride + first + e],
+                                "image {img}, group {g}, ({e}, {j})"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -8,7 +8,8 @@
 //! whole b×h×n×m tensor), and for each tile:
 //! 1. by query: the logits and `dO·v` scored as the forward scores (blocks
 //!    of cluster members, dimension-major keys and values), `p` and `da`
-//!    computed in place in the tile's scratch,
+//!    computed per head, then stored in the tile by slot (every head's `p`
+//!    and `da` of one slot side by side, so pass 2 reads them together),
 //!    `dq = scale · (Σ_j da_j k_j + da_blank · blank_k)`, and the
 //!    position-bias weights and bias (one multiply-add per slot with a row
 //!    of offset features), `blank_k` and `blank_v` (a few values shared by
@@ -126,13 +127,6 @@ pub fn cluster_attention_backward_tiled(
     let ctx = Context {
         g,
         features: position_features(g.offsets),
-        // D = dO·O per query and head.
-        delta: g
-            .grad_out
-            .par_chunks_exact(d)
-            .zip(g.out.par_chunks_exact(d))
-            .map(|(go, o)| dot(go, o))
-            .collect(),
         kv_t: transpose_heads(inp.kv, b, n, h, d, KEYS_AND_VALUES),
     };
 
@@ -255,8 +249,6 @@ struct Context<'a> {
     g: &'a AttentionGradInputs<'a>,
     /// Per bias-table row: [`position_features`].
     features: Vec<[f32; FEATURE_LANES]>,
-    /// b×n×h: `dO·O`.
-    delta: Vec<f32>,
     /// Keys and values dimension-major as the forward scores them, per
     /// image and head `[keys d×n | values d×n]` (one copy: each head's key
     /// and value are adjacent in a kv row).
@@ -270,8 +262,10 @@ struct Tile {
     end: usize,
 }
 
-/// A tile's `p` and `da`, per row `[t][p of every slot | da of every
-/// slot]`: pass 1 computes them in place.
+/// A tile's `p` and `da`, per row `[slot][t][p, da]`: pass 2 reads one
+/// pair's values for every head from one place (one cache line), and the
+/// next key of a cluster, which the same queries hold in the next slot,
+/// reads the next `2h` floats.
 struct TileData<'a> {
     tile: Tile,
     values: &'a [f32],
@@ -281,8 +275,10 @@ struct TileData<'a> {
 struct QueryScratch {
     plan: ScorePlan,
     query: Vec<f32>,
-    /// One head's `dO·v` per slot.
-    dp: Vec<f32>,
+    /// One head's logits, then `p`, per slot.
+    p: Vec<f32>,
+    /// One head's `dO·v`, then `da`, per slot.
+    da: Vec<f32>,
 }
 
 /// Pass 1 over rows `first_row..` (one chunk): their `dq`, `p` and `da`
@@ -300,7 +296,8 @@ fn query_chunk(
     let (h, d) = (inp.heads, inp.head_dim);
     let (c, m) = (h * d, inp.nbhd.size);
     scratch.query.resize(d, 0.0);
-    scratch.dp.resize(m, 0.0);
+    scratch.p.resize(m, 0.0);
+    scratch.da.resize(m, 0.0);
     let mut part = vec![0.0f32; 6 * h + 2 * c];
     for (r, (dq, values)) in dq
         .chunks_exact_mut(c)
@@ -350,17 +347,16 @@ fn query_backward(
         // The head's keys, then its values, d×n each.
         let key_rows = (img * h + t) * 2 * d * n..(img * h + t) * 2 * d * n + d * n;
         let value_rows = key_rows.end..key_rows.end + d * n;
-        let (p, da) = values[t * 2 * m..(t + 1) * 2 * m].split_at_mut(m);
-        // Logits into `p`, dO·v into `dp` (one sweep), then p and da in
+        let (p, da) = (&mut scratch.p[..], &mut scratch.da[..]);
+        // Logits into `p`, dO·v into `da` (one sweep), then p and da in
         // place (in separate loops, so that each vectorises).
-        let dp = &mut scratch.dp[..];
         score_pair(
             &scratch.plan,
             (qs, &ctx.kv_t[key_rows]),
             (go, &ctx.kv_t[value_rows]),
             n,
             nbrs,
-            (&mut *p, &mut *dp),
+            (&mut *p, &mut *da),
         );
         let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
         for (a, &r) in p.iter_mut().zip(rows) {
@@ -374,11 +370,17 @@ fn query_backward(
             }
         }
         let lse = ctx.g.lse[row * h + t];
-        let delta = ctx.delta[row * h + t];
-        for ((p, da), &dp) in p.iter_mut().zip(da.iter_mut()).zip(dp.iter()) {
+        // D = dO·O, here where dO is read anyway (not a pass of its own).
+        let delta = dot(go, &ctx.g.out[row * c + t * d..row * c + (t + 1) * d]);
+        for (p, da) in p.iter_mut().zip(da.iter_mut()) {
             *p = exp(*p - lse);
-            *da = *p * (dp - delta);
+            *da = *p * (*da - delta);
         }
+        for (slot, (&p, &da)) in values.chunks_exact_mut(2 * h).zip(p.iter().zip(da.iter())) {
+            slot[2 * t] = p;
+            slot[2 * t + 1] = da;
+        }
+        let da = &scratch.da[..];
         let dq_t = &mut dq[t * d..(t + 1) * d];
         // Key of token j: kv[j·2c + t·2d ..][..d].
         gather_weighted_sum(da, nbrs, &kv[t * 2 * d..], 2 * c, dq_t);
@@ -394,17 +396,30 @@ fn query_backward(
         }
         axpy(da_blank, qs, &mut blank_k[t * d..(t + 1) * d]);
         axpy(p_blank, go, &mut blank_v[t * d..(t + 1) * d]);
-        // Position bias: P_t(f) = w_t·f + b_t per table row.
-        let mut acc = [0.0f32; FEATURE_LANES];
-        for (&da, &r) in da.iter().zip(rows) {
+        // Position bias: P_t(f) = w_t·f + b_t per table row. Even and odd
+        // slots in two sums (two chains of multiply-adds, not one), added
+        // at the end.
+        let feature = |r: u32| {
             // SAFETY: `check_inputs` checked every bias row against the
             // table's row count, which the features have (checked against
             // `offsets`).
-            let f = unsafe { ctx.features.get_unchecked(r as usize) };
-            for (a, &f) in acc.iter_mut().zip(f) {
-                *a = da.mul_add(f, *a);
+            unsafe { ctx.features.get_unchecked(r as usize) }
+        };
+        let (mut even, mut odd) = ([0.0f32; FEATURE_LANES], [0.0f32; FEATURE_LANES]);
+        for (da, r) in da.chunks_exact(2).zip(rows.chunks_exact(2)) {
+            let (f0, f1) = (feature(r[0]), feature(r[1]));
+            for l in 0..FEATURE_LANES {
+                even[l] = da[0].mul_add(f0[l], even[l]);
+                odd[l] = da[1].mul_add(f1[l], odd[l]);
             }
         }
+        if m % 2 == 1 {
+            let f = feature(rows[m - 1]);
+            for l in 0..FEATURE_LANES {
+                even[l] = da[m - 1].mul_add(f[l], even[l]);
+            }
+        }
+        let acc: [f32; FEATURE_LANES] = std::array::from_fn(|l| even[l] + odd[l]);
         for (w, &a) in pos_weight[t * 5..(t + 1) * 5].iter_mut().zip(&acc) {
             *w += a;
         }
@@ -417,34 +432,9 @@ fn query_backward(
 #[multiversion(targets = "simd")]
 fn key_gather(ctx: &Context<'_>, tile: &TileData<'_>, img: usize, j: usize, dkv: &mut [f32]) {
     let inp = ctx.g.forward;
-    let (n, h, d) = (inp.tokens, inp.heads, inp.head_dim);
-    let c = h * d;
-    // The pairs are in ascending query order: the tile's are one run.
-    let pairs = ctx.g.inverse.of(img, j);
-    let in_tile =
-        |&(i, _): &(u32, u32)| (tile.tile.first..tile.tile.end).contains(&(img * n + i as usize));
-    // Most keys' lists lie in one tile: then no search.
-    let whole = pairs.first().is_some_and(in_tile) && pairs.last().is_some_and(in_tile);
-    let pairs = if whole {
-        pairs
-    } else {
-        let lo = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.first);
-        let hi = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.end);
-        &pairs[lo..hi]
-    };
-    if pairs.is_empty() {
+    let (h, d) = (inp.heads, inp.head_dim);
+    let Some(sweep) = KeySweep::new(ctx, tile, img, j) else {
         return;
-    }
-    let sweep = KeySweep {
-        pairs,
-        values: tile.values,
-        row0: img * n,
-        first: tile.tile.first,
-        m: inp.nbhd.size,
-        heads: h,
-        q: &inp.q[img * n * c..(img + 1) * n * c],
-        grad_out: &ctx.g.grad_out[img * n * c..(img + 1) * n * c],
-        c,
     };
     for t in 0..h {
         let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
@@ -483,7 +473,40 @@ struct KeySweep<'a> {
     c: usize,
 }
 
-impl KeySweep<'_> {
+impl<'a> KeySweep<'a> {
+    /// The tile's pairs that hold key `j` of image `img`, or `None` when
+    /// there are none.
+    #[inline(always)]
+    fn new(ctx: &'a Context<'_>, tile: &'a TileData<'_>, img: usize, j: usize) -> Option<Self> {
+        let inp = ctx.g.forward;
+        let (n, c) = (inp.tokens, inp.heads * inp.head_dim);
+        // The pairs are in ascending query order: the tile's are one run.
+        let pairs = ctx.g.inverse.of(img, j);
+        let in_tile = |&(i, _): &(u32, u32)| {
+            (tile.tile.first..tile.tile.end).contains(&(img * n + i as usize))
+        };
+        // Most keys' lists lie in one tile: then no search.
+        let whole = pairs.first().is_some_and(in_tile) && pairs.last().is_some_and(in_tile);
+        let pairs = if whole {
+            pairs
+        } else {
+            let lo = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.first);
+            let hi = pairs.partition_point(|&(i, _)| img * n + (i as usize) < tile.tile.end);
+            &pairs[lo..hi]
+        };
+        (!pairs.is_empty()).then(|| Self {
+            pairs,
+            values: tile.values,
+            row0: img * n,
+            first: tile.tile.first,
+            m: inp.nbhd.size,
+            heads: inp.heads,
+            q: &inp.q[img * n * c..(img + 1) * n * c],
+            grad_out: &ctx.g.grad_out[img * n * c..(img + 1) * n * c],
+            c,
+        })
+    }
+
     /// `dk[..W] += scale · Σ da · q[col..]`, `dv[..W] += Σ p · dO[col..]`
     /// over the pairs, for head `t`: the two sums share one pass over the
     /// pairs and keep `2W` floats in registers.
@@ -499,8 +522,8 @@ impl KeySweep<'_> {
         let (mut ak, mut av) = ([0.0f32; W], [0.0f32; W]);
         for &(i, slot) in self.pairs {
             let i = i as usize;
-            let at = ((self.row0 + i - self.first) * self.heads + t) * 2 * self.m + slot as usize;
-            let (p, da) = (self.values[at], self.values[at + self.m]);
+            let at = (((self.row0 + i - self.first) * self.m + slot as usize) * self.heads + t) * 2;
+            let (p, da) = (self.values[at], self.values[at + 1]);
             let q: &[f32; W] = self.q[i * self.c + col..][..W].try_into().unwrap();
             let go: &[f32; W] = self.grad_out[i * self.c + col..][..W].try_into().unwrap();
             for l in 0..W {
