@@ -130,6 +130,13 @@ print(sorted(found)[-1] if found else "")' 2>/dev/null || true)"
   # The same without the graph: launches one by one.
   step bench-aff_mini-bf16-no-graph device-bin/autofocus bench --device cuda --dtype bf16 \
     --config aff_mini --batch 256 --size 224 --iters 5 --warmup 2 --json --no-graph
+  # One stream of batches, copies overlapping the kernels (pinned memory,
+  # a second stream), against the same forwards one at a time above.
+  step bench-aff_mini-bf16-overlap device-bin/autofocus bench --device cuda --dtype bf16 \
+    --config aff_mini --batch 256 --size 224 --iters 10 --warmup 2 --json --overlap
+  step overlapped-batches device-bin/test-device_model overlapped --test-threads=1
+  step overlapped-memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+    device-bin/test-device_model overlapped --test-threads=1
   step profile-aff_mini-bf16 device-bin/autofocus bench --device cuda --dtype bf16 \
     --config aff_mini --batch 256 --size 224 --iters 2 --warmup 1 --profile
   # A dataset run over every GPU (one worker each) against the CPU: same

@@ -200,6 +200,8 @@ fn non_finite_pixels_are_refused_on_every_path() {
     for device in common::devices() {
         let model = DeviceModel::<f32>::new(&case.model, device.clone()).unwrap();
         check(model.forward(&image).unwrap_err(), &format!("{device:?}"));
+        let streamed = model.forward_batches([Ok(&image)], |_| Ok(()));
+        check(streamed.unwrap_err(), &format!("{device:?}, a stream"));
     }
 }
 
@@ -345,5 +347,97 @@ fn graph_replays_give_the_plain_launches_logits_bit_for_bit() {
         let replays = if device.is_cuda() { 3 } else { 0 };
         assert_eq!(graphs.graph_replays(), replays, "on {device:?}");
         assert_eq!(plain.graph_replays(), 0);
+    }
+}
+
+/// A stream of batches through `forward_batches` (on a GPU: uploads and
+/// read-backs on a second stream from page-locked memory, overlapping the
+/// kernels; graphs on) gives each batch the logits a plain forward gives
+/// it, bit for bit, in order, as the batches change size (each slot's
+/// buffers are remade); once each size has been seen, a batch costs one
+/// upload and two read-backs (logits and the selection flag); an error
+/// stops the stream after the batches before it were handed over.
+#[test]
+fn overlapped_batches_give_each_batch_its_own_logits_in_order() {
+    use autofocus::{AffConfig, Error, Tensor};
+    let config = AffConfig::preset("aff_mini").unwrap();
+    let model = AutoFocusFormer::random(config, ModelKind::Classifier, 0).unwrap();
+    let image = |seed: usize, b: usize, h: usize, w: usize| {
+        let data = (0..b * 3 * h * w)
+            .map(|i| (((i * 7 + seed * 13) % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        Tensor::new(vec![b, 3, h, w], data).unwrap()
+    };
+    // Two of one shape (each slot once), a smaller batch, another size,
+    // and back: slots remade, the oldest collected first.
+    let batches = [
+        image(0, 2, 32, 32),
+        image(1, 2, 32, 32),
+        image(2, 1, 32, 32),
+        image(3, 1, 32, 48),
+        image(4, 2, 32, 32),
+    ];
+    for device in common::devices() {
+        let mut plain = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
+        plain.set_graphs(false);
+        let want: Vec<Tensor> = batches.iter().map(|b| plain.forward(b).unwrap()).collect();
+        let overlapped = DeviceModel::<f32>::new(&model, device.clone()).unwrap();
+        let mut counts = None;
+        for pass in 0..2 {
+            let before = device.counts();
+            let mut got = Vec::new();
+            overlapped
+                .forward_batches(batches.iter().cloned().map(Ok), |logits| {
+                    got.push(logits);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(got.len(), want.len(), "on {device:?}");
+            for (k, (got, want)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(got.shape(), want.shape(), "batch {k} on {device:?}");
+                assert_exact(
+                    &format!("pass {pass}, batch {k} on {device:?}"),
+                    got.data(),
+                    want.data(),
+                );
+            }
+            counts = Some(device.counts() - before);
+        }
+        let counts = counts.unwrap();
+        let n = batches.len() as u64;
+        assert_eq!(
+            (counts.uploads, counts.downloads),
+            (n, 2 * n),
+            "on {device:?}: {counts:?}"
+        );
+
+        // A malformed batch stops the stream: the ones before it arrive.
+        let mut seen = 0;
+        let stream = [
+            Ok(batches[0].clone()),
+            Ok(batches[1].clone()),
+            Ok(Tensor::new(vec![1, 2, 8, 8], vec![0.0; 128]).unwrap()),
+            Ok(batches[2].clone()),
+        ];
+        let err = overlapped.forward_batches(stream, |_| {
+            seen += 1;
+            Ok(())
+        });
+        assert!(err.is_err(), "on {device:?}");
+        assert_eq!(seen, 0, "nothing is collected before the third batch");
+        // The caller's error stops it too, after that batch.
+        let mut seen = 0;
+        let err = overlapped
+            .forward_batches(batches.iter().cloned().map(Ok), |_| {
+                seen += 1;
+                if seen == 2 {
+                    Err(Error::InvalidArgument("enough".into()))
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("enough"), "{err}");
+        assert_eq!(seen, 2);
     }
 }

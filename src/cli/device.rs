@@ -160,6 +160,24 @@ impl Runner<'_> {
         }
     }
 
+    /// Class logits of every batch, handed to `each` in order: on a device
+    /// through [`DeviceModel::forward_batches`] (the copies overlap the
+    /// kernels), on the CPU one forward after another.
+    pub fn forward_batches<'a>(
+        &self,
+        batches: impl IntoIterator<Item = Result<&'a Tensor>>,
+        mut each: impl FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        match self {
+            Self::Cpu(m) => batches
+                .into_iter()
+                .try_for_each(|images| each(m.forward(images?)?)),
+            Self::F32(m) => m.forward_batches(batches, each),
+            Self::F16(m) => m.forward_batches(batches, each),
+            Self::Bf16(m) => m.forward_batches(batches, each),
+        }
+    }
+
     /// Backbone features, as [`AutoFocusFormer::features`].
     pub fn features(&self, images: &Tensor) -> Result<BackboneFeatures> {
         match self {

@@ -2,13 +2,15 @@
 //! each kernel file's module loaded on first use and kept (from the embedded
 //! fatbin or NVRTC's cubin, [`super::loader`]), functions cached by name.
 //! One created stream per device (not the legacy default stream): launches
-//! and copies are ordered on it.
+//! and copies are ordered on it; a second one, made on first use, carries
+//! the copies that overlap the kernels ([`super::transfer`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    PinnedHostSlice, PushKernelArg,
 };
 
 use super::LaunchConfig;
@@ -27,9 +29,14 @@ pub struct CudaBackend {
     functions: Mutex<HashMap<String, CudaFunction>>,
     /// cuBLASLt on this stream, or why not (decided on first use).
     cublaslt: OnceLock<std::result::Result<Option<CublasLt>, String>>,
+    /// A second stream for copies that overlap the kernels (created on
+    /// first use; [`super::transfer`]).
+    transfers: OnceLock<Arc<CudaStream>>,
 }
 
-/// Device memory with its address taken once (one stream: no event tracking needed).
+/// Device memory with its address taken once. (No event tracking: the
+/// kernels' stream orders its own work, and the transfer stream is ordered
+/// against it by explicit events, [`super::transfer`].)
 pub struct DeviceSlice {
     slice: CudaSlice<u8>,
     addr: Ptr,
@@ -38,6 +45,11 @@ pub struct DeviceSlice {
 impl DeviceSlice {
     pub fn addr(&self) -> Ptr {
         self.addr
+    }
+
+    /// Bytes allocated.
+    pub fn bytes(&self) -> usize {
+        self.slice.len()
     }
 
     /// The memory as `len` elements of `T` (at most what was allocated),
@@ -133,6 +145,7 @@ impl CudaBackend {
             modules: Mutex::default(),
             functions: Mutex::default(),
             cublaslt: OnceLock::new(),
+            transfers: OnceLock::new(),
         })
     }
 
@@ -274,6 +287,107 @@ impl CudaBackend {
             .map_err(|e| Error::device("synchronize", e))
     }
 
+    /// The transfer stream, created on first use.
+    fn transfers(&self) -> Result<&Arc<CudaStream>> {
+        if let Some(stream) = self.transfers.get() {
+            return Ok(stream);
+        }
+        let stream = self
+            .context
+            .new_stream()
+            .map_err(|e| Error::device("transfer stream", e))?;
+        Ok(self.transfers.get_or_init(|| stream))
+    }
+
+    /// `bytes` of page-locked host memory, zeroed: write-combined for
+    /// uploads (the host only writes it; reads from it are slow), cached
+    /// for read-backs.
+    pub fn pinned(&self, bytes: usize, for_upload: bool) -> Result<PinnedHostSlice<u8>> {
+        let flags = if for_upload {
+            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        } else {
+            0
+        };
+        // SAFETY: the memory is zeroed below, through a raw pointer, before
+        // any reference to it exists.
+        let mut pinned = unsafe { self.context.alloc_pinned_with_flags::<u8>(bytes, flags) }
+            .map_err(|e| Error::device("pinned alloc", e))?;
+        let ptr = pinned
+            .as_mut_ptr()
+            .map_err(|e| Error::device("pinned alloc", e))?;
+        // SAFETY: `ptr` holds `bytes` bytes, just allocated.
+        unsafe { std::ptr::write_bytes(ptr, 0, bytes) };
+        Ok(pinned)
+    }
+
+    /// Copies `src` into `dst` on the transfer stream, and returns an event
+    /// that marks the copy's end. (cudarc orders the copy after earlier
+    /// copies of `src`, and a later host access to `src` after it.)
+    pub fn upload_async(
+        &self,
+        src: &PinnedHostSlice<u8>,
+        dst: &mut DeviceSlice,
+    ) -> Result<CudaEvent> {
+        same_bytes("upload", src.len(), dst.bytes())?;
+        let transfers = self.transfers()?;
+        transfers
+            .memcpy_htod(src, &mut dst.slice)
+            .map_err(|e| Error::device("upload", e))?;
+        transfers
+            .record_event(None)
+            .map_err(|e| Error::device("upload", e))
+    }
+
+    /// Copies `src` into `dst` on the transfer stream once the work
+    /// `after` marks has finished.
+    pub fn download_async(
+        &self,
+        src: &DeviceSlice,
+        dst: &mut PinnedHostSlice<u8>,
+        after: &CudaEvent,
+    ) -> Result<()> {
+        same_bytes("download", src.bytes(), dst.len())?;
+        let transfers = self.transfers()?;
+        transfers
+            .wait(after)
+            .map_err(|e| Error::device("download", e))?;
+        transfers
+            .memcpy_dtoh(&src.slice, dst)
+            .map_err(|e| Error::device("download", e))
+    }
+
+    /// An event marking the work queued on the kernels' stream so far.
+    pub fn mark(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(None)
+            .map_err(|e| Error::device("event", e))
+    }
+
+    /// Makes the kernels' stream wait for the work `event` marks.
+    pub fn wait_for(&self, event: &CudaEvent) -> Result<()> {
+        self.stream
+            .wait(event)
+            .map_err(|e| Error::device("event wait", e))
+    }
+
+    /// Copies `src` into `dst`, device to device on the kernels' stream.
+    pub fn copy_into(&self, dst: &mut DeviceSlice, src: &DeviceSlice) -> Result<()> {
+        same_bytes("copy", src.bytes(), dst.bytes())?;
+        self.stream
+            .memcpy_dtod(&src.slice, &mut dst.slice)
+            .map_err(|e| Error::device("copy", e))
+    }
+
+    /// Waits for every copy on the transfer stream.
+    pub fn synchronize_transfers(&self) -> Result<()> {
+        match self.transfers.get() {
+            Some(stream) => stream
+                .synchronize()
+                .map_err(|e| Error::device("synchronize", e)),
+            None => Ok(()),
+        }
+    }
+
     fn function(&self, name: &str) -> Result<CudaFunction> {
         if let Some(f) = self.functions.lock().unwrap().get(name) {
             return Ok(f.clone());
@@ -324,4 +438,14 @@ impl CudaBackend {
         unsafe { builder.launch(config) }.map_err(|e| Error::device(name, e))?;
         Ok(())
     }
+}
+
+/// An error unless a copy's two sides are as long (cudarc would panic).
+fn same_bytes(op: &str, src: usize, dst: usize) -> Result<()> {
+    if src == dst {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "{op}: {src} bytes into a buffer of {dst}"
+    )))
 }

@@ -29,6 +29,7 @@ use crate::profile;
 use crate::tensor::Tensor;
 
 mod graph;
+mod pipeline;
 
 struct DeviceBlock<T: Element> {
     norm1: DeviceLayerNorm,
@@ -337,7 +338,8 @@ impl<'m, T: Element> DeviceModel<'m, T> {
 
     /// The images' values in the storage type, as uploaded.
     fn pixels(images: &Tensor) -> Vec<T> {
-        images.data().iter().map(|&v| T::from_f32(v)).collect()
+        use rayon::prelude::*;
+        images.data().par_iter().map(|&v| T::from_f32(v)).collect()
     }
 
     /// Patch embedding of `pixels` already on the device (b×3×H×W).
@@ -825,9 +827,14 @@ impl SelectionCheck {
         if device.download(&self.mismatch)?.first() == Some(&0) {
             return Ok(());
         }
-        Err(Error::Internal(
+        Err(Self::mismatch_error())
+    }
+
+    /// What a raised flag means.
+    fn mismatch_error() -> Error {
+        Error::Internal(
             "token selection: a stage's reserve-grid tokens were not the ones its grid implies"
                 .into(),
-        ))
+        )
     }
 }

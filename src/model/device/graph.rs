@@ -7,7 +7,9 @@
 //! images, replays the graph and reads its logits. A forward reads nothing
 //! back before its results (the selection check is a flag read with them),
 //! so nothing in it prevents the capture; if the capture or a replay fails
-//! all the same, that shape goes back to plain launches, said once.
+//! all the same, that shape goes back to plain launches, said once. A
+//! stream of batches ([`super::pipeline`]) replays the same graphs with its
+//! images already on the device, copied in and out on the device.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{DeviceHead, DeviceModel, GridLayout, SelectionCheck};
 use crate::error::{Error, Result};
-use crate::gpu::{Buffer, Element, Graph};
+use crate::gpu::{Buffer, Device, Element, Graph};
 use crate::tensor::Tensor;
 
 /// (batch, height, width) of the images.
@@ -81,6 +83,50 @@ pub(super) fn forward<T: Element>(
     images: &Tensor,
     shape: Shape,
 ) -> Result<Option<Tensor>> {
+    replay(
+        model,
+        shape,
+        |device, input| device.upload_into(input, &DeviceModel::<T>::pixels(images)),
+        |_, recorded| model.read_logits(&recorded.logits, &recorded.check, shape.0),
+    )
+}
+
+/// As [`forward`] for images already on the device (`pixels`, of
+/// `shape`), results left there: on a replay the images are copied into
+/// the graph's input, and its logits and selection flag out into `logits`
+/// and `check`, all in order on the device. Returns false when this
+/// forward is to run as plain launches (as [`forward`]'s `None`).
+///
+/// # Errors
+/// Device errors of the copies.
+pub(super) fn launch_from<T: Element>(
+    model: &DeviceModel<'_, T>,
+    pixels: &Buffer<T>,
+    shape: Shape,
+    logits: &mut Buffer<T>,
+    check: &mut SelectionCheck,
+) -> Result<bool> {
+    let replayed = replay(
+        model,
+        shape,
+        |device, input| device.copy_into(input, pixels),
+        |device, recorded| {
+            device.copy_into(logits, &recorded.logits)?;
+            device.copy_into(&mut check.mismatch, &recorded.check.mismatch)
+        },
+    )?;
+    Ok(replayed.is_some())
+}
+
+/// Under the shape's lock: `fill`s the graph's input, replays the graph
+/// and `finish`es with its outputs; records the graph at the shape's second
+/// forward. `None` when this forward is to run as plain launches.
+fn replay<T: Element, R>(
+    model: &DeviceModel<'_, T>,
+    shape: Shape,
+    fill: impl FnOnce(&Device, &mut Buffer<T>) -> Result<()>,
+    finish: impl FnOnce(&Device, &Recorded<T>) -> Result<R>,
+) -> Result<Option<R>> {
     let graphs = &model.graphs;
     if !graphs.enabled.load(Ordering::Relaxed) {
         return Ok(None);
@@ -92,9 +138,8 @@ pub(super) fn forward<T: Element>(
         by_shape.insert(shape, State::WarmedUp);
         return Ok(None);
     };
-    let pixels = DeviceModel::<T>::pixels(images);
     if matches!(state, State::WarmedUp) {
-        *state = match record(model, &pixels, shape) {
+        *state = match record(model, shape) {
             Ok(recorded) => State::Ready(Box::new(recorded)),
             Err(e) => {
                 eprintln!(
@@ -109,26 +154,19 @@ pub(super) fn forward<T: Element>(
         return Ok(None);
     };
     let device = model.device();
-    device.upload_into(&mut recorded.pixels, &pixels)?;
+    fill(device, &mut recorded.pixels)?;
     if let Err(e) = device.launch_graph(&recorded.graph) {
         eprintln!("autofocus: the CUDA graph for images {shape:?} failed ({e}); launches instead");
         *state = State::Failed;
         return Ok(None);
     }
     graphs.replays.fetch_add(1, Ordering::Relaxed);
-    model
-        .read_logits(&recorded.logits, &recorded.check, shape.0)
-        .map(Some)
+    finish(device, recorded).map(Some)
 }
 
 /// Records the forward of images of `shape` into a graph over fixed
-/// buffers (the input's filled with `pixels` first, so the recording's
-/// buffers are those every replay uses).
-fn record<T: Element>(
-    model: &DeviceModel<'_, T>,
-    pixels: &[T],
-    shape: Shape,
-) -> Result<Recorded<T>> {
+/// buffers, which every replay uses (the input's is filled before each).
+fn record<T: Element>(model: &DeviceModel<'_, T>, shape: Shape) -> Result<Recorded<T>> {
     let device = model.device();
     let DeviceHead::Classifier { head, .. } = &model.head else {
         return Err(Error::Unsupported(
@@ -136,7 +174,7 @@ fn record<T: Element>(
         ));
     };
     let (b, height, width) = shape;
-    let pixels = device.upload(pixels)?;
+    let pixels = device.alloc::<T>(b * 3 * height * width)?;
     let mut logits = device.alloc::<T>(b * head.out_dim)?;
     let mut check = SelectionCheck::new(device)?;
     let graph = device.capture(|| {
