@@ -3,8 +3,13 @@
 #
 #   scripts/device-check.sh build   # here: release test/bench binaries with
 #                                   # sm_90 kernels, copied into device-bin/
+#                                   # and packed into device-bin.tar.gz
 #   scripts/device-check.sh run     # on the GPU machine, from the repo root:
 #                                   # writes $OUT/report.md (default ./device-report)
+#
+# Carry device-bin.tar.gz to the GPU machine (the device tool carries at
+# most 64 MiB; the candle-cuda binaries embed candle's PTX, which gzip
+# shrinks several times); `run` unpacks it when device-bin/ is absent.
 #
 # `run` executes every kernel test and the golden end-to-end tests on GPU 0
 # (AUTOFOCUS_REQUIRE_GPU=1: no silent fallback to the emulator alone),
@@ -56,9 +61,20 @@ for line in sys.stdin:
     | while read -r kind name exe; do cp "$exe" "device-bin/$kind-candle-cuda-$name"; done
   strip device-bin/* 2>/dev/null || true
   du -sh device-bin
+  tar -czf device-bin.tar.gz device-bin
+  du -h device-bin.tar.gz
+  local bytes
+  bytes=$(stat -c %s device-bin.tar.gz)
+  if [ "$bytes" -gt $((64 * 1024 * 1024)) ]; then
+    echo "device-bin.tar.gz is over 64 MiB: carry device-bin in two calls, or drop" \
+      "the candle-cuda binaries (the steps that need them fail alone)" >&2
+  fi
 }
 
 run() {
+  if [ ! -d device-bin ] && [ -f device-bin.tar.gz ]; then
+    tar -xzf device-bin.tar.gz
+  fi
   out="${OUT:-device-report}"
   mkdir -p "$out"
   report="$out/report.md"
