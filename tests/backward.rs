@@ -384,6 +384,14 @@ fn attention_gradients_match_finite_differences_clusters_of_eight() {
 }
 
 #[test]
+fn attention_gradients_match_finite_differences_head_dim_16() {
+    // Head dims a multiple of the CPU's vector blocks: the key gather
+    // takes every head in one pass over a key's pairs.
+    let p = Problem::new(7, 2, 21, 2, 16, Lists::Clusters { s: 8, nnc: 2 });
+    check_against_finite_differences(&p, "head dim 16");
+}
+
+#[test]
 fn attention_gradients_match_finite_differences_global_head_dim_33() {
     let p = Problem::new(2, 2, 9, 1, 33, Lists::Global);
     check_against_finite_differences(&p, "global");

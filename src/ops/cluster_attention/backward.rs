@@ -436,6 +436,18 @@ fn key_gather(ctx: &Context<'_>, tile: &TileData<'_>, img: usize, j: usize, dkv:
     let Some(sweep) = KeySweep::new(ctx, tile, img, j) else {
         return;
     };
+    // Every head in one pass over the pairs where the row is a few blocks
+    // of LANES, each within one head (the published stage-0 shapes).
+    if d % LANES == 0 {
+        let scale = inp.q_scale;
+        match h * d / LANES {
+            1 => return sweep.add_heads::<1>(scale, dkv),
+            2 => return sweep.add_heads::<2>(scale, dkv),
+            3 => return sweep.add_heads::<3>(scale, dkv),
+            4 => return sweep.add_heads::<4>(scale, dkv),
+            _ => {}
+        }
+    }
     for t in 0..h {
         let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
         // Blocks of 2·LANES, LANES, then 1 dimension: every element is one
@@ -505,6 +517,48 @@ impl<'a> KeySweep<'a> {
             grad_out: &ctx.g.grad_out[img * n * c..(img + 1) * n * c],
             c,
         })
+    }
+
+    /// [`Self::add`] for every head at once, the row being `B` blocks of
+    /// [`LANES`] columns, each within one head (`d` a multiple of
+    /// [`LANES`]): one pass over the pairs, each pair's values for every
+    /// head read together and its `q` and `dO` rows whole, `2B` blocks of
+    /// sums in registers. Every element is the same chain over the pairs as
+    /// in [`Self::add`], so the same bits.
+    #[inline(always)]
+    fn add_heads<const B: usize>(&self, scale: f32, dkv: &mut [f32]) {
+        let (h, c) = (self.heads, self.c);
+        let d = c / h;
+        debug_assert!(B * LANES == c && d % LANES == 0);
+        let head: [usize; B] = std::array::from_fn(|b| b * LANES / d);
+        let (mut ak, mut av) = ([[0.0f32; LANES]; B], [[0.0f32; LANES]; B]);
+        for &(i, slot) in self.pairs {
+            let i = i as usize;
+            let at = ((self.row0 + i - self.first) * self.m + slot as usize) * h * 2;
+            let values = &self.values[at..at + 2 * h];
+            let q = &self.q[i * c..(i + 1) * c];
+            let go = &self.grad_out[i * c..(i + 1) * c];
+            for b in 0..B {
+                let (p, da) = (values[2 * head[b]], values[2 * head[b] + 1]);
+                let q: &[f32; LANES] = q[b * LANES..(b + 1) * LANES].try_into().unwrap();
+                let go: &[f32; LANES] = go[b * LANES..(b + 1) * LANES].try_into().unwrap();
+                for l in 0..LANES {
+                    ak[b][l] = da.mul_add(q[l], ak[b][l]);
+                    av[b][l] = p.mul_add(go[l], av[b][l]);
+                }
+            }
+        }
+        for b in 0..B {
+            // Block b is dimensions e.. of head t: its key at t·2d + e in
+            // the kv row, its value d further.
+            let (t, e) = (head[b], b * LANES - head[b] * d);
+            let (dk, dv) = dkv[t * 2 * d + e..].split_at_mut(d);
+            for l in 0..LANES {
+                // The scale belongs to the logit: d(q·k·scale)/dk = scale·q.
+                dk[l] += scale * ak[b][l];
+                dv[l] += av[b][l];
+            }
+        }
     }
 
     /// `dk[..W] += scale · Σ da · q[col..]`, `dv[..W] += Σ p · dO[col..]`
