@@ -7,7 +7,9 @@
 //! - [`PointConvMerge`]: the PointConv merge (spec §7), differentiable in
 //!   the token features, their importance and the weight net.
 //! - [`AutoFocusFormer`]: the whole model (classifier or segmentation
-//!   backbone) from candle-nn layers and these ops, its parameters in a
+//!   backbone) from candle-nn's convolutions, the dense layers of `dense`
+//!   (linear and LayerNorm as fused custom ops on the CPU, candle's ops
+//!   elsewhere) and these ops, its parameters in a
 //!   `VarMap` ([`load_varmap`] reads a checkpoint into one), trainable.
 //!
 //! The neighbourhoods and everything else that is an index (masks, bias
@@ -22,6 +24,7 @@
 mod attention;
 #[cfg(feature = "candle-cuda")]
 mod cuda;
+mod dense;
 mod layout;
 mod merge;
 mod model;

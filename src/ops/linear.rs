@@ -126,12 +126,22 @@ fn gemm_call(
 }
 
 impl Linear {
+    /// The layer's parameters, borrowed.
+    pub fn view(&self) -> LinearView<'_> {
+        LinearView {
+            weight: &self.weight[..],
+            bias: self.bias.as_deref(),
+            in_dim: self.in_dim,
+            out_dim: self.out_dim,
+        }
+    }
+
     /// `y = x·Wᵀ + b` for `rows` rows of `x` (rows × in); returns rows × out.
     ///
     /// # Errors
     /// [`Error::Shape`](crate::Error::Shape) when `x` is not rows × in.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        self.forward_with(x, rows, Epilogue::None)
+        self.view().forward_with(x, rows, Epilogue::None)
     }
 
     /// [`forward`](Self::forward) followed by `epilogue`, fused.
@@ -139,14 +149,7 @@ impl Linear {
     /// # Errors
     /// [`Error::Shape`](crate::Error::Shape) when `x` is not rows × in.
     pub fn forward_with(&self, x: &[f32], rows: usize, epilogue: Epilogue) -> Result<Vec<f32>> {
-        self.check(x, rows, rows * self.out_dim)?;
-        // Start from the bias rows rather than zeros: one pass fewer.
-        let mut y = match &self.bias {
-            Some(b) => b.repeat(rows),
-            None => vec![0.0f32; rows * self.out_dim],
-        };
-        self.accumulate(x, rows, &mut y, epilogue);
-        Ok(y)
+        self.view().forward_with(x, rows, epilogue)
     }
 
     /// Like [`forward`](Self::forward), writing into `y` (rows × out).
@@ -154,8 +157,46 @@ impl Linear {
     /// # Errors
     /// [`Error::Shape`](crate::Error::Shape) when `x` or `y` has the wrong length.
     pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
+        self.view().forward_into(x, rows, y)
+    }
+}
+
+/// A linear layer's parameters borrowed from wherever they live (a
+/// [`Linear`], a candle tensor): weight `out × in` (PyTorch layout) and
+/// optional bias.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearView<'a> {
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+impl LinearView<'_> {
+    /// `y = epilogue(x·Wᵀ + b)` for `rows` rows of `x` (rows × in); returns
+    /// rows × out.
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) when `x` is not rows × in, or
+    /// the weight or bias does not have the layer's shape.
+    pub fn forward_with(&self, x: &[f32], rows: usize, epilogue: Epilogue) -> Result<Vec<f32>> {
+        self.check(x, rows, rows * self.out_dim)?;
+        // Start from the bias rows rather than zeros: one pass fewer.
+        let mut y = match self.bias {
+            Some(b) => b.repeat(rows),
+            None => vec![0.0f32; rows * self.out_dim],
+        };
+        self.accumulate(x, rows, &mut y, epilogue);
+        Ok(y)
+    }
+
+    /// `y = x·Wᵀ + b`, written into `y` (rows × out).
+    ///
+    /// # Errors
+    /// [`Error::Shape`](crate::Error::Shape) when `x` or `y` has the wrong length.
+    pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
         self.check(x, rows, y.len())?;
-        match &self.bias {
+        match self.bias {
             Some(b) => y
                 .chunks_exact_mut(self.out_dim)
                 .for_each(|row| row.copy_from_slice(b)),
@@ -170,7 +211,7 @@ impl Linear {
         check_len("linear", "x", &[rows, k], x.len())?;
         check_len("linear", "y", &[rows, n], y_len)?;
         check_len("linear", "weight", &[n, k], self.weight.len())?;
-        if let Some(b) = &self.bias {
+        if let Some(b) = self.bias {
             check_len("linear", "bias", &[n], b.len())?;
         }
         Ok(())
@@ -184,7 +225,7 @@ impl Linear {
         }
         let threads = rayon::current_num_threads();
         if rows * n * k < PARALLEL_MIN_MACS || threads == 1 {
-            gemm_part(x, k, &self.weight, OutMatrix::new(y), (rows, n), 0..n);
+            gemm_part(x, k, self.weight, OutMatrix::new(y), (rows, n), 0..n);
             apply(epilogue, y);
             return;
         }
@@ -192,7 +233,7 @@ impl Linear {
             // Tall products: gemm's own threading shares packed weights best.
             let out = OutMatrix::new(y);
             let parallelism = gemm::Parallelism::Rayon(threads);
-            gemm_call(x, k, &self.weight, out, (rows, n), 0..n, parallelism);
+            gemm_call(x, k, self.weight, out, (rows, n), 0..n, parallelism);
             if epilogue != Epilogue::None {
                 y.par_chunks_mut(n * 64)
                     .for_each(|part| apply(epilogue, part));
@@ -206,7 +247,7 @@ impl Linear {
                 .zip(x.par_chunks(part_rows * k))
                 .for_each(|(y, x)| {
                     let part_rows = x.len() / k;
-                    gemm_part(x, k, &self.weight, OutMatrix::new(y), (part_rows, n), 0..n);
+                    gemm_part(x, k, self.weight, OutMatrix::new(y), (part_rows, n), 0..n);
                     apply(epilogue, y);
                 });
         } else {
@@ -218,7 +259,7 @@ impl Linear {
             let out = OutMatrix::new(y);
             columns
                 .into_par_iter()
-                .for_each(|cols| gemm_part(x, k, &self.weight, out, (rows, n), cols));
+                .for_each(|cols| gemm_part(x, k, self.weight, out, (rows, n), cols));
             if epilogue != Epilogue::None {
                 y.par_chunks_mut(n * 64)
                     .for_each(|part| apply(epilogue, part));

@@ -32,5 +32,5 @@ pub mod rel_pos;
 pub mod token_selection;
 pub mod vector_math;
 
-pub use self::linear::Linear;
+pub use self::linear::{Linear, LinearView};
 pub use self::norm::{BatchNorm, LayerNorm};

@@ -41,21 +41,33 @@ impl LayerNorm {
     /// # Errors
     /// [`Error::Shape`] when `x` is not a whole number of rows.
     pub fn forward_in_place(&self, x: &mut [f32]) -> Result<()> {
-        let c = self.dim();
-        if c == 0 || !x.len().is_multiple_of(c) || self.bias.len() != c {
-            return Err(Error::shape(
-                "layer_norm",
-                "x",
-                format!("rows×{c}"),
-                x.len(),
-            ));
-        }
-        let (w, b) = (&self.weight[..], &self.bias[..]);
-        let rows_per_task = (4096 / c).max(1);
-        x.par_chunks_mut(rows_per_task * c)
-            .for_each(|rows| normalise_rows(rows, w, b));
-        Ok(())
+        layer_norm_in_place(x, &self.weight, &self.bias)
     }
+}
+
+/// LayerNorm of each row of `x` (rows × `weight.len()`) in place, with
+/// affine `weight` and `bias`, rows in parallel.
+///
+/// # Errors
+/// [`Error::Shape`] when `x` is not a whole number of rows or `bias` is
+/// not as long as `weight`.
+pub fn layer_norm_in_place(x: &mut [f32], weight: &[f32], bias: &[f32]) -> Result<()> {
+    let c = weight.len();
+    if c == 0 || !x.len().is_multiple_of(c) {
+        return Err(Error::shape(
+            "layer_norm",
+            "x",
+            format!("rows×{c}"),
+            x.len(),
+        ));
+    }
+    if bias.len() != c {
+        return Err(Error::shape("layer_norm", "bias", [c], [bias.len()]));
+    }
+    let rows_per_task = (4096 / c).max(1);
+    x.par_chunks_mut(rows_per_task * c)
+        .for_each(|rows| normalise_rows(rows, weight, bias));
+    Ok(())
 }
 
 #[multiversion(targets = "simd")]

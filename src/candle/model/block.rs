@@ -2,9 +2,9 @@
 //! LN → MLP → residual, with optional layer scale.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
-use super::layers::{LayerNorm, linear};
+use super::layers::{LayerNorm, Linear, linear};
 use crate::candle::ClusterAttention;
 
 #[derive(Debug, Clone)]
@@ -93,7 +93,7 @@ impl Block {
         let attended = self.proj.forward(&attended)?;
         let x = (x + self.scaled(attended, 0)?)?;
         let mlp = self.norm2.forward(&x)?;
-        let mlp = self.fc2.forward(&self.fc1.forward(&mlp)?.gelu_erf()?)?;
+        let mlp = self.fc2.forward(&self.fc1.forward_gelu(&mlp)?)?;
         &x + self.scaled(mlp, 1)?
     }
 

@@ -1,9 +1,11 @@
-//! The dense layers of the candle model, written with candle's
-//! differentiable tensor ops (candle-nn's fused layer norm has no backward),
-//! computing in f32 whatever the storage dtype.
+//! The dense layers of the candle model: linear layers and LayerNorm through
+//! [`crate::candle::dense`] (fused custom ops on the CPU, candle's ops
+//! elsewhere), the patch embedding from candle-nn's convolutions.
 
-use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+
+use crate::candle::dense;
 
 /// LayerNorm eps everywhere in AFF (spec §2).
 const EPS: f64 = 1e-5;
@@ -17,12 +19,34 @@ const LINEAR_INIT: Init = Init::Randn {
 /// Linear layer `in_dim → out_dim` under `vb` (`weight` out×in, `bias`),
 /// initialised as the published model initialises its own.
 pub(crate) fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get_with_hints((out_dim, in_dim), "weight", LINEAR_INIT)?;
-    let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-    Ok(Linear::new(weight, Some(bias)))
+    Ok(Linear {
+        weight: vb.get_with_hints((out_dim, in_dim), "weight", LINEAR_INIT)?,
+        bias: vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?,
+    })
 }
 
-/// LayerNorm over the last axis, differentiable in its input and parameters.
+/// A linear layer `y = x·Wᵀ + b` over the last axis.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// `GELU(x·Wᵀ + b)` (the erf GELU), fused on the CPU.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        dense::linear(x, &self.weight, &self.bias, true)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        dense::linear(x, &self.weight, &self.bias, false)
+    }
+}
+
+/// LayerNorm over the last axis, differentiable in its input and
+/// parameters, computed in f32 whatever the storage dtype.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerNorm {
     weight: Tensor,
@@ -40,15 +64,7 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + EPS)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
-            .to_dtype(dtype)
+        dense::layer_norm(x, &self.weight, &self.bias)
     }
 }
 

@@ -7,9 +7,9 @@ mod stage;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
-use candle_nn::{Linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 
-use self::layers::{LayerNorm, PatchEmbed, linear};
+use self::layers::{LayerNorm, Linear, PatchEmbed, linear};
 use self::stage::{Stage, StageContext};
 pub use self::stage::{StageOutput, StageTokens};
 use crate::config::AffConfig;

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
 
 use super::block::Block;
-use super::layers::{LayerNorm, linear};
+use super::layers::{LayerNorm, Linear, linear};
 use crate::candle::storage::tensor_values;
 use crate::candle::{ClusterAttention, NeighbourSlots, PointConvMerge};
 use crate::config::AffConfig;
