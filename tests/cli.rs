@@ -173,36 +173,36 @@ fn the_bundled_small_objects_model_names_its_bundled_images() {
 #[test]
 fn classify_through_the_kernels_agrees_with_the_cpu() {
     let weights = data("tiny-128.weights.safetensors");
-    let img = images().remove(0);
+    let imgs = images();
     let run = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec![
-            "classify",
-            "--weights",
-            &weights,
-            &img,
-            "--json",
-            "--top",
-            "3",
-        ];
+        let mut args = vec!["classify", "--weights", &weights, "--json", "--top", "3"];
+        args.extend(imgs.iter().map(String::as_str));
         args.extend(extra);
         let out = autofocus(&args);
         assert!(out.status.success(), "{}", stderr(&out));
         serde_json::from_str(&stdout(&out)).unwrap()
     };
     let cpu = run(&[]);
-    let emulated = run(&["--device", "emulator"]);
+    // One image per batch: the device worker streams three batches, with
+    // two in flight (DeviceModel::forward_stream).
+    let emulated = run(&["--device", "emulator", "--batch", "1"]);
     let probabilities = |v: &serde_json::Value| -> Vec<f64> {
-        v[0]["top"]
+        v["top"]
             .as_array()
             .unwrap()
             .iter()
             .map(|t| t["probability"].as_f64().unwrap())
             .collect()
     };
-    assert_eq!(cpu[0]["top"][0]["class"], emulated[0]["top"][0]["class"]);
-    for (a, b) in probabilities(&cpu).iter().zip(probabilities(&emulated)) {
-        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    for (i, img) in imgs.iter().enumerate() {
+        let (cpu, emulated) = (&cpu[i], &emulated[i]);
+        assert_eq!(emulated["image"].as_str(), Some(img.as_str()));
+        assert_eq!(cpu["top"][0]["class"], emulated["top"][0]["class"], "{img}");
+        for (a, b) in probabilities(cpu).iter().zip(probabilities(emulated)) {
+            assert!((a - b).abs() < 1e-4, "{img}: {a} vs {b}");
+        }
     }
+    let img = imgs[0].clone();
     // The CPU backend is f32 only; unknown names are named.
     let out = autofocus(&["classify", "--weights", &weights, &img, "--dtype", "bf16"]);
     assert_error_line(&out, "--dtype bf16");

@@ -355,8 +355,9 @@ fn graph_replays_give_the_plain_launches_logits_bit_for_bit() {
 /// kernels; graphs on) gives each batch the logits a plain forward gives
 /// it, bit for bit, in order, as the batches change size (each slot's
 /// buffers are remade); once each size has been seen, a batch costs one
-/// upload and two read-backs (logits and the selection flag); an error
-/// stops the stream after the batches before it were handed over.
+/// upload and two read-backs (logits and the selection flag); `None` in
+/// `forward_stream` hands over the batches in flight; an error stops the
+/// stream after the batches before it were handed over.
 #[test]
 fn overlapped_batches_give_each_batch_its_own_logits_in_order() {
     use autofocus::{AffConfig, Error, Tensor};
@@ -410,6 +411,43 @@ fn overlapped_batches_give_each_batch_its_own_logits_in_order() {
             (n, 2 * n),
             "on {device:?}: {counts:?}"
         );
+
+        // An item `None` hands over every batch in flight before the next
+        // is taken (for a source about to wait); the slots are kept.
+        let log = std::cell::RefCell::new(Vec::new());
+        let mut got = Vec::new();
+        let plan = [
+            Some(0),
+            Some(1),
+            None,
+            Some(2),
+            None,
+            None,
+            Some(3),
+            Some(4),
+        ];
+        let stream = plan.iter().map(|item| {
+            log.borrow_mut()
+                .push(item.map_or("drain".to_string(), |k| format!("take {k}")));
+            Ok(item.map(|k| &batches[k]))
+        });
+        overlapped
+            .forward_stream(stream, |logits| {
+                log.borrow_mut().push("got".into());
+                got.push(logits);
+                Ok(())
+            })
+            .unwrap();
+        let order = "take 0,take 1,drain,got,got,take 2,drain,got,drain,take 3,take 4,got,got";
+        assert_eq!(log.borrow().join(","), order, "on {device:?}");
+        for (k, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert_exact(
+                &format!("drained, batch {k} on {device:?}"),
+                got.data(),
+                want.data(),
+            );
+        }
+        assert_eq!(got.len(), want.len());
 
         // A malformed batch stops the stream: the ones before it arrive.
         let mut seen = 0;

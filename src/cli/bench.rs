@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long)]
     no_graph: bool,
     /// On a device, run the timed forwards as one stream of batches
-    /// (`DeviceModel::forward_batches`): the next batch's upload and the
+    /// (`DeviceModel::forward_stream`): the next batch's upload and the
     /// last one's read-back overlap the kernels, from page-locked memory on
     /// a second stream. Times the whole stream, per batch.
     #[arg(long)]
@@ -135,7 +135,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut times = Vec::with_capacity(args.iters);
     if args.overlap {
         let start = Instant::now();
-        runner.forward_batches((0..args.iters).map(|_| Ok(&images)), |_| Ok(()))?;
+        runner.forward_stream((0..args.iters).map(|_| Ok(Some(&images))), |_| Ok(()))?;
         let ms = start.elapsed().as_secs_f64() * 1e3 / args.iters as f64;
         if !args.json {
             eprintln!("stream of {} batches: {ms:.2} ms per batch", args.iters);

@@ -2,11 +2,12 @@
 //! classes, printed or as resumable JSON lines.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use autofocus::dataset::{Decoded, Input, JsonlOutput, OutputMode};
+use autofocus::dataset::{BatchWorker, Decoded, Input, JsonlOutput, OutputMode};
 use autofocus::io::SafetensorsFile;
 use autofocus::io::image::{Preprocess, load_image};
 use autofocus::ops::clustering::KeyScope;
@@ -192,18 +193,9 @@ pub fn run(args: Args) -> Result<()> {
             pixels,
         })
     };
-    let per_batch = |runner: &Runner<'_>, images: &Tensor| -> Result<Vec<Vec<f32>>> {
-        let logits = runner.forward(images)?;
-        let classes = logits.shape()[1];
-        Ok(logits
-            .data()
-            .chunks_exact(classes)
-            .map(<[f32]>::to_vec)
-            .collect())
-    };
     match out {
-        Some(out) => run_to_file(&args, &plan, &out, mode, &model, &names, decode, per_batch)?,
-        None => run_to_terminal(&args, &plan, &model, &names, decode, per_batch)?,
+        Some(out) => run_to_file(&args, &plan, &out, mode, &model, &names, decode)?,
+        None => run_to_terminal(&args, &plan, &model, &names, decode)?,
     }
     match focus {
         Some(pictures) => write_focus_pictures(&model, pre, &pictures, args.dataset.force),
@@ -272,7 +264,6 @@ fn run_to_file(
     model: &autofocus::AutoFocusFormer,
     names: &[String],
     decode: impl Fn(&Path) -> Result<Decoded> + Sync,
-    per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<Vec<f32>>> + Sync,
 ) -> Result<()> {
     let positions = plan.positions();
     let (mut file, resumed) = JsonlOutput::open(out, &positions, mode, &|_| Ok(true))?;
@@ -288,7 +279,7 @@ fn run_to_file(
         &args.dataset,
         &paths,
         decode,
-        per_batch,
+        Logits,
         |slot, result| {
             let position = todo[slot];
             let input = &plan.inputs[position];
@@ -321,7 +312,6 @@ fn run_to_terminal(
     model: &autofocus::AutoFocusFormer,
     names: &[String],
     decode: impl Fn(&Path) -> Result<Decoded> + Sync,
-    per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<Vec<f32>>> + Sync,
 ) -> Result<()> {
     let paths: Vec<PathBuf> = plan.inputs.iter().map(|i| i.path.clone()).collect();
     let mut results = Vec::with_capacity(paths.len());
@@ -333,7 +323,7 @@ fn run_to_terminal(
         &args.dataset,
         &paths,
         decode,
-        per_batch,
+        Logits,
         |slot, result| {
             match result {
                 Ok(logits) => results.push(ImageResult {
@@ -375,4 +365,34 @@ fn run_to_terminal(
             failures[0]
         ))),
     }
+}
+
+/// Each image's class logits, from a runner. On a device the batches
+/// stream ([`Runner::forward_stream`]): the next batch is uploaded and the
+/// last one's logits read back while the kernels run.
+struct Logits<'m>(Runner<'m>);
+
+impl BatchWorker<Vec<f32>> for Logits<'_> {
+    fn run(&mut self, images: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(rows(&self.0.forward(images)?))
+    }
+
+    fn run_stream(
+        &mut self,
+        batches: &mut dyn Iterator<Item = Option<Arc<Tensor>>>,
+        each: &mut dyn FnMut(Vec<Vec<f32>>) -> Result<()>,
+    ) -> Result<()> {
+        self.0
+            .forward_stream(batches.map(Ok), |logits| each(rows(&logits)))
+    }
+}
+
+/// The rows of a batch × classes tensor.
+fn rows(logits: &Tensor) -> Vec<Vec<f32>> {
+    let classes = logits.shape()[1];
+    logits
+        .data()
+        .chunks_exact(classes)
+        .map(<[f32]>::to_vec)
+        .collect()
 }

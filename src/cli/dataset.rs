@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use autofocus::dataset::inputs::key_positions;
+use autofocus::dataset::{
+    BatchWorker, Input, InputList, OutputMode, PipelineOptions, Shard, run_pipeline,
+};
 use autofocus::dataset::{Decoded, gather_inputs};
-use autofocus::dataset::{Input, InputList, OutputMode, PipelineOptions, Shard, run_pipeline};
-use autofocus::{AutoFocusFormer, Error, Result, Tensor};
+use autofocus::{AutoFocusFormer, Error, Result};
 
 use super::device::{Backend, DeviceArgs, Runner, open};
 
@@ -156,24 +158,24 @@ impl DatasetArgs {
 }
 
 /// Runs `paths` through a pool of models, one per worker (worker `i`
-/// drives `--device`'s backend `i` mod their number); `per_batch` turns a
-/// runner and a batch into one result per image; `sink` gets every input's
-/// result in order.
-pub fn run_models<R: Send>(
-    model: &AutoFocusFormer,
+/// drives `--device`'s backend `i` mod their number); `worker` turns a
+/// runner into what runs the batches (one result per image: a function of
+/// the batch, or a [`BatchWorker`] that streams them); `sink` gets every
+/// input's result in order.
+pub fn run_models<'m, R: Send, W: BatchWorker<R>>(
+    model: &'m AutoFocusFormer,
     device: &DeviceArgs,
     dataset: &DatasetArgs,
     paths: &[PathBuf],
     decode: impl Fn(&std::path::Path) -> Result<Decoded> + Sync,
-    per_batch: impl Fn(&Runner<'_>, &Tensor) -> Result<Vec<R>> + Sync,
+    worker: impl Fn(Runner<'m>) -> W + Sync,
     sink: impl FnMut(usize, Result<R>) -> Result<()>,
 ) -> Result<()> {
     let backends = device.backends()?;
     let options = dataset.options(&backends)?;
-    let per_batch = &per_batch;
     let make_worker = |i: usize| {
         let runner = device.runner_on(model, open(backends[i % backends.len()])?)?;
-        Ok(move |images: &Tensor| per_batch(&runner, images))
+        Ok(worker(runner))
     };
     run_pipeline(paths, options, decode, make_worker, sink)
 }

@@ -1,6 +1,8 @@
 //! `--device` and `--dtype`: where the model runs and in what storage type,
 //! shared by every command that runs a model.
 
+use std::borrow::Borrow;
+
 use autofocus::gpu::Device;
 use autofocus::{AutoFocusFormer, BackboneFeatures, DeviceModel, Error, Result, Tensor};
 
@@ -161,20 +163,22 @@ impl Runner<'_> {
     }
 
     /// Class logits of every batch, handed to `each` in order: on a device
-    /// through [`DeviceModel::forward_batches`] (the copies overlap the
-    /// kernels), on the CPU one forward after another.
-    pub fn forward_batches<'a>(
+    /// through [`DeviceModel::forward_stream`] (the copies overlap the
+    /// kernels; an item `None` hands over every batch in flight), on the
+    /// CPU one forward after another.
+    pub fn forward_stream<B: Borrow<Tensor>>(
         &self,
-        batches: impl IntoIterator<Item = Result<&'a Tensor>>,
+        batches: impl IntoIterator<Item = Result<Option<B>>>,
         mut each: impl FnMut(Tensor) -> Result<()>,
     ) -> Result<()> {
         match self {
-            Self::Cpu(m) => batches
-                .into_iter()
-                .try_for_each(|images| each(m.forward(images?)?)),
-            Self::F32(m) => m.forward_batches(batches, each),
-            Self::F16(m) => m.forward_batches(batches, each),
-            Self::Bf16(m) => m.forward_batches(batches, each),
+            Self::Cpu(m) => batches.into_iter().try_for_each(|images| match images? {
+                Some(images) => each(m.forward(images.borrow())?),
+                None => Ok(()),
+            }),
+            Self::F32(m) => m.forward_stream(batches, each),
+            Self::F16(m) => m.forward_stream(batches, each),
+            Self::Bf16(m) => m.forward_stream(batches, each),
         }
     }
 

@@ -223,7 +223,7 @@ fn run_dataset(args: &Args) -> Result<()> {
             pixels: normalise(&img),
         })
     };
-    let per_batch = |runner: &Runner<'_>, images: &Tensor| per_image(&runner.features(images)?);
+    let worker = |runner| move |images: &Tensor| per_image(&Runner::features(&runner, images)?);
     let mut progress = Progress::new("features", paths.len());
     let result = run_models(
         &model,
@@ -231,7 +231,7 @@ fn run_dataset(args: &Args) -> Result<()> {
         &args.dataset,
         &paths,
         decode,
-        per_batch,
+        worker,
         |slot, result| {
             progress.inc();
             let position = todo[slot];

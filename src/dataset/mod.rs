@@ -11,5 +11,5 @@ pub mod shard;
 
 pub use self::inputs::{Input, InputList, gather_inputs};
 pub use self::jsonl::{JsonlOutput, OutputMode};
-pub use self::pipeline::{Decoded, PipelineOptions, run_pipeline};
+pub use self::pipeline::{BatchWorker, Decoded, PipelineOptions, run_pipeline};
 pub use self::shard::Shard;

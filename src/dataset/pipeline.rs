@@ -16,10 +16,11 @@
 //! pool does not care what a worker drives: a CPU model, the emulator or a
 //! GPU.
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError, channel, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, TryLockError};
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -127,10 +128,49 @@ impl Gate {
     }
 }
 
-/// A batch on its way to a worker.
+/// A batch on its way to a worker (the images shared with the worker's
+/// stream, so that a failed batch can be run again).
 struct Batch {
     slots: Vec<usize>,
-    images: Tensor,
+    images: Arc<Tensor>,
+}
+
+/// What a pipeline worker runs: batches of images in, one result per
+/// image out. Any `FnMut(&Tensor) -> Result<Vec<R>>` is one.
+pub trait BatchWorker<R> {
+    /// The results of one batch, one per image, in order.
+    ///
+    /// # Errors
+    /// Whatever the model returns; the pipeline then runs the batch's
+    /// images one at a time.
+    fn run(&mut self, images: &Tensor) -> Result<Vec<R>>;
+
+    /// Runs every batch of `batches` in order, handing each one's results
+    /// to `each` in order; an item `None` asks for every batch taken so
+    /// far to be handed over before the next is waited for. A worker that
+    /// overlaps batches (a device copying the next one in while it
+    /// computes this one) overrides this; the default runs
+    /// [`run`](Self::run) on each in turn.
+    ///
+    /// # Errors
+    /// The first error of a batch or of `each`: the batches not handed to
+    /// `each` by then are run again one by one with [`run`](Self::run).
+    fn run_stream(
+        &mut self,
+        batches: &mut dyn Iterator<Item = Option<Arc<Tensor>>>,
+        each: &mut dyn FnMut(Vec<R>) -> Result<()>,
+    ) -> Result<()> {
+        for images in batches.flatten() {
+            each(self.run(&images)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl<R, F: FnMut(&Tensor) -> Result<Vec<R>>> BatchWorker<R> for F {
+    fn run(&mut self, images: &Tensor) -> Result<Vec<R>> {
+        self(images)
+    }
 }
 
 /// What reaches the writer.
@@ -143,8 +183,9 @@ enum Message<R> {
 
 /// Runs `paths` through the pipeline. `decode` reads one image (on a
 /// decoder thread); `make_worker(i)` builds worker `i` on its own thread
-/// (load weights, open a device) and returns the function that runs a
-/// batch, one result per image; `sink(i, result)` receives every input's
+/// (load weights, open a device) and returns what runs its batches (a
+/// [`BatchWorker`]: a function from a batch to one result per image, or a
+/// worker that streams batches); `sink(i, result)` receives every input's
 /// result **in input order**, on the calling thread.
 ///
 /// An image that fails to decode, or whose batch fails and then fails
@@ -163,7 +204,7 @@ pub fn run_pipeline<R, W, D, F, S>(
 ) -> Result<()>
 where
     R: Send,
-    W: FnMut(&Tensor) -> Result<Vec<R>>,
+    W: BatchWorker<R>,
     D: Fn(&Path) -> Result<Decoded> + Sync,
     F: Fn(usize) -> Result<W> + Sync,
     S: FnMut(usize, Result<R>) -> Result<()>,
@@ -248,7 +289,7 @@ fn batcher<R>(
         let images = Tensor::new(shape, std::mem::take(pixels)).expect("3×h×w per decoded image");
         work.send(Batch {
             slots: std::mem::take(slots),
-            images,
+            images: Arc::new(images),
         })
         .is_ok()
     };
@@ -284,16 +325,17 @@ fn batcher<R>(
     flush(&mut slots, &mut pixels, size);
 }
 
-/// Builds worker `index`, then runs batches until there are none; a batch
-/// that fails is retried one image at a time, so one bad image costs only
-/// itself.
+/// Builds worker `index`, then streams batches through it until there are
+/// none. When the stream stops at an error, the batches it had taken but
+/// not finished are run again one by one, and a batch that fails again is
+/// retried one image at a time, so one bad image costs only itself.
 fn worker<R, W, F>(
     index: usize,
     make_worker: &F,
     work: &Mutex<Receiver<Batch>>,
     done: &Sender<Message<R>>,
 ) where
-    W: FnMut(&Tensor) -> Result<Vec<R>>,
+    W: BatchWorker<R>,
     F: Fn(usize) -> Result<W>,
 {
     let mut run = match make_worker(index) {
@@ -303,47 +345,110 @@ fn worker<R, W, F>(
             return;
         }
     };
+    // Batches the stream has taken and not yet finished, oldest first.
+    let taken: RefCell<VecDeque<Batch>> = RefCell::new(VecDeque::new());
+    let writer_gone = Cell::new(false);
+    let send = |slots: Vec<usize>, outcomes: Vec<Result<R>>| {
+        for (slot, outcome) in slots.into_iter().zip(outcomes) {
+            if done.send(Message::Done(slot, outcome)).is_err() {
+                writer_gone.set(true);
+                return Err(Error::Internal("pipeline writer gone".into()));
+            }
+        }
+        Ok(())
+    };
+    loop {
+        let mut next = std::iter::from_fn(|| {
+            let batch = if taken.borrow().is_empty() {
+                let work = work.lock().unwrap_or_else(|p| p.into_inner());
+                work.recv().ok()?
+            } else {
+                // Never wait holding batches: until the writer has their
+                // results the decoders may not run further ahead, so a
+                // wait for the next batch (or for the worker that waits
+                // for it) could last for ever. Hand them over first.
+                let work = match work.try_lock() {
+                    Ok(work) => work,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(TryLockError::WouldBlock) => return Some(None),
+                };
+                match work.try_recv() {
+                    Ok(batch) => batch,
+                    Err(TryRecvError::Empty) => return Some(None),
+                    Err(TryRecvError::Disconnected) => return None,
+                }
+            };
+            let images = Arc::clone(&batch.images);
+            taken.borrow_mut().push_back(batch);
+            Some(Some(images))
+        });
+        let mut each = |results: Vec<R>| {
+            let batch = taken
+                .borrow_mut()
+                .pop_front()
+                .ok_or_else(|| Error::Internal("pipeline worker: results of no batch".into()))?;
+            let count = batch.slots.len();
+            if results.len() != count {
+                // Put it back: it is run again, alone.
+                taken.borrow_mut().push_front(batch);
+                return Err(wrong_count(results.len(), count));
+            }
+            send(batch.slots, results.into_iter().map(Ok).collect())
+        };
+        let streamed = run.run_stream(&mut next, &mut each);
+        if streamed.is_ok() || writer_gone.get() {
+            return;
+        }
+        let mut unfinished: Vec<Batch> = taken.borrow_mut().drain(..).collect();
+        if unfinished.is_empty() {
+            // The stream failed before it took a batch: run the next one
+            // alone, so that every failure moves the run on.
+            match work.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                Ok(batch) => unfinished.push(batch),
+                Err(_) => return,
+            }
+        }
+        for batch in unfinished {
+            let outcomes = run_alone(&mut run, &batch.images);
+            if send(batch.slots, outcomes).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn wrong_count(results: usize, images: usize) -> Error {
+    Error::Internal(format!(
+        "pipeline worker returned {results} results for {images} images"
+    ))
+}
+
+/// The outcome of every image of `images`: the batch's results, or, if the
+/// batch fails, each image's own.
+fn run_alone<R>(run: &mut impl BatchWorker<R>, images: &Tensor) -> Vec<Result<R>> {
     let mut run_checked = |images: &Tensor| -> Result<Vec<R>> {
-        let results = run(images)?;
-        if results.len() != images.shape()[0] {
-            return Err(Error::Internal(format!(
-                "pipeline worker returned {} results for {} images",
-                results.len(),
-                images.shape()[0]
-            )));
+        let results = run.run(images)?;
+        let count = images.shape()[0];
+        if results.len() != count {
+            return Err(wrong_count(results.len(), count));
         }
         Ok(results)
     };
-    loop {
-        let batch = {
-            let work = work.lock().unwrap_or_else(|p| p.into_inner());
-            match work.recv() {
-                Ok(batch) => batch,
-                Err(_) => return,
-            }
-        };
-        let outcomes: Vec<Result<R>> = match run_checked(&batch.images) {
-            Ok(results) => results.into_iter().map(Ok).collect(),
-            Err(e) if batch.slots.len() == 1 => vec![Err(e)],
-            Err(_) => {
-                let shape = batch.images.shape();
-                let one = shape[1] * shape[2] * shape[3];
-                batch
-                    .images
-                    .data()
-                    .chunks_exact(one)
-                    .map(|pixels| {
-                        let single =
-                            Tensor::new(vec![1, shape[1], shape[2], shape[3]], pixels.to_vec())?;
-                        run_checked(&single).map(|mut r| r.remove(0))
-                    })
-                    .collect()
-            }
-        };
-        for (slot, outcome) in batch.slots.into_iter().zip(outcomes) {
-            if done.send(Message::Done(slot, outcome)).is_err() {
-                return;
-            }
+    let shape = images.shape();
+    match run_checked(images) {
+        Ok(results) => results.into_iter().map(Ok).collect(),
+        Err(e) if shape[0] == 1 => vec![Err(e)],
+        Err(_) => {
+            let one = shape[1] * shape[2] * shape[3];
+            images
+                .data()
+                .chunks_exact(one)
+                .map(|pixels| {
+                    let single =
+                        Tensor::new(vec![1, shape[1], shape[2], shape[3]], pixels.to_vec())?;
+                    run_checked(&single).map(|mut r| r.remove(0))
+                })
+                .collect()
         }
     }
 }
@@ -378,6 +483,14 @@ fn writer<R>(
             gate.written(written);
         }
     }
+    // Every input is written, perhaps by the other workers before one
+    // could even start: that one still fails the run. (The channel closes
+    // when every worker has ended, which the caller waits for anyway.)
+    for message in done {
+        if let Message::Fatal(e) = message {
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
@@ -396,6 +509,57 @@ mod tests {
             }
             Ok(rows.iter().map(|r| r.iter().sum()).collect())
         })
+    }
+
+    /// The fake model as a device would stream it: up to two batches held
+    /// before the oldest one's results are handed over (a batch's error
+    /// shows when its results would be), everything held handed over on
+    /// `None` and at the end.
+    type FakeModel = Box<dyn FnMut(&Tensor) -> Result<Vec<f32>> + Send>;
+
+    struct Streaming {
+        model: FakeModel,
+        streamed: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl BatchWorker<f32> for Streaming {
+        fn run(&mut self, images: &Tensor) -> Result<Vec<f32>> {
+            (self.model)(images)
+        }
+
+        fn run_stream(
+            &mut self,
+            batches: &mut dyn Iterator<Item = Option<Arc<Tensor>>>,
+            each: &mut dyn FnMut(Vec<f32>) -> Result<()>,
+        ) -> Result<()> {
+            let mut held: VecDeque<Arc<Tensor>> = VecDeque::new();
+            let mut hand_over = |images: Arc<Tensor>, model: &mut Self| {
+                model
+                    .streamed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                each((model.model)(&images)?)
+            };
+            for next in batches {
+                match next {
+                    None => {
+                        while let Some(images) = held.pop_front() {
+                            hand_over(images, self)?;
+                        }
+                    }
+                    Some(images) => {
+                        if held.len() == 2 {
+                            let oldest = held.pop_front().unwrap();
+                            hand_over(oldest, self)?;
+                        }
+                        held.push_back(images);
+                    }
+                }
+            }
+            while let Some(images) = held.pop_front() {
+                hand_over(images, self)?;
+            }
+            Ok(())
+        }
     }
 
     fn decode_name(path: &Path) -> Result<Decoded> {
@@ -443,6 +607,76 @@ mod tests {
                 Some(r) => assert_eq!(r, &seen, "batch {batch}, workers {workers}"),
             }
         }
+        // Streaming workers give the same, in order, the batches held at
+        // a failure run again; and never wait for a batch while holding
+        // results (that can deadlock: a watchdog turns it into a failure).
+        let reference = reference.unwrap();
+        let (finished_tx, finished) = channel();
+        std::thread::spawn(move || {
+            for (batch, decoders, workers) in [(1, 1, 1), (3, 2, 1), (7, 3, 2), (2, 1, 3)] {
+                let streamed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let make = |i| {
+                    Ok(Streaming {
+                        model: Box::new(fake_worker(i)?),
+                        streamed: Arc::clone(&streamed),
+                    })
+                };
+                let options = PipelineOptions {
+                    batch,
+                    decoders,
+                    workers,
+                };
+                let mut seen = Vec::new();
+                run_pipeline(&paths, options, decode_name, make, |i, r| {
+                    seen.push((i, r.map_err(|e| e.to_string())));
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(
+                    reference, seen,
+                    "streaming, batch {batch}, workers {workers}"
+                );
+                assert!(streamed.load(std::sync::atomic::Ordering::Relaxed) > 0);
+            }
+            finished_tx.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the streaming runs finish (no deadlock, no failure)");
+    }
+
+    /// A worker whose stream always fails at once still gets every batch
+    /// run, one at a time.
+    #[test]
+    fn a_stream_that_fails_before_taking_a_batch_still_moves_on() {
+        struct NeverStreams(FakeModel);
+        impl BatchWorker<f32> for NeverStreams {
+            fn run(&mut self, images: &Tensor) -> Result<Vec<f32>> {
+                (self.0)(images)
+            }
+            fn run_stream(
+                &mut self,
+                _: &mut dyn Iterator<Item = Option<Arc<Tensor>>>,
+                _: &mut dyn FnMut(Vec<f32>) -> Result<()>,
+            ) -> Result<()> {
+                Err(Error::Unsupported("no stream here".into()))
+            }
+        }
+        let paths: Vec<PathBuf> = (0..30).map(|i| PathBuf::from(i.to_string())).collect();
+        let options = PipelineOptions {
+            batch: 4,
+            decoders: 2,
+            workers: 2,
+        };
+        let make = |i| Ok(NeverStreams(Box::new(fake_worker(i)?)));
+        let mut seen = Vec::new();
+        run_pipeline(&paths, options, decode_name, make, |i, r| {
+            seen.push((i, r.unwrap()));
+            Ok(())
+        })
+        .unwrap();
+        let want: Vec<(usize, f32)> = (0..30).map(|i| (i, 3.0 * i as f32)).collect();
+        assert_eq!(seen, want);
     }
 
     #[test]
@@ -453,20 +687,24 @@ mod tests {
             decoders: 2,
             workers: 2,
         };
-        let result = run_pipeline(
-            &paths,
-            options,
-            decode_name,
-            |i| {
-                if i == 1 {
-                    Err(Error::Unsupported("no such GPU".into()))
-                } else {
-                    fake_worker(i)
-                }
-            },
-            |_, _| Ok(()),
-        );
-        assert!(result.unwrap_err().to_string().contains("no such GPU"));
+        // Also when the other worker has done everything before it fails.
+        for delay_ms in [0, 300] {
+            let result = run_pipeline(
+                &paths,
+                options,
+                decode_name,
+                |i| {
+                    if i == 1 {
+                        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                        Err(Error::Unsupported("no such GPU".into()))
+                    } else {
+                        fake_worker(i)
+                    }
+                },
+                |_, _| Ok(()),
+            );
+            assert!(result.unwrap_err().to_string().contains("no such GPU"));
+        }
         // A sink error stops it too.
         let result = run_pipeline(&paths, options, decode_name, fake_worker, |i, _| {
             if i == 20 {

@@ -128,10 +128,29 @@ impl<T: Element> DeviceModel<'_, T> {
     pub fn forward_batches<I, B>(
         &self,
         batches: I,
-        mut each: impl FnMut(Tensor) -> Result<()>,
+        each: impl FnMut(Tensor) -> Result<()>,
     ) -> Result<()>
     where
         I: IntoIterator<Item = Result<B>>,
+        B: Borrow<Tensor>,
+    {
+        self.forward_stream(batches.into_iter().map(|b| b.map(Some)), each)
+    }
+
+    /// [`forward_batches`](Self::forward_batches) for a source that may
+    /// have to wait for its next batch: an item `None` hands every batch in
+    /// flight to `each` first (the buffers stay allocated), so that a
+    /// caller about to wait holds no finished results back.
+    ///
+    /// # Errors
+    /// As [`forward_batches`](Self::forward_batches).
+    pub fn forward_stream<I, B>(
+        &self,
+        batches: I,
+        mut each: impl FnMut(Tensor) -> Result<()>,
+    ) -> Result<()>
+    where
+        I: IntoIterator<Item = Result<Option<B>>>,
         B: Borrow<Tensor>,
     {
         let DeviceHead::Classifier { head, .. } = &self.head else {
@@ -143,13 +162,21 @@ impl<T: Element> DeviceModel<'_, T> {
         let mut slots: [Option<Slot<T>>; 2] = [None, None];
         // Slots holding a batch whose results are not collected, oldest first.
         let mut in_flight = VecDeque::with_capacity(2);
+        // The slot the next batch takes.
+        let mut next = 0;
         let run = || -> Result<()> {
-            for (k, images) in batches.into_iter().enumerate() {
-                let images = images?;
+            for images in batches {
+                let Some(images) = images? else {
+                    while let Some(oldest) = in_flight.pop_front() {
+                        each(collect(&mut slots, oldest, self)?)?;
+                    }
+                    continue;
+                };
                 let images = images.borrow();
                 let shape = image_batch_shape(images)?;
-                let s = k % 2;
-                // The oldest batch in flight is the one in slot `s`.
+                let s = next;
+                next = 1 - next;
+                // With two batches in flight, the oldest is the one in slot `s`.
                 if in_flight.len() == 2
                     && let Some(oldest) = in_flight.pop_front()
                 {
