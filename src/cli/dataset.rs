@@ -11,9 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use autofocus::dataset::inputs::key_positions;
 use autofocus::dataset::{
-    BatchWorker, Input, InputList, OutputMode, PipelineOptions, Shard, run_pipeline,
+    BatchWorker, Decoded, Input, InputList, OutputMode, PipelineOptions, Shard, gather_inputs,
+    run_pipeline,
 };
-use autofocus::dataset::{Decoded, gather_inputs};
 use autofocus::{AutoFocusFormer, Error, Result};
 
 use super::device::{Backend, DeviceArgs, Runner, open};
