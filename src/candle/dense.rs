@@ -21,9 +21,15 @@ use candle_core::{
 };
 
 use super::storage::{f32_values, storage_of};
+use crate::ops::LinearView;
+use crate::ops::activation::gelu_backward;
 use crate::ops::linear::Epilogue;
 use crate::ops::norm::{EPS, layer_norm_in_place};
-use crate::ops::{LinearView, vector_math};
+
+/// The ops' names in error messages.
+const LINEAR: &str = "autofocus linear";
+const LAYER_NORM: &str = "autofocus layer_norm";
+const GELU_BACKWARD: &str = "autofocus gelu backward";
 
 /// `epilogue(x·Wᵀ + b)` for `x` of any shape `…×in`, `weight` out×in and
 /// `bias` (out values), differentiable in all three.
@@ -82,18 +88,17 @@ pub(crate) fn layer_norm_generic(x: &Tensor, weight: &Tensor, bias: &Tensor) -> 
 /// Checks `x` (…×in), `weight` (out×in) and `bias` (out values); returns
 /// (rows, in, out).
 fn linear_dims(x: &[usize], weight: &[usize], bias: usize) -> Result<(usize, usize, usize)> {
-    const OP: &str = "autofocus linear";
     let &[out_dim, in_dim] = weight else {
-        bail!("{OP}: `weight` must be out × in, found shape {weight:?}")
+        bail!("{LINEAR}: `weight` must be out × in, found shape {weight:?}")
     };
     match x.last() {
         Some(&last) if last == in_dim => {}
         _ => bail!(
-            "{OP}: `x` must have {in_dim} channels last (weight {weight:?}), found shape {x:?}"
+            "{LINEAR}: `x` must have {in_dim} channels last (weight {weight:?}), found shape {x:?}"
         ),
     }
     if bias != out_dim {
-        bail!("{OP}: `bias` must hold {out_dim} values, found {bias}");
+        bail!("{LINEAR}: `bias` must hold {out_dim} values, found {bias}");
     }
     Ok((x.iter().product::<usize>() / in_dim, in_dim, out_dim))
 }
@@ -120,11 +125,10 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        const OP: &str = "autofocus linear";
         let (rows, in_dim, out_dim) = linear_dims(l1.dims(), l2.dims(), l3.shape().elem_count())?;
-        let x = f32_values(OP, "x", s1, l1)?;
-        let weight = f32_values(OP, "weight", s2, l2)?;
-        let bias = f32_values(OP, "bias", s3, l3)?;
+        let x = f32_values(LINEAR, "x", s1, l1)?;
+        let weight = f32_values(LINEAR, "weight", s2, l2)?;
+        let bias = f32_values(LINEAR, "bias", s3, l3)?;
         let layer = LinearView {
             weight: &weight,
             bias: Some(&bias),
@@ -183,43 +187,28 @@ impl CustomOp2 for GeluBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        const OP: &str = "autofocus gelu backward";
         if l1.dims() != l2.dims() {
-            bail!("{OP}: `z` is {:?} but `dy` is {:?}", l1.dims(), l2.dims());
+            bail!(
+                "{GELU_BACKWARD}: `z` is {:?} but `dy` is {:?}",
+                l1.dims(),
+                l2.dims()
+            );
         }
-        let z = f32_values(OP, "z", s1, l1)?;
-        let grad_y = f32_values(OP, "dy", s2, l2)?;
+        let z = f32_values(GELU_BACKWARD, "z", s1, l1)?;
+        let grad_y = f32_values(GELU_BACKWARD, "dy", s2, l2)?;
         let grad_z = gelu_backward(&z, &grad_y);
         Ok((storage_of(grad_z, s2.dtype())?, l1.shape().clone()))
     }
 }
 
-fn gelu_backward(z: &[f32], grad_y: &[f32]) -> Vec<f32> {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 14;
-    let mut grad_z = vec![0.0f32; z.len()];
-    grad_z
-        .par_chunks_mut(CHUNK)
-        .zip(z.par_chunks(CHUNK).zip(grad_y.par_chunks(CHUNK)))
-        .for_each(|(out, (z, dy))| {
-            for ((o, &z), &dy) in out.iter_mut().zip(z).zip(dy) {
-                *o = dy * vector_math::gelu_grad(z);
-            }
-        });
-    grad_z
-}
-
 struct LayerNormOp;
 
 impl LayerNormOp {
-    const OP: &'static str = "autofocus layer_norm";
-
     fn check(x: &[usize], weight: usize, bias: usize) -> Result<()> {
-        let op = Self::OP;
         match x.last() {
             Some(&c) if c == weight && c == bias => Ok(()),
             _ => bail!(
-                "{op}: `x` must have as many channels last as `weight` ({weight}) and `bias` ({bias}) hold, found shape {x:?}"
+                "{LAYER_NORM}: `x` must have as many channels last as `weight` ({weight}) and `bias` ({bias}) hold, found shape {x:?}"
             ),
         }
     }
@@ -239,11 +228,10 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = Self::OP;
         Self::check(l1.dims(), l2.shape().elem_count(), l3.shape().elem_count())?;
-        let mut y = f32_values(op, "x", s1, l1)?.into_owned();
-        let weight = f32_values(op, "weight", s2, l2)?;
-        let bias = f32_values(op, "bias", s3, l3)?;
+        let mut y = f32_values(LAYER_NORM, "x", s1, l1)?.into_owned();
+        let weight = f32_values(LAYER_NORM, "weight", s2, l2)?;
+        let bias = f32_values(LAYER_NORM, "bias", s3, l3)?;
         layer_norm_in_place(&mut y, &weight, &bias).map_err(candle_core::Error::wrap)?;
         Ok((storage_of(y, s1.dtype())?, l1.shape().clone()))
     }

@@ -21,6 +21,20 @@ pub fn gelu_serial(x: &mut [f32]) {
     }
 }
 
+/// The GELU's backward: `dy · GELU'(z)` per element, in parallel.
+pub fn gelu_backward(z: &[f32], grad_y: &[f32]) -> Vec<f32> {
+    let mut grad_z = vec![0.0f32; z.len()];
+    grad_z
+        .par_chunks_mut(CHUNK)
+        .zip(z.par_chunks(CHUNK).zip(grad_y.par_chunks(CHUNK)))
+        .for_each(|(out, (z, dy))| {
+            for ((o, &z), &dy) in out.iter_mut().zip(z).zip(dy) {
+                *o = dy * vector_math::gelu_grad(z);
+            }
+        });
+    grad_z
+}
+
 /// The logistic sigmoid `1 / (1 + e^-x)`, with [`vector_math::exp`]: a fixed
 /// sequence of correctly rounded f32 operations that `sigmoid_exact_twin`
 /// in `kernels/common.cuh` repeats step for step, so importance scores are the

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::vector_math;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_len};
 use crate::io::F32Buffer;
 
 pub mod gpu;
@@ -61,9 +61,7 @@ pub fn layer_norm_in_place(x: &mut [f32], weight: &[f32], bias: &[f32]) -> Resul
             x.len(),
         ));
     }
-    if bias.len() != c {
-        return Err(Error::shape("layer_norm", "bias", [c], [bias.len()]));
-    }
+    check_len("layer_norm", "bias", &[c], bias.len())?;
     let rows_per_task = (4096 / c).max(1);
     x.par_chunks_mut(rows_per_task * c)
         .for_each(|rows| normalise_rows(rows, weight, bias));
