@@ -245,8 +245,9 @@ impl AffConfig {
                     "stage {s}: embed_dim {c} is not a positive multiple of num_heads {h}"
                 ));
             }
-            if s == 0 && c % 2 != 0 {
-                return bad(format!("embed_dim[0] = {c} must be even"));
+            // The patch embedding's middle has D // 2 channels (odd D is fine).
+            if s == 0 && c < 2 {
+                return bad(format!("embed_dim[0] = {c} must be at least 2"));
             }
             if self.nbhd_size[s] == 0 {
                 return bad(format!("stage {s}: nbhd_size must be positive"));
@@ -310,6 +311,14 @@ mod tests {
         let mut c = AffConfig::preset("aff_mini").unwrap();
         c.num_heads[1] = 3;
         assert!(c.validate().unwrap_err().to_string().contains("stage 1"));
+        // An odd first embedding is valid (the published model floors D/2);
+        // one channel is not (the patch embedding's middle would be empty).
+        let mut c = AffConfig::preset("aff_mini").unwrap();
+        (c.embed_dim[0], c.num_heads[0]) = (15, 1);
+        c.validate().unwrap();
+        c.embed_dim[0] = 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("embed_dim[0] = 1"), "{err}");
         let err = AffConfig::from_json(r#"{"embed_dim": [8]}"#).unwrap_err();
         assert!(err.to_string().contains("invalid JSON"), "{err}");
         let err = AffConfig::resolve("aff_gigantic").unwrap_err().to_string();

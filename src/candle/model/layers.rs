@@ -86,8 +86,9 @@ pub(crate) struct PatchEmbed {
 
 impl PatchEmbed {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        // Padding 1 is applied by `conv3x3_stride2`, not by the convolution.
         let conv = Conv2dConfig {
-            padding: 1,
+            padding: 0,
             stride: 2,
             ..Default::default()
         };
@@ -111,7 +112,7 @@ impl PatchEmbed {
     /// Images b×3×H×W → tokens b×(h·w)×D (row-major over the grid) and the
     /// grid `(h, w)`.
     pub fn forward(&self, images: &Tensor) -> Result<(Tensor, (usize, usize))> {
-        let x = self.proj1.forward(images)?;
+        let x = conv3x3_stride2(&self.proj1, images)?;
         let per_channel = |t: &Tensor| t.reshape((1, (), 1, 1));
         let scale = self
             .bn_weight
@@ -121,9 +122,110 @@ impl PatchEmbed {
             .broadcast_mul(&per_channel(&scale)?)?
             .broadcast_add(&per_channel(&self.bn_bias)?)?
             .gelu_erf()?;
-        let x = self.proj2.forward(&x)?;
+        let x = conv3x3_stride2(&self.proj2, &x)?;
         let (_, _, h, w) = x.dims4()?;
         let tokens = x.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
         Ok((self.norm.forward(&tokens)?, (h, w)))
+    }
+}
+
+/// A 3×3 stride-2 convolution with zero padding 1, the padding made
+/// explicit: one row and column before, and one after only where the size is
+/// odd (where even, the conv never reads it). Then neither axis needs the
+/// transposed convolution's output padding in the backward, which matters
+/// because candle (0.11) derives that padding from the height alone and
+/// applies it to both axes: with padding inside the conv, an image whose
+/// height and width differ in parity gets a wrongly shaped gradient.
+fn conv3x3_stride2(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let x = x.pad_with_zeros(2, 1, h % 2)?.pad_with_zeros(3, 1, w % 2)?;
+    conv.forward(&x)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    fn var(shape: &[usize], seed: u64) -> Var {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|i| {
+                let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+                ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Var::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Forward and gradients for every parity of height and width against
+    /// candle's padded convolution on the input grown to even sizes with a
+    /// zero row and column (the same outputs, since the padding there was
+    /// zeros too, and a backward candle gets right: both axes even).
+    #[test]
+    fn conv3x3_stride2_is_padded_conv_for_every_parity() {
+        for (h, w) in [(6, 6), (6, 7), (7, 6), (7, 7)] {
+            let x = var(&[2, 3, h, w], 1);
+            let weight = var(&[4, 3, 3, 3], 2);
+            let bias = var(&[4], 3);
+            let conv = Conv2d::new(
+                weight.as_tensor().clone(),
+                Some(bias.as_tensor().clone()),
+                Conv2dConfig {
+                    padding: 0,
+                    stride: 2,
+                    ..Default::default()
+                },
+            );
+            let y = conv3x3_stride2(&conv, x.as_tensor()).unwrap();
+            let padded = Conv2d::new(
+                weight.as_tensor().clone(),
+                Some(bias.as_tensor().clone()),
+                Conv2dConfig {
+                    padding: 1,
+                    stride: 2,
+                    ..Default::default()
+                },
+            );
+            let grown = x
+                .as_tensor()
+                .pad_with_zeros(2, 0, h % 2)
+                .unwrap()
+                .pad_with_zeros(3, 0, w % 2)
+                .unwrap();
+            let want = padded.forward(&grown).unwrap();
+            assert!(max_diff(&y, &want) < 1e-6, "{h}x{w}: forward");
+
+            let coef = var(y.dims(), 4);
+            let grads = (y * coef.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward();
+            let want_grads = (want * coef.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward();
+            let (grads, want_grads) = (grads.unwrap(), want_grads.unwrap());
+            for v in [&x, &weight, &bias] {
+                let got = grads.get(v.as_tensor()).unwrap();
+                let want = want_grads.get(v.as_tensor()).unwrap();
+                assert!(max_diff(got, want) < 1e-5, "{h}x{w}: gradient");
+            }
+        }
     }
 }
