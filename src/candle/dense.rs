@@ -281,27 +281,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-
-    fn var(shape: &[usize], seed: u64) -> Var {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n)
-            .map(|i| {
-                let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-                ((h >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect();
-        Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-        assert_eq!(a.dims(), b.dims(), "{what}");
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= 1e-5 * scale, "{what}[{i}]: {x} vs {y}");
-        }
-    }
+    use crate::candle::test_util::{assert_close, var};
 
     /// The fused op and the plain candle ops: same output, same gradients
     /// of a weighted sum (weights not all equal, so every path counts).

@@ -29,6 +29,8 @@ mod layout;
 mod merge;
 mod model;
 mod storage;
+#[cfg(test)]
+mod test_util;
 
 pub use attention::ClusterAttention;
 pub use layout::NeighbourSlots;

@@ -144,87 +144,47 @@ fn conv3x3_stride2(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
-
     use super::*;
+    use crate::candle::test_util::var;
 
-    fn var(shape: &[usize], seed: u64) -> Var {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n)
-            .map(|i| {
-                let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
-                ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect();
-        Var::from_vec(values, shape, &Device::Cpu).unwrap()
+    fn conv(weight: &Tensor, bias: &Tensor, padding: usize) -> Conv2d {
+        let config = Conv2dConfig {
+            padding,
+            stride: 2,
+            ..Default::default()
+        };
+        Conv2d::new(weight.clone(), Some(bias.clone()), config)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect()
     }
 
     /// Forward and gradients for every parity of height and width against
     /// candle's padded convolution on the input grown to even sizes with a
     /// zero row and column (the same outputs, since the padding there was
-    /// zeros too, and a backward candle gets right: both axes even).
+    /// zeros too, and a backward candle gets right: both axes even). The
+    /// same products in the same order: the same bits.
     #[test]
     fn conv3x3_stride2_is_padded_conv_for_every_parity() {
         for (h, w) in [(6, 6), (6, 7), (7, 6), (7, 7)] {
-            let x = var(&[2, 3, h, w], 1);
-            let weight = var(&[4, 3, 3, 3], 2);
-            let bias = var(&[4], 3);
-            let conv = Conv2d::new(
-                weight.as_tensor().clone(),
-                Some(bias.as_tensor().clone()),
-                Conv2dConfig {
-                    padding: 0,
-                    stride: 2,
-                    ..Default::default()
-                },
-            );
-            let y = conv3x3_stride2(&conv, x.as_tensor()).unwrap();
-            let padded = Conv2d::new(
-                weight.as_tensor().clone(),
-                Some(bias.as_tensor().clone()),
-                Conv2dConfig {
-                    padding: 1,
-                    stride: 2,
-                    ..Default::default()
-                },
-            );
-            let grown = x
-                .as_tensor()
-                .pad_with_zeros(2, 0, h % 2)
-                .unwrap()
-                .pad_with_zeros(3, 0, w % 2)
-                .unwrap();
-            let want = padded.forward(&grown).unwrap();
-            assert!(max_diff(&y, &want) < 1e-6, "{h}x{w}: forward");
+            let [x, weight, bias] = [var(&[2, 3, h, w], 1), var(&[4, 3, 3, 3], 2), var(&[4], 3)];
+            let y = conv3x3_stride2(&conv(&weight, &bias, 0), &x).unwrap();
+            let grown = x.pad_with_zeros(2, 0, h % 2).unwrap();
+            let grown = grown.pad_with_zeros(3, 0, w % 2).unwrap();
+            let want = conv(&weight, &bias, 1).forward(&grown).unwrap();
+            assert_eq!(y.dims(), want.dims(), "{h}x{w}: shape");
+            assert_eq!(bits(&y), bits(&want), "{h}x{w}: forward");
 
-            let coef = var(y.dims(), 4);
-            let grads = (y * coef.as_tensor())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward();
-            let want_grads = (want * coef.as_tensor())
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward();
-            let (grads, want_grads) = (grads.unwrap(), want_grads.unwrap());
+            let mix = var(y.dims(), 4);
+            let loss = |t: Tensor| (t * mix.as_tensor()).unwrap().sum_all().unwrap();
+            let grads = loss(y).backward().unwrap();
+            let want_grads = loss(want).backward().unwrap();
             for v in [&x, &weight, &bias] {
-                let got = grads.get(v.as_tensor()).unwrap();
-                let want = want_grads.get(v.as_tensor()).unwrap();
-                assert!(max_diff(got, want) < 1e-5, "{h}x{w}: gradient");
+                let (got, want) = (grads.get(v).unwrap(), want_grads.get(v).unwrap());
+                assert_eq!(got.dims(), want.dims(), "{h}x{w}: gradient shape");
+                assert_eq!(bits(got), bits(want), "{h}x{w}: gradient");
             }
         }
     }
