@@ -392,6 +392,14 @@ fn attention_gradients_match_finite_differences_head_dim_16() {
 }
 
 #[test]
+fn attention_gradients_match_finite_differences_head_dim_32() {
+    // Head dims a multiple of two vector blocks: pass 2 takes the two keys
+    // of a cluster that the same queries hold ("twins") in one pass.
+    let p = Problem::new(8, 2, 21, 2, 32, Lists::Clusters { s: 8, nnc: 2 });
+    check_against_finite_differences(&p, "head dim 32");
+}
+
+#[test]
 fn attention_gradients_match_finite_differences_global_head_dim_33() {
     let p = Problem::new(2, 2, 9, 1, 33, Lists::Global);
     check_against_finite_differences(&p, "global");

@@ -17,7 +17,9 @@
 //!    chunk order;
 //! 2. by key: `dk_j += scale · Σ da · q` and `dv_j += Σ p · dO` in one pass
 //!    over the tile's queries whose neighbourhood holds `j`: a gather over
-//!    [`InverseNeighbourhood`] lists, so no two threads write one row.
+//!    [`InverseNeighbourhood`] lists, so no two threads write one row. Two
+//!    keys of one cluster, which the same queries hold at adjacent slots,
+//!    share that pass (each query's `q` and `dO` loaded once for both).
 //!
 //! Every sum runs in an order fixed by the inputs alone, so gradients are
 //! the same bits for any number of threads.
@@ -168,17 +170,19 @@ pub fn cluster_attention_backward_tiled(
             let (image, tail) = rest.split_at_mut(n * 2 * c);
             rest = tail;
             if !keys.is_empty() {
-                spans.push((
-                    img,
-                    keys.start,
-                    &mut image[keys.start * 2 * c..keys.end * 2 * c],
-                ));
+                // From an even key, so that the pairs of keys pass 2 takes
+                // together are pairs within clusters (which start at even
+                // tokens whenever the cluster size is even).
+                let start = keys.start & !1;
+                spans.push((img, start, &mut image[start * 2 * c..keys.end * 2 * c]));
             }
         }
         spans.into_par_iter().for_each(|(img, first_key, dkv)| {
-            dkv.par_chunks_mut(2 * c)
+            dkv.par_chunks_mut(KEYS_PER_TASK * 2 * c)
                 .enumerate()
-                .for_each(|(k, dkv)| key_gather(&ctx, &tile_data, img, first_key + k, dkv));
+                .for_each(|(k, dkv)| {
+                    key_gather(&ctx, &tile_data, img, first_key + KEYS_PER_TASK * k, dkv)
+                });
         });
     }
     for part in &partials {
@@ -427,43 +431,45 @@ fn query_backward(
     }
 }
 
-/// Pass 2 for key `j` of image `img`: adds to `dk_j` and `dv_j` (in `dkv`,
-/// the forward's kv layout) the shares of the tile's queries that hold `j`.
+/// Keys that pass 2 takes at once: two keys of one cluster are held by the
+/// same queries at adjacent slots ("twins"), so one pass over those queries
+/// serves both, each `q` and `dO` row loaded once for the two.
+const KEYS_PER_TASK: usize = 2;
+
+/// Pass 2 for keys `j..` of image `img` (as many as `dkv` holds, at most
+/// [`KEYS_PER_TASK`]): adds to their `dk` and `dv` (in `dkv`, the forward's
+/// kv layout) the shares of the tile's queries that hold them.
 #[multiversion(targets = "simd")]
 fn key_gather(ctx: &Context<'_>, tile: &TileData<'_>, img: usize, j: usize, dkv: &mut [f32]) {
     let inp = ctx.g.forward;
     let (h, d) = (inp.heads, inp.head_dim);
-    let Some(sweep) = KeySweep::new(ctx, tile, img, j) else {
-        return;
+    let c = h * d;
+    let (first, second) = dkv.split_at_mut((2 * c).min(dkv.len()));
+    let sweep = KeySweep::new(ctx, tile, img, j);
+    let next = if second.is_empty() {
+        None
+    } else {
+        KeySweep::new(ctx, tile, img, j + 1)
     };
-    // Every head in one pass over the pairs where the row is a few blocks
-    // of LANES, each within one head (the published stage-0 shapes).
-    if d % LANES == 0 {
-        let scale = inp.q_scale;
-        match h * d / LANES {
-            1 => return sweep.add_heads::<1>(scale, dkv),
-            2 => return sweep.add_heads::<2>(scale, dkv),
-            3 => return sweep.add_heads::<3>(scale, dkv),
-            4 => return sweep.add_heads::<4>(scale, dkv),
-            _ => {}
-        }
+    if let (Some(sweep), Some(next)) = (&sweep, &next)
+        && d.is_multiple_of(2 * LANES)
+        && sweep.twin(next)
+    {
+        return sweep.add_twins(h, d, inp.q_scale, dkv);
     }
-    for t in 0..h {
-        let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
-        // Blocks of 2·LANES, LANES, then 1 dimension: every element is one
-        // chain over the pairs in order, whatever the block.
-        let mut e = 0;
-        while e + 2 * LANES <= d {
-            sweep.add::<{ 2 * LANES }>(t, t * d + e, inp.q_scale, &mut dk[e..], &mut dv[e..]);
-            e += 2 * LANES;
-        }
-        if e + LANES <= d {
-            sweep.add::<LANES>(t, t * d + e, inp.q_scale, &mut dk[e..], &mut dv[e..]);
-            e += LANES;
-        }
-        while e < d {
-            sweep.add::<1>(t, t * d + e, inp.q_scale, &mut dk[e..], &mut dv[e..]);
-            e += 1;
+    for (sweep, dkv) in [(sweep, first), (next, second)] {
+        let Some(sweep) = sweep else {
+            continue;
+        };
+        // Every head in one pass over the pairs where the row is a few
+        // blocks of LANES, each within one head (the published stage-0 shapes).
+        let blocks = if d % LANES == 0 { c / LANES } else { 0 };
+        match blocks {
+            1 => sweep.add_heads::<1>(inp.q_scale, dkv),
+            2 => sweep.add_heads::<2>(inp.q_scale, dkv),
+            3 => sweep.add_heads::<3>(inp.q_scale, dkv),
+            4 => sweep.add_heads::<4>(inp.q_scale, dkv),
+            _ => sweep.add_by_head(h, d, inp.q_scale, dkv),
         }
     }
 }
@@ -519,6 +525,19 @@ impl<'a> KeySweep<'a> {
         })
     }
 
+    /// Whether `next` (the next key's sweep) is held by the same queries
+    /// in the same order, each at the next slot: the two keys are then
+    /// members of one cluster.
+    #[inline(always)]
+    fn twin(&self, next: &Self) -> bool {
+        self.pairs.len() == next.pairs.len()
+            && self
+                .pairs
+                .iter()
+                .zip(next.pairs)
+                .all(|(&(i, slot), &(i_next, slot_next))| i == i_next && slot_next == slot + 1)
+    }
+
     /// [`Self::add`] for every head at once, the row being `B` blocks of
     /// [`LANES`] columns, each within one head (`d` a multiple of
     /// [`LANES`]): one pass over the pairs, each pair's values for every
@@ -561,6 +580,91 @@ impl<'a> KeySweep<'a> {
         }
     }
 
+    /// The general case, head by head: [`Self::add`] over blocks of
+    /// 2·[`LANES`], [`LANES`], then 1 dimension (every element is one chain
+    /// over the pairs in order, whatever the block).
+    #[inline(always)]
+    fn add_by_head(&self, h: usize, d: usize, scale: f32, dkv: &mut [f32]) {
+        for t in 0..h {
+            let (dk, dv) = dkv[t * 2 * d..(t + 1) * 2 * d].split_at_mut(d);
+            let mut e = 0;
+            while e + 2 * LANES <= d {
+                self.add::<{ 2 * LANES }>(t, t * d + e, scale, &mut dk[e..], &mut dv[e..]);
+                e += 2 * LANES;
+            }
+            if e + LANES <= d {
+                self.add::<LANES>(t, t * d + e, scale, &mut dk[e..], &mut dv[e..]);
+                e += LANES;
+            }
+            while e < d {
+                self.add::<1>(t, t * d + e, scale, &mut dk[e..], &mut dv[e..]);
+                e += 1;
+            }
+        }
+    }
+
+    /// [`Self::add_by_head`] for this key and its [`Self::twin`] (whose row
+    /// follows in `dkv`), `d` a multiple of 2·[`LANES`]: per head and block
+    /// of 2·[`LANES`] dimensions, one pass over the pairs for both keys,
+    /// each pair's `q` and `dO` loaded once for the two (a load per
+    /// multiply-add, where one key alone needs one and a half). The sums
+    /// are named variables, not arrays (arrays this large stay in memory),
+    /// each element the same chain over the pairs as in [`Self::add`].
+    #[inline(always)]
+    fn add_twins(&self, h: usize, d: usize, scale: f32, dkv: &mut [f32]) {
+        const L: usize = LANES;
+        let c = h * d;
+        debug_assert!(d.is_multiple_of(2 * L) && dkv.len() == 2 * 2 * c);
+        let fma = |acc: &mut [f32; L], w: f32, x: &[f32]| {
+            for l in 0..L {
+                acc[l] = w.mul_add(x[l], acc[l]);
+            }
+        };
+        for t in 0..h {
+            for e in (0..d).step_by(2 * L) {
+                let col = t * d + e;
+                let zero = [0.0f32; L];
+                // (key 0 | key 1) × (k | v) × (first | second block of L).
+                let (mut k00, mut k01, mut v00, mut v01) = (zero, zero, zero, zero);
+                let (mut k10, mut k11, mut v10, mut v11) = (zero, zero, zero, zero);
+                for &(i, slot) in self.pairs {
+                    let i = i as usize;
+                    // Slot `slot + 1` (the twin's) follows, 2h floats on.
+                    let at = (((self.row0 + i - self.first) * self.m + slot as usize) * h + t) * 2;
+                    let pd = &self.values[at..at + 2 * h + 2];
+                    let (p0, da0, p1, da1) = (pd[0], pd[1], pd[2 * h], pd[2 * h + 1]);
+                    let q: &[f32; 2 * L] = self.q[i * c + col..][..2 * L].try_into().unwrap();
+                    let go: &[f32; 2 * L] =
+                        self.grad_out[i * c + col..][..2 * L].try_into().unwrap();
+                    let (q0, q1) = q.split_at(L);
+                    let (go0, go1) = go.split_at(L);
+                    fma(&mut k00, da0, q0);
+                    fma(&mut k01, da0, q1);
+                    fma(&mut v00, p0, go0);
+                    fma(&mut v01, p0, go1);
+                    fma(&mut k10, da1, q0);
+                    fma(&mut k11, da1, q1);
+                    fma(&mut v10, p1, go0);
+                    fma(&mut v11, p1, go1);
+                }
+                for (key, sums) in [[k00, k01, v00, v01], [k10, k11, v10, v11]]
+                    .iter()
+                    .enumerate()
+                {
+                    // The head's key at t·2d in the kv row, its value d further.
+                    let (dk, dv) = dkv[key * 2 * c + t * 2 * d + e..].split_at_mut(d);
+                    for l in 0..L {
+                        // The scale belongs to the logit: d(q·k·scale)/dk = scale·q.
+                        dk[l] += scale * sums[0][l];
+                        dk[L + l] += scale * sums[1][l];
+                        dv[l] += sums[2][l];
+                        dv[L + l] += sums[3][l];
+                    }
+                }
+            }
+        }
+    }
+
     /// `dk[..W] += scale · Σ da · q[col..]`, `dv[..W] += Σ p · dO[col..]`
     /// over the pairs, for head `t`: the two sums share one pass over the
     /// pairs and keep `2W` floats in registers.
@@ -590,5 +694,68 @@ impl<'a> KeySweep<'a> {
             dk[l] += scale * ak[l];
             dv[l] += av[l];
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Two twin keys' sums in one pass are the same bits as each key's
+    /// own pass, through either single-key path.
+    #[test]
+    fn twin_keys_get_the_bits_of_their_own_passes() {
+        let (h, d, m, queries) = (2, 32, 5, 7);
+        let c = h * d;
+        let (q, grad_out) = (values(queries * c, 3), values(queries * c, 4));
+        // The tile's p and da per [row][slot][head], rows 2.. of the tile.
+        let (first, row0) = (10, 12);
+        let tile_values = values((row0 - first + queries) * m * h * 2, 5);
+        let key = [(0, 1), (2, 0), (3, 3), (6, 2)];
+        let twin: Vec<(u32, u32)> = key.iter().map(|&(i, s)| (i, s + 1)).collect();
+        let sweep = |pairs| KeySweep {
+            pairs,
+            values: &tile_values,
+            row0,
+            first,
+            m,
+            heads: h,
+            q: &q,
+            grad_out: &grad_out,
+            c,
+        };
+        let (a, b) = (sweep(&key), sweep(&twin));
+        assert!(a.twin(&b) && !b.twin(&a));
+        let start = values(2 * 2 * c, 6);
+        let scale = 0.17;
+        let mut together = start.clone();
+        a.add_twins(h, d, scale, &mut together);
+        for single in 0..2 {
+            let mut apart = start.clone();
+            let (first_key, second_key) = apart.split_at_mut(2 * c);
+            for (sweep, dkv) in [(&a, first_key), (&b, second_key)] {
+                if single == 0 {
+                    sweep.add_by_head(h, d, scale, dkv);
+                } else {
+                    sweep.add_heads::<4>(scale, dkv);
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&together), bits(&apart), "single-key path {single}");
+        }
+        assert_ne!(together, start);
     }
 }
