@@ -457,13 +457,13 @@ fn key_gather(ctx: &Context<'_>, tile: &TileData<'_>, img: usize, j: usize, dkv:
     {
         return sweep.add_twins(h, d, inp.q_scale, dkv);
     }
+    // Every head in one pass over the pairs where the row is a few blocks
+    // of LANES, each within one head (the published stage-0 shapes).
+    let blocks = if d % LANES == 0 { c / LANES } else { 0 };
     for (sweep, dkv) in [(sweep, first), (next, second)] {
         let Some(sweep) = sweep else {
             continue;
         };
-        // Every head in one pass over the pairs where the row is a few
-        // blocks of LANES, each within one head (the published stage-0 shapes).
-        let blocks = if d % LANES == 0 { c / LANES } else { 0 };
         match blocks {
             1 => sweep.add_heads::<1>(inp.q_scale, dkv),
             2 => sweep.add_heads::<2>(inp.q_scale, dkv),
@@ -700,18 +700,11 @@ impl<'a> KeySweep<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::SplitMix64;
 
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-            })
-            .collect()
+    /// Deterministic values in [-1, 1), from the crate's one generator.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        SplitMix64(seed).floats(len, 1.0)
     }
 
     /// Two twin keys' sums in one pass are the same bits as each key's
