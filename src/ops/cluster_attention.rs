@@ -6,16 +6,17 @@
 //! Logits live only in a per-query scratch row: the b×h×n×m attention tensor
 //! is never materialised.
 //!
-//! Speed: keys are transposed per head (d×n) so that the members of a
-//! cluster, contiguous tokens, are contiguous in every key dimension; the
-//! scores of up to [`gather::BLOCK_GROUP`] clusters accumulate together in registers.
+//! Speed: keys are copied per head [`Tiled`] (tiles of 8 tokens, each
+//! dimension 8 adjacent floats) so that the members of a cluster,
+//! contiguous tokens, are one run of memory; the scores of up to
+//! [`gather::BLOCK_GROUP`] clusters accumulate together in registers.
 //! The hot loops use `mul_add` and are compiled per instruction set
 //! (multiversioned), so FMA units are used where the CPU has them.
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::gather::{self, ScorePlan, score};
+use super::gather::{self, ScorePlan, Tiled, score};
 use super::neighbourhood::{Neighbourhood, all_below};
 use super::vector_math;
 use crate::error::{Error, Result, check_len};
@@ -141,8 +142,7 @@ const KEYS: usize = 1;
 const KEYS_AND_VALUES: usize = 2;
 
 /// Each head's first `parts·d` columns of kv (its key, then its value),
-/// per image, dimension-major: `[img][t][e][j] = kv_j[t·2d + e]` for `e`
-/// below `parts·d`.
+/// per image and head [`Tiled`] (`Tiled::len(n, parts·d)` floats each).
 fn transpose_heads(kv: &[f32], b: usize, n: usize, h: usize, d: usize, parts: usize) -> Vec<f32> {
     let columns: Vec<usize> = (0..h).map(|t| t * 2 * d).collect();
     gather::transpose_columns(kv, b, n, 2 * h * d, &columns, parts * d)
@@ -202,9 +202,10 @@ fn attend_one(
             *s = v * inp.q_scale;
         }
         let qt = &scratch.query[..];
-        let kt = &keys_t[(img * h + t) * d * n..(img * h + t + 1) * d * n];
+        let per_head = Tiled::len(n, d);
+        let kt = Tiled::new(&keys_t[(img * h + t) * per_head..][..per_head], d);
         let (logits, blank) = scratch_logits.split_at_mut(m);
-        score(&scratch.plan, qt, kt, n, nbrs, logits);
+        score(&scratch.plan, qt, kt, nbrs, logits);
         let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
         for (l, &row) in logits.iter_mut().zip(rows) {
             // SAFETY: `cluster_attention` checked every bias row against the

@@ -2,15 +2,16 @@
 //! attention and the merge, forward and backward.
 //!
 //! - [`score`]: dot products of one vector with the rows a neighbour list
-//!   names, from rows stored dimension-major (d×n): a cluster's members are
-//!   contiguous tokens, so blocks of [`SLOT_BLOCK`] neighbours are contiguous
-//!   in every dimension and [`BLOCK_GROUP`] blocks accumulate together in
-//!   registers ([`ScorePlan`] finds them).
+//!   names, from a [`Tiled`] copy of the rows: a cluster's members are
+//!   contiguous tokens, so blocks of [`SLOT_BLOCK`] neighbours are one tile,
+//!   whose every dimension is [`SLOT_BLOCK`] adjacent floats and whose
+//!   dimensions follow each other; [`BLOCK_GROUP`] blocks accumulate
+//!   together in registers ([`ScorePlan`] finds them).
 //!   [`score_pair`] does two such products in one sweep, [`score4`] four
 //!   vectors against the same rows.
 //! - [`gather_weighted_sum`]: `Σ_k p_k · row_k` over gathered rows;
 //!   [`gather_weighted_sums`] for several outputs sharing the rows.
-//! - [`transpose_columns`]: the dimension-major copies [`score`] reads;
+//! - [`transpose_columns`]: the [`Tiled`] copies [`score`] reads;
 //!   [`transpose_rows`] for a range of rows.
 //!
 //! The loops are `#[inline(always)]`, to be compiled inside their callers'
@@ -29,9 +30,11 @@ pub const BLOCK_GROUP: usize = 6;
 
 /// How one vector's neighbour slots are scored (the same for every head,
 /// or every inner channel):
-/// blocks of [`SLOT_BLOCK`] contiguous neighbours (a cluster's members) in
-/// groups of [`BLOCK_GROUP`], whose sums stay in registers across the key
-/// dimensions, and the other slots (padding, odd sizes) one by one.
+/// blocks of [`SLOT_BLOCK`] contiguous neighbours that fill one [`Tiled`]
+/// tile (a cluster's members, when clusters are [`SLOT_BLOCK`] tokens or a
+/// multiple) in groups of [`BLOCK_GROUP`], whose sums stay in registers
+/// across the key dimensions, and the other slots (padding, odd sizes,
+/// blocks across two tiles) one by one.
 #[derive(Default)]
 pub struct ScorePlan {
     /// (first token of each block, its first slot, blocks used).
@@ -50,6 +53,7 @@ impl ScorePlan {
             let block = &nbrs[slot..nbrs.len().min(slot + SLOT_BLOCK)];
             let first = block[0] as usize;
             let contiguous = block.len() == SLOT_BLOCK
+                && first.is_multiple_of(SLOT_BLOCK)
                 && block
                     .iter()
                     .enumerate()
@@ -77,18 +81,69 @@ impl ScorePlan {
     }
 }
 
-/// `logits[slot] = q · k_{nbrs[slot]}` from dimension-major keys `kt` (d×n),
-/// following `plan`.
+/// Rows copied token-tiled, as [`score`] reads them: tiles of
+/// [`SLOT_BLOCK`] tokens, each holding its tokens' dimensions one after
+/// another (`[tile][e][lane]`; token `j` is lane `j % 8` of tile `j / 8`).
+/// A block of 8 contiguous tokens is then one run of `8·width` floats, a
+/// few adjacent cache lines, where a dimension-major copy (d×n) spreads it
+/// over `width` lines `n` floats apart.
+#[derive(Clone, Copy)]
+pub struct Tiled<'a> {
+    data: &'a [f32],
+    /// Floats from one tile to the next.
+    stride: usize,
+}
+
+impl<'a> Tiled<'a> {
+    /// Floats a tiled copy of `tokens` rows of `width` dimensions takes
+    /// (the last tile padded).
+    pub fn len(tokens: usize, width: usize) -> usize {
+        tokens.div_ceil(SLOT_BLOCK) * width * SLOT_BLOCK
+    }
+
+    /// A tiled copy of rows of `width` dimensions ([`Self::len`] floats).
+    pub fn new(data: &'a [f32], width: usize) -> Self {
+        Self {
+            data,
+            stride: width * SLOT_BLOCK,
+        }
+    }
+
+    /// The dimensions from `first` on, as a table of their own (the
+    /// backward's values, which follow the keys in each tile).
+    pub fn from_dim(self, first: usize) -> Self {
+        Self {
+            data: &self.data[first * SLOT_BLOCK..],
+            stride: self.stride,
+        }
+    }
+
+    /// Dimension `e` of token `j`.
+    #[inline(always)]
+    fn at(&self, j: usize, e: usize) -> f32 {
+        self.data[(j / SLOT_BLOCK) * self.stride + e * SLOT_BLOCK + j % SLOT_BLOCK]
+    }
+
+    /// The first `dims` dimensions of the tile of token `first` (a
+    /// multiple of [`SLOT_BLOCK`]): `dims` runs of [`SLOT_BLOCK`] lanes.
+    #[inline(always)]
+    fn tile(&self, first: usize, dims: usize) -> &'a [f32] {
+        &self.data[(first / SLOT_BLOCK) * self.stride..][..dims * SLOT_BLOCK]
+    }
+}
+
+/// `logits[slot] = q · k_{nbrs[slot]}` from tiled keys `kt`, following
+/// `plan`.
 #[inline(always)]
-pub fn score(plan: &ScorePlan, q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], logits: &mut [f32]) {
+pub fn score(plan: &ScorePlan, q: &[f32], kt: Tiled<'_>, nbrs: &[u32], logits: &mut [f32]) {
     for (starts, slots, count) in &plan.groups {
-        score_group(q, kt, n, starts, slots, *count, logits);
+        score_group(q, kt, starts, slots, *count, logits);
     }
     for &slot in &plan.singles {
         let j = nbrs[slot] as usize;
         let mut acc = 0.0f32;
         for (e, &qe) in q.iter().enumerate() {
-            acc = qe.mul_add(kt[e * n + j], acc);
+            acc = qe.mul_add(kt.at(j, e), acc);
         }
         logits[slot] = acc;
     }
@@ -100,22 +155,22 @@ pub fn score(plan: &ScorePlan, q: &[f32], kt: &[f32], n: usize, nbrs: &[u32], lo
 #[inline(always)]
 pub fn score_pair(
     plan: &ScorePlan,
-    (x, xt): (&[f32], &[f32]),
-    (y, yt): (&[f32], &[f32]),
-    n: usize,
+    (x, xt): (&[f32], Tiled<'_>),
+    (y, yt): (&[f32], Tiled<'_>),
     nbrs: &[u32],
     (a, b): (&mut [f32], &mut [f32]),
 ) {
+    let d = x.len();
     for (starts, slots, count) in &plan.groups {
         let mut acc_x = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
         let mut acc_y = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
+        let tiles_x: [&[f32]; BLOCK_GROUP] = std::array::from_fn(|g| xt.tile(starts[g], d));
+        let tiles_y: [&[f32]; BLOCK_GROUP] = std::array::from_fn(|g| yt.tile(starts[g], d));
         for (e, (&xe, &ye)) in x.iter().zip(y).enumerate() {
-            let (row_x, row_y) = (&xt[e * n..(e + 1) * n], &yt[e * n..(e + 1) * n]);
+            let lanes = e * SLOT_BLOCK..(e + 1) * SLOT_BLOCK;
             for g in 0..BLOCK_GROUP {
-                let kx: &[f32; SLOT_BLOCK] =
-                    row_x[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
-                let ky: &[f32; SLOT_BLOCK] =
-                    row_y[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
+                let kx: &[f32; SLOT_BLOCK] = tiles_x[g][lanes.clone()].try_into().unwrap();
+                let ky: &[f32; SLOT_BLOCK] = tiles_y[g][lanes.clone()].try_into().unwrap();
                 for u in 0..SLOT_BLOCK {
                     acc_x[g][u] = xe.mul_add(kx[u], acc_x[g][u]);
                     acc_y[g][u] = ye.mul_add(ky[u], acc_y[g][u]);
@@ -131,8 +186,8 @@ pub fn score_pair(
         let j = nbrs[slot] as usize;
         let (mut sx, mut sy) = (0.0f32, 0.0f32);
         for (e, (&xe, &ye)) in x.iter().zip(y).enumerate() {
-            sx = xe.mul_add(xt[e * n + j], sx);
-            sy = ye.mul_add(yt[e * n + j], sy);
+            sx = xe.mul_add(xt.at(j, e), sx);
+            sy = ye.mul_add(yt.at(j, e), sy);
         }
         a[slot] = sx;
         b[slot] = sy;
@@ -144,24 +199,17 @@ pub fn score_pair(
 /// = xs[o] · xt_{nbrs[slot]}`, `out` being 4 rows of `nbrs.len()`; the same
 /// bits as four calls, with each gathered block loaded once.
 #[inline(always)]
-pub fn score4(
-    plan: &ScorePlan,
-    xs: [&[f32]; 4],
-    xt: &[f32],
-    n: usize,
-    nbrs: &[u32],
-    out: &mut [f32],
-) {
+pub fn score4(plan: &ScorePlan, xs: [&[f32]; 4], xt: Tiled<'_>, nbrs: &[u32], out: &mut [f32]) {
     let m = nbrs.len();
     let d = xs[0].len();
     for (starts, slots, count) in &plan.groups {
         let mut acc = [[[0.0f32; SLOT_BLOCK]; BLOCK_GROUP]; 4];
+        let tiles: [&[f32]; BLOCK_GROUP] = std::array::from_fn(|g| xt.tile(starts[g], d));
         for e in 0..d {
-            let row = &xt[e * n..(e + 1) * n];
-            let x = [xs[0][e], xs[1][e], xs[2][e], xs[3][e]];
+            let x = xs.map(|x| x[e]);
+            let lanes = e * SLOT_BLOCK..(e + 1) * SLOT_BLOCK;
             for g in 0..BLOCK_GROUP {
-                let k: &[f32; SLOT_BLOCK] =
-                    row[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
+                let k: &[f32; SLOT_BLOCK] = tiles[g][lanes.clone()].try_into().unwrap();
                 for (acc, &x) in acc.iter_mut().zip(&x) {
                     for u in 0..SLOT_BLOCK {
                         acc[g][u] = x.mul_add(k[u], acc[g][u]);
@@ -179,7 +227,7 @@ pub fn score4(
         let j = nbrs[slot] as usize;
         let mut acc = [0.0f32; 4];
         for e in 0..d {
-            let k = xt[e * n + j];
+            let k = xt.at(j, e);
             for (acc, x) in acc.iter_mut().zip(&xs) {
                 *acc = x[e].mul_add(k, *acc);
             }
@@ -195,18 +243,18 @@ pub fn score4(
 #[inline(always)]
 fn score_group(
     q: &[f32],
-    kt: &[f32],
-    n: usize,
+    kt: Tiled<'_>,
     starts: &[usize; BLOCK_GROUP],
     slots: &[usize; BLOCK_GROUP],
     count: usize,
     logits: &mut [f32],
 ) {
     let mut acc = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
+    let tiles: [&[f32]; BLOCK_GROUP] = std::array::from_fn(|g| kt.tile(starts[g], q.len()));
     for (e, &qe) in q.iter().enumerate() {
-        let row = &kt[e * n..(e + 1) * n];
+        let lanes = e * SLOT_BLOCK..(e + 1) * SLOT_BLOCK;
         for g in 0..BLOCK_GROUP {
-            let k: &[f32; SLOT_BLOCK] = row[starts[g]..starts[g] + SLOT_BLOCK].try_into().unwrap();
+            let k: &[f32; SLOT_BLOCK] = tiles[g][lanes.clone()].try_into().unwrap();
             for u in 0..SLOT_BLOCK {
                 acc[g][u] = qe.mul_add(k[u], acc[g][u]);
             }
@@ -381,28 +429,35 @@ fn weighted_sweep2(
     }
 }
 
-/// Rows `first..first + out.len() / width` of `src` (row-major, `stride`
-/// floats a row), their first `width` columns dimension-major into `out`:
-/// `out[e·rows + (j − first)] = src[j·stride + e]`. One task's slice of
-/// [`transpose_columns`], small enough to stay in cache.
-pub fn transpose_rows(src: &[f32], stride: usize, first: usize, width: usize, out: &mut [f32]) {
-    const BLOCK: usize = 16;
-    let rows = out.len() / width.max(1);
-    for j0 in (0..rows).step_by(BLOCK) {
-        let block = &src[(first + j0) * stride..(first + rows.min(j0 + BLOCK)) * stride];
-        for e in 0..width {
-            let run = &mut out[e * rows + j0..e * rows + j0 + block.len() / stride];
-            for (x, row) in run.iter_mut().zip(block.chunks_exact(stride)) {
-                *x = row[e];
+/// Rows `rows` of `src` (row-major, `stride` floats a row), their first
+/// `width` columns, [`Tiled`] into `out` ([`Tiled::len`] of them; the
+/// padding lanes of the last tile are left as they are): row `rows.start`
+/// is token 0. One task's slice of [`transpose_columns`], small enough to
+/// stay in cache.
+pub fn transpose_rows(
+    src: &[f32],
+    stride: usize,
+    rows: std::ops::Range<usize>,
+    width: usize,
+    out: &mut [f32],
+) {
+    let src = &src[rows.start * stride..rows.end * stride];
+    for (tile, rows) in out[..Tiled::len(rows.len(), width)]
+        .chunks_exact_mut(width * SLOT_BLOCK)
+        .zip(src.chunks(stride * SLOT_BLOCK))
+    {
+        for (u, row) in rows.chunks_exact(stride).enumerate() {
+            for (e, &x) in row[..width].iter().enumerate() {
+                tile[e * SLOT_BLOCK + u] = x;
             }
         }
     }
 }
 
-/// Column groups of row-major rows, dimension-major, as [`score`] reads
-/// them: `src` holds `images×n` rows of `stride` floats; the result is
-/// `[img][g][e][j] = src[(img·n + j)·stride + columns[g] + e]` for `e` below
-/// `width`.
+/// Column groups of row-major rows, [`Tiled`] as [`score`] reads them:
+/// `src` holds `images×n` rows of `stride` floats; the result holds, per
+/// image and group, the tiled copy (`Tiled::len(n, width)` floats) of
+/// columns `columns[g]..columns[g] + width` (padding lanes zero).
 pub fn transpose_columns(
     src: &[f32],
     images: usize,
@@ -411,10 +466,8 @@ pub fn transpose_columns(
     columns: &[usize],
     width: usize,
 ) -> Vec<f32> {
-    // Blocks of rows, so that every write is a contiguous run.
-    const BLOCK: usize = 16;
-    let groups = columns.len();
-    let len = images * groups * width * n;
+    let per_group = Tiled::len(n, width);
+    let len = images * columns.len() * per_group;
     // Written once each below, so not zeroed first (a fill as long as the
     // copy itself).
     let mut out = Vec::with_capacity(len);
@@ -422,24 +475,32 @@ pub fn transpose_columns(
         return out;
     }
     out.spare_capacity_mut()[..len]
-        .par_chunks_mut(width * n)
+        .par_chunks_mut(per_group)
         .enumerate()
         .for_each(|(img_group, dst)| {
-            let (img, first) = (img_group / groups, columns[img_group % groups]);
+            let (img, first) = (
+                img_group / columns.len(),
+                columns[img_group % columns.len()],
+            );
             let src = &src[img * n * stride..(img + 1) * n * stride];
-            for j0 in (0..n).step_by(BLOCK) {
-                let rows = &src[j0 * stride..n.min(j0 + BLOCK) * stride];
+            for (t, tile) in dst.chunks_exact_mut(width * SLOT_BLOCK).enumerate() {
+                let rows = &src[t * SLOT_BLOCK * stride..n.min((t + 1) * SLOT_BLOCK) * stride];
+                let real = rows.len() / stride;
                 for e in 0..width {
-                    let run = &mut dst[e * n + j0..e * n + j0 + rows.len() / stride];
-                    for (x, row) in run.iter_mut().zip(rows.chunks_exact(stride)) {
+                    let lanes = &mut tile[e * SLOT_BLOCK..(e + 1) * SLOT_BLOCK];
+                    for (x, row) in lanes.iter_mut().zip(rows.chunks_exact(stride)) {
                         x.write(row[first + e]);
+                    }
+                    for x in &mut lanes[real..] {
+                        x.write(0.0);
                     }
                 }
             }
         });
-    // SAFETY: the chunks tile `0..len` (`len` is a multiple of `width·n`),
-    // and each chunk's runs cover it: `e·n + j` for every `e < width` and
-    // `j < n` (blocks of rows `j0..j0 + BLOCK` up to `n`).
+    // SAFETY: the chunks tile `0..len` (`len` is a multiple of
+    // `per_group`, itself a multiple of the tile's `width·SLOT_BLOCK`), and
+    // each tile's lanes are written for every `e < width`: the real rows'
+    // lanes from `src`, the rest zero.
     unsafe { out.set_len(len) };
     out
 }
@@ -448,7 +509,7 @@ pub fn transpose_columns(
 mod tests {
     use super::*;
 
-    /// Every shape around the 8 × 8 tiles: rows and widths below, at and
+    /// Every shape around the tiles of 8: rows and widths below, at and
     /// past multiples of 8, a stride wider than the width, an offset start.
     #[test]
     fn transpose_rows_matches_the_definition() {
@@ -461,12 +522,13 @@ mod tests {
             (13, 3, 5, 1),
         ] {
             let src: Vec<f32> = (0..(first + rows) * stride).map(|x| x as f32).collect();
-            let mut out = vec![f32::NAN; rows * width];
-            transpose_rows(&src, stride, first, width, &mut out);
+            let mut out = vec![f32::NAN; Tiled::len(rows, width)];
+            transpose_rows(&src, stride, first..first + rows, width, &mut out);
+            let tiled = Tiled::new(&out, width);
             for j in 0..rows {
                 for e in 0..width {
                     assert_eq!(
-                        out[e * rows + j],
+                        tiled.at(j, e),
                         src[(first + j) * stride + e],
                         "{rows}×{width}: ({j}, {e})"
                     );
@@ -476,7 +538,8 @@ mod tests {
     }
 
     /// Every element of the result as defined, for column groups of
-    /// several widths (rows past a multiple of the block, several images).
+    /// several widths (rows past a multiple of the tile, several images);
+    /// the padding is zero.
     #[test]
     fn transpose_columns_matches_the_definition() {
         for (images, n, stride, columns, width) in [
@@ -487,23 +550,96 @@ mod tests {
             (2, 5, 3, vec![], 3),
             (2, 0, 3, vec![0], 3),
         ] {
-            let src: Vec<f32> = (0..images * n * stride).map(|x| x as f32).collect();
+            let src: Vec<f32> = (0..images * n * stride).map(|x| 1.0 + x as f32).collect();
             let out = transpose_columns(&src, images, n, stride, &columns, width);
-            assert_eq!(out.len(), images * columns.len() * width * n);
+            let per_group = Tiled::len(n, width);
+            assert_eq!(out.len(), images * columns.len() * per_group);
             for img in 0..images {
                 for (g, &first) in columns.iter().enumerate() {
+                    let at = (img * columns.len() + g) * per_group;
+                    let tiled = Tiled::new(&out[at..at + per_group], width);
                     for e in 0..width {
-                        for j in 0..n {
-                            assert_eq!(
-                                out[((img * columns.len() + g) * width + e) * n + j],
-                                src[(img * n + j) * stride + first + e],
-                                "image {img}, group {g}, ({e}, {j})"
-                            );
+                        for j in 0..n.next_multiple_of(SLOT_BLOCK) {
+                            let want = if j < n {
+                                src[(img * n + j) * stride + first + e]
+                            } else {
+                                0.0
+                            };
+                            assert_eq!(tiled.at(j, e), want, "image {img}, group {g}, ({e}, {j})");
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Neighbour lists mixing the plan's cases: whole tiles (grouped, more
+    /// than one group), blocks of contiguous tokens across two tiles, short
+    /// and scattered slots. Every score has the bits of the plain chain
+    /// `Σ_e x_e·k_e` in order, whichever way the plan scored it; and the
+    /// pair and the four-vector sweeps give each output its own bits.
+    #[test]
+    fn scores_are_the_plain_chains_however_planned() {
+        let (n, d) = (96, 33);
+        let rows = values(n * 2 * d, 5);
+        let table = transpose_columns(&rows, 1, n, 2 * d, &[0], 2 * d);
+        let keys = Tiled::new(&table, 2 * d);
+        let values_t = keys.from_dim(d);
+        let lists: [Vec<u32>; 3] = [
+            // Seven whole tiles (two groups), then a block across tiles 1 and 2.
+            [40, 0, 8, 88, 16, 24, 56, 12]
+                .iter()
+                .flat_map(|&s| s..s + 8)
+                .collect(),
+            // A tile, three scattered slots, a tile: the second is no block.
+            (48..56).chain([3, 70, 9]).chain(64..72).collect(),
+            vec![95, 0, 17],
+        ];
+        let chain = |x: &[f32], k: &[f32], j: u32| {
+            (0..d).fold(0.0f32, |a, e| x[e].mul_add(k[j as usize * 2 * d + e], a))
+        };
+        let vs: Vec<Vec<f32>> = (0..4).map(|s| values(d, 10 + s)).collect();
+        let mut plan = ScorePlan::default();
+        // (groups, single slots) each list makes.
+        for (nbrs, planned) in lists.iter().zip([(2, 8), (1, 11), (0, 3)]) {
+            plan.build(nbrs);
+            assert_eq!((plan.groups.len(), plan.singles.len()), planned, "{nbrs:?}");
+            let m = nbrs.len();
+            let key_chain =
+                |x: &[f32]| nbrs.iter().map(|&j| chain(x, &rows, j)).collect::<Vec<_>>();
+            let value_chain = |y: &[f32]| {
+                nbrs.iter()
+                    .map(|&j| chain(y, &rows[d..], j))
+                    .collect::<Vec<_>>()
+            };
+            let mut logits = vec![f32::NAN; m];
+            score(&plan, &vs[0], keys, nbrs, &mut logits);
+            assert_eq!(bits(&logits), bits(&key_chain(&vs[0])), "score, {nbrs:?}");
+            let (mut a, mut b) = (vec![f32::NAN; m], vec![f32::NAN; m]);
+            score_pair(
+                &plan,
+                (&vs[0], keys),
+                (&vs[1], values_t),
+                nbrs,
+                (&mut a, &mut b),
+            );
+            assert_eq!(bits(&a), bits(&key_chain(&vs[0])), "score_pair keys");
+            assert_eq!(bits(&b), bits(&value_chain(&vs[1])), "score_pair values");
+            let mut four = vec![f32::NAN; 4 * m];
+            let xs: [&[f32]; 4] = std::array::from_fn(|o| &vs[o][..]);
+            score4(&plan, xs, keys, nbrs, &mut four);
+            for (o, x) in xs.iter().enumerate() {
+                assert_eq!(
+                    bits(&four[o * m..(o + 1) * m]),
+                    bits(&key_chain(x)),
+                    "score4 {o}"
+                );
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
     }
 
     /// Deterministic values in [-1, 1).

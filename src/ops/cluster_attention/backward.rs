@@ -7,7 +7,7 @@
 //! [`TILE_FLOATS`] values of `p` and `da` (a bounded scratch, never the
 //! whole b×h×n×m tensor), and for each tile:
 //! 1. by query: the logits and `dO·v` scored as the forward scores (blocks
-//!    of cluster members, dimension-major keys and values), `p` and `da`
+//!    of cluster members, keys and values tiled together), `p` and `da`
 //!    computed per head, then stored in the tile by slot (every head's `p`
 //!    and `da` of one slot side by side, so pass 2 reads them together),
 //!    `dq = scale · (Σ_j da_j k_j + da_blank · blank_k)`, and the
@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use super::{AttentionInputs, KEYS_AND_VALUES, MASKED_LOGIT, check_inputs, transpose_heads};
 use crate::error::{Error, Result, check_len};
-use crate::ops::gather::{ScorePlan, gather_weighted_sum, score_pair};
+use crate::ops::gather::{ScorePlan, Tiled, gather_weighted_sum, score_pair};
 use crate::ops::neighbourhood::InverseNeighbourhood;
 use crate::ops::rel_pos::OffsetTable;
 use crate::ops::vector_math::{LANES, axpy, dot, exp};
@@ -253,9 +253,10 @@ struct Context<'a> {
     g: &'a AttentionGradInputs<'a>,
     /// Per bias-table row: [`position_features`].
     features: Vec<[f32; FEATURE_LANES]>,
-    /// Keys and values dimension-major as the forward scores them, per
-    /// image and head `[keys d×n | values d×n]` (one copy: each head's key
-    /// and value are adjacent in a kv row).
+    /// Keys and values tiled as the forward scores them, per image and
+    /// head, the values after the keys in each tile
+    /// ([`super::transpose_heads`]: one copy, as each head's key and value
+    /// are adjacent in a kv row).
     kv_t: Vec<f32>,
 }
 
@@ -348,17 +349,17 @@ fn query_backward(
         }
         let qs = &scratch.query[..];
         let go = &go_row[t * d..(t + 1) * d];
-        // The head's keys, then its values, d×n each.
-        let key_rows = (img * h + t) * 2 * d * n..(img * h + t) * 2 * d * n + d * n;
-        let value_rows = key_rows.end..key_rows.end + d * n;
+        // The head's keys and values, tiled together (the values follow
+        // the keys in each tile).
+        let per_head = Tiled::len(n, 2 * d);
+        let keys = Tiled::new(&ctx.kv_t[(img * h + t) * per_head..][..per_head], 2 * d);
         let (p, da) = (&mut scratch.p[..], &mut scratch.da[..]);
         // Logits into `p`, dO·v into `da` (one sweep), then p and da in
         // place (in separate loops, so that each vectorises).
         score_pair(
             &scratch.plan,
-            (qs, &ctx.kv_t[key_rows]),
-            (go, &ctx.kv_t[value_rows]),
-            n,
+            (qs, keys),
+            (go, keys.from_dim(d)),
             nbrs,
             (&mut *p, &mut *da),
         );

@@ -23,7 +23,9 @@ use rayon::prelude::*;
 
 use super::{INNER_CHANNELS, MergeInputs};
 use crate::error::{Error, Result, check_len};
-use crate::ops::gather::{ScorePlan, gather_weighted_sums, score4, transpose_rows};
+use crate::ops::gather::{
+    SLOT_BLOCK, ScorePlan, Tiled, gather_weighted_sums, score4, transpose_rows,
+};
 use crate::ops::linear::Linear;
 use crate::ops::neighbourhood::InverseNeighbourhood;
 use crate::ops::norm::{EPS, LayerNorm};
@@ -229,7 +231,7 @@ pub fn pointconv_merge_backward(g: &MergeGradInputs<'_>) -> Result<MergeGrads> {
 #[derive(Default)]
 struct DotScratch {
     plan: ScorePlan,
-    /// The chunk's range of token features, dimension-major.
+    /// The chunk's range of token features, [`Tiled`].
     feat_t: Vec<f32>,
     /// One centre's neighbours, relative to that range.
     nbrs: Vec<u32>,
@@ -248,7 +250,7 @@ struct PartialTable {
 /// one image, in token order): `T[o] = dU_e[o]·x_j` for every slot of each
 /// centre, scored as the attention scores its keys, four inner channels in
 /// one sweep, from the features of the tokens the chunk's neighbourhoods
-/// span, copied dimension-major; then `Σ mask · p_j · T[o]` per weight-net
+/// span, copied [`Tiled`]; then `Σ mask · p_j · T[o]` per weight-net
 /// table row, into the chunk's partial table.
 #[multiversion(targets = "simd")]
 fn table_gradient(
@@ -281,9 +283,17 @@ fn table_gradient(
         first_row: lo.min(hi),
         values: vec![0.0f32; hi.saturating_sub(lo) * INNER_CHANNELS],
     };
+    // From a multiple of the tile, so that the clusters' members fill tiles.
+    let first = first / SLOT_BLOCK * SLOT_BLOCK;
     let span = end - first;
-    scratch.feat_t.resize(c * span, 0.0);
-    transpose_rows(&inp.feat[img * n * c..], c, first, c, &mut scratch.feat_t);
+    scratch.feat_t.resize(Tiled::len(span, c), 0.0);
+    transpose_rows(
+        &inp.feat[img * n * c..],
+        c,
+        first..end,
+        c,
+        &mut scratch.feat_t,
+    );
     scratch.dots.resize(INNER_CHANNELS * m, 0.0);
     for &e in out_rows {
         let i = centre(e);
@@ -293,8 +303,8 @@ fn table_gradient(
         scratch.plan.build(&scratch.nbrs);
         let du = &g.grad_out[e as usize * INNER_CHANNELS * c..][..INNER_CHANNELS * c];
         let du: [&[f32]; INNER_CHANNELS] = std::array::from_fn(|o| &du[o * c..(o + 1) * c]);
-        let (feat_t, dots) = (&scratch.feat_t, &mut scratch.dots);
-        score4(&scratch.plan, du, feat_t, span, &scratch.nbrs, dots);
+        let (feat_t, dots) = (Tiled::new(&scratch.feat_t, c), &mut scratch.dots);
+        score4(&scratch.plan, du, feat_t, &scratch.nbrs, dots);
         let mask = inp.nbhd.mask_of(img, i);
         for (slot, (&j, &r)) in nbrs.iter().zip(weight_rows(i)).enumerate() {
             if mask.is_some_and(|mask| !mask[slot]) {
