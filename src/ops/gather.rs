@@ -432,8 +432,8 @@ fn weighted_sweep2(
 /// Rows `rows` of `src` (row-major, `stride` floats a row), their first
 /// `width` columns, [`Tiled`] into `out` ([`Tiled::len`] of them; the
 /// padding lanes of the last tile are left as they are): row `rows.start`
-/// is token 0. One task's slice of [`transpose_columns`], small enough to
-/// stay in cache.
+/// is token 0. For one task's range of rows, small enough to stay in cache
+/// (where [`transpose_columns`] copies whole images).
 pub fn transpose_rows(
     src: &[f32],
     stride: usize,
@@ -441,6 +441,9 @@ pub fn transpose_rows(
     width: usize,
     out: &mut [f32],
 ) {
+    if width == 0 {
+        return;
+    }
     let src = &src[rows.start * stride..rows.end * stride];
     for (tile, rows) in out[..Tiled::len(rows.len(), width)]
         .chunks_exact_mut(width * SLOT_BLOCK)
@@ -520,6 +523,7 @@ mod tests {
             (17, 24, 30, 5),
             (64, 64, 64, 3),
             (13, 3, 5, 1),
+            (4, 0, 2, 1),
         ] {
             let src: Vec<f32> = (0..(first + rows) * stride).map(|x| x as f32).collect();
             let mut out = vec![f32::NAN; Tiled::len(rows, width)];
