@@ -130,8 +130,8 @@ fn kernel_names(source: &str) -> Vec<String> {
 }
 
 /// The kernels as C++ on the CPU: one static library with the fiber
-/// scheduler and every `.cu` (included from a generated `.cpp`, as the C++
-/// compiler will not take a `.cu` file by name).
+/// scheduler, its self-test kernels and every `.cu` (included from a
+/// generated `.cpp`, as the C++ compiler will not take a `.cu` file by name).
 fn build_emulator(sources: &[PathBuf], out_dir: &Path) {
     let kernel_dir = fs::canonicalize("kernels").expect("kernels/ exists");
     let mut build = cc::Build::new();
@@ -145,7 +145,8 @@ fn build_emulator(sources: &[PathBuf], out_dir: &Path) {
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(true)
         .file(kernel_dir.join("emulator/emulator.cpp"))
-        .file(kernel_dir.join("emulator/layout.cpp"));
+        .file(kernel_dir.join("emulator/layout.cpp"))
+        .file(kernel_dir.join("emulator/selftest.cpp"));
     for source in sources {
         let wrapper = out_dir.join(format!("emulated_{}.cpp", file_stem(source)));
         let absolute = fs::canonicalize(source).expect("kernel source exists");

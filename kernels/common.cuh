@@ -114,16 +114,20 @@ __device__ __forceinline__ float from_f32<float>(float v) { return v; }
   T* var = reinterpret_cast<T*>(af_dynamic_shared)
 #else
 struct af_emu_launch;
-extern "C" int af_emu_run(const af_emu_launch*, void (*)(const void*), const void*,
-                          char*, size_t);
-#define AF_KERNEL(name, Params, ...)                                           \
+// `max_threads`: the kernel's `__launch_bounds__` (1024 without), which the
+// GPU refuses to exceed, so the emulator refuses too.
+extern "C" int af_emu_run(const af_emu_launch*, unsigned max_threads, void (*)(const void*),
+                          const void*, char*, size_t);
+#define AF_EMU_KERNEL(name, Params, max_threads, ...)                          \
   static void name(const Params p) { __VA_ARGS__; }                           \
   extern "C" int af_emu_##name(const af_emu_launch* cfg, const void* params,  \
                                char* error, size_t error_len) {               \
     return af_emu_run(                                                        \
-        cfg, [](const void* raw) { name(*static_cast<const Params*>(raw)); }, \
+        cfg, max_threads,                                                     \
+        [](const void* raw) { name(*static_cast<const Params*>(raw)); },      \
         params, error, error_len);                                            \
   }
+#define AF_KERNEL(name, Params, ...) AF_EMU_KERNEL(name, Params, 1024, __VA_ARGS__)
 #define AF_DYNAMIC_SHARED(T, var) T* var = reinterpret_cast<T*>(af_emu::dynamic_shared())
 #endif
 
@@ -139,7 +143,8 @@ extern "C" int af_emu_run(const af_emu_launch*, void (*)(const void*), const voi
 #define AF_KERNEL_BOUNDED(name, Params, threads, ...) \
   extern "C" __global__ void __launch_bounds__(threads) name(const Params p) { __VA_ARGS__; }
 #else
-#define AF_KERNEL_BOUNDED(name, Params, threads, ...) AF_KERNEL(name, Params, __VA_ARGS__)
+#define AF_KERNEL_BOUNDED(name, Params, threads, ...) \
+  AF_EMU_KERNEL(name, Params, threads, __VA_ARGS__)
 #endif
 #define AF_KERNEL_ALL_TYPES_BOUNDED(name, Params, impl, threads)   \
   AF_KERNEL_BOUNDED(name##_f32, Params, threads, impl<float>(p))   \

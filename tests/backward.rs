@@ -898,6 +898,8 @@ fn attention_backward_kernels_match_the_cpu() {
         Problem::new(33, 3, 16, 2, 5, Lists::SharedClusters { s: 4, nnc: 2 }),
         Problem::new(34, 2, 12, 2, 5, Lists::Arbitrary { m: 7 }),
         Problem::new(35, 2, 40, 2, 40, Lists::Clusters { s: 8, nnc: 3 }),
+        // Keys held by ~54 queries: the key gather's chunks of 32 pairs.
+        Problem::new(36, 1, 70, 2, 5, Lists::Clusters { s: 8, nnc: 7 }),
     ];
     for device in common::devices() {
         for (k, problem) in cases.iter().enumerate() {
@@ -1000,6 +1002,8 @@ fn merge_backward_kernels_match_the_cpu() {
         MergeProblem::new(43, 3, 16, 5, 5, Lists::SharedClusters { s: 4, nnc: 2 }),
         MergeProblem::new(44, 2, 12, 5, 4, Lists::Arbitrary { m: 7 }),
         MergeProblem::new(45, 2, 40, 300, 10, Lists::Clusters { s: 8, nnc: 3 }),
+        // Tokens held by ~47 centres: the token gather's chunks of 32.
+        MergeProblem::new(46, 1, 70, 5, 60, Lists::Clusters { s: 8, nnc: 7 }),
     ];
     for device in common::devices() {
         for (k, problem) in cases.iter().enumerate() {

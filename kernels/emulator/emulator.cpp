@@ -3,6 +3,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <mutex>
@@ -28,6 +29,11 @@ struct Fiber {
 // Fiber stacks are generous: kernels keep small arrays in "registers".
 constexpr size_t kStackBytes = 256 * 1024;
 
+// Bytes after the launch's dynamic shared memory, set to kGuardByte at each
+// block start and checked at its end: a write past the end is an error.
+constexpr size_t kGuardBytes = 256;
+constexpr unsigned char kGuardByte = 0xA5;
+
 struct Launch {
   void (*body)(const void*) = nullptr;
   const void* params = nullptr;
@@ -37,6 +43,9 @@ struct Launch {
   std::vector<uint64_t> warp_slots;
   std::vector<unsigned char> shared;
   Fiber* current = nullptr;
+  // Set when a warp of fewer than 32 threads calls a full-mask warp
+  // intrinsic (every kernel's mask is 0xffffffff): undefined on the GPU.
+  bool partial_warp_sync = false;
 };
 
 thread_local Launch* active = nullptr;
@@ -55,10 +64,59 @@ void fiber_entry() {
   // uc_link returns to the scheduler.
 }
 
-// Runs every fiber until it blocks; then releases whole warps waiting at a
-// warp barrier, else the whole block waiting at a block barrier. Returns
-// false when the block cannot make progress (a divergent barrier).
-bool run_block(Launch& launch, unsigned threads) {
+// Fisher-Yates over `order` with SplitMix64 steps from `seed`.
+void shuffle(std::vector<unsigned>& order, uint64_t seed) {
+  for (size_t t = order.size(); t > 1; --t) {
+    seed += 0x9E3779B97F4A7C15ull;
+    uint64_t z = seed;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    std::swap(order[t - 1], order[z % t]);
+  }
+}
+
+// The order in which a round runs the block's fibers. The GPU promises no
+// order between barriers, so neither does the emulator: by block and round
+// it runs them ascending, descending or shuffled (seeded, so a rerun gives
+// the same bits). A kernel whose result depends on the order (a missing
+// __syncthreads or __syncwarp, two threads writing one address) then differs
+// from the CPU reference in some block, where one fixed order could hide it.
+void schedule(std::vector<unsigned>& order, unsigned block, unsigned round) {
+  for (unsigned t = 0; t < order.size(); ++t) order[t] = t;
+  switch ((block + round) % 3) {
+    case 0:
+      return;
+    case 1:
+      std::reverse(order.begin(), order.end());
+      return;
+    default:
+      shuffle(order, (uint64_t(block) << 32) ^ round);
+  }
+}
+
+// Dynamic shared memory at a block's start. The GPU's is never cleared: it
+// holds what the SM's previous block left. So, by block, the emulator leaves
+// it as the previous block left it, or sets all-ones bytes (NaN floats, -1
+// indices) or zero bytes: a read before the block's own write then changes
+// some block's results whatever the kernel takes as a harmless value. The
+// guard after it is reset too.
+void start_shared(std::vector<unsigned char>& shared, unsigned bytes, unsigned block,
+                  bool first_block) {
+  shared.resize(bytes + kGuardBytes);
+  const unsigned mode = block / 3 % 3;  // not in step with the thread order's
+  if (mode == 0 || (mode == 2 && first_block))
+    std::fill(shared.begin(), shared.begin() + bytes, 0xFF);
+  else if (mode == 1)
+    std::fill(shared.begin(), shared.begin() + bytes, 0);
+  std::fill(shared.begin() + bytes, shared.end(), kGuardByte);
+}
+
+// Runs every fiber until it blocks, in the round's order; then releases
+// whole warps waiting at a warp barrier, else the whole block waiting at a
+// block barrier. Returns false when the block cannot make progress (a
+// divergent barrier).
+bool run_block(Launch& launch, unsigned threads, unsigned block) {
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = launch.fibers[t];
     f.state = State::Runnable;
@@ -68,8 +126,10 @@ bool run_block(Launch& launch, unsigned threads) {
     f.context.uc_link = &launch.scheduler;
     makecontext(&f.context, fiber_entry, 0);
   }
-  for (;;) {
-    for (unsigned t = 0; t < threads; ++t) {
+  std::vector<unsigned> order(threads);
+  for (unsigned round = 0;; ++round) {
+    schedule(order, block, round);
+    for (unsigned t : order) {
       Fiber& f = launch.fibers[t];
       if (f.state != State::Runnable) continue;
       launch.current = &f;
@@ -112,7 +172,12 @@ std::mutex launches;
 namespace af_emu {
 
 void block_barrier() { yield_as(State::AtBlockBarrier); }
-void warp_barrier() { yield_as(State::AtWarpBarrier); }
+void warp_barrier() {
+  Launch* launch = active;
+  if (launch->fibers.size() < (launch->current->linear / 32 + 1) * 32)
+    launch->partial_warp_sync = true;
+  yield_as(State::AtWarpBarrier);
+}
 unsigned lane() { return active->current->linear % 32; }
 uint64_t* warp_slots() {
   return active->warp_slots.data() + (active->current->linear / 32) * 32;
@@ -130,13 +195,16 @@ struct af_emu_launch {
 
 // Runs `body(params)` over the launch's grid. Returns 0, or 1 with a message
 // in `error` (bad geometry, or a barrier the block's threads cannot all reach).
-extern "C" int af_emu_run(const af_emu_launch* cfg, void (*body)(const void*),
-                          const void* params, char* error, size_t error_len) {
+extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
+                          void (*body)(const void*), const void* params, char* error,
+                          size_t error_len) {
   // Static shared memory is per process: one launch at a time.
   std::lock_guard<std::mutex> guard(launches);
   unsigned threads = cfg->block[0] * cfg->block[1] * cfg->block[2];
-  if (threads == 0 || threads > 1024) {
-    std::snprintf(error, error_len, "block of %u threads (must be 1..=1024)", threads);
+  if (threads == 0 || threads > max_threads) {
+    std::snprintf(error, error_len,
+                  "block of %u threads (must be 1..=%u: the kernel's launch bounds)", threads,
+                  max_threads);
     return 1;
   }
   Launch launch;
@@ -156,18 +224,45 @@ extern "C" int af_emu_run(const af_emu_launch* cfg, void (*body)(const void*),
   active = &launch;
   blockDim = dim3{cfg->block[0], cfg->block[1], cfg->block[2]};
   gridDim = dim3{cfg->grid[0], cfg->grid[1], cfg->grid[2]};
+  // Blocks run one at a time, in a shuffled order (seeded by the grid's
+  // size): the GPU promises no order between blocks either, so a block that
+  // reads what another block of the launch writes shows here too.
+  const uint64_t blocks = uint64_t(cfg->grid[0]) * cfg->grid[1] * cfg->grid[2];
+  std::vector<unsigned> block_order;
+  if (blocks <= (1u << 24)) {
+    block_order.resize(blocks);
+    for (unsigned b = 0; b < blocks; ++b) block_order[b] = b;
+    shuffle(block_order, blocks);
+  }
   int status = 0;
-  for (unsigned z = 0; z < cfg->grid[2] && status == 0; ++z)
-    for (unsigned y = 0; y < cfg->grid[1] && status == 0; ++y)
-      for (unsigned x = 0; x < cfg->grid[0] && status == 0; ++x) {
-        blockIdx = dim3{x, y, z};
-        launch.shared.assign(cfg->shared_bytes + 16, 0);
-        if (!run_block(launch, threads)) {
-          std::snprintf(error, error_len,
-                        "block (%u, %u, %u): threads wait at different barriers", x, y, z);
-          status = 1;
-        }
-      }
+  for (uint64_t b = 0; b < blocks && status == 0; ++b) {
+    const uint64_t block = block_order.empty() ? b : block_order[b];
+    const unsigned x = unsigned(block % cfg->grid[0]);
+    const unsigned y = unsigned(block / cfg->grid[0] % cfg->grid[1]);
+    const unsigned z = unsigned(block / cfg->grid[0] / cfg->grid[1]);
+    blockIdx = dim3{x, y, z};
+    start_shared(launch.shared, cfg->shared_bytes, unsigned(block), b == 0);
+    const bool ran = run_block(launch, threads, unsigned(block));
+    const bool overrun =
+        std::any_of(launch.shared.begin() + cfg->shared_bytes, launch.shared.end(),
+                    [](unsigned char byte) { return byte != kGuardByte; });
+    if (!ran) {
+      std::snprintf(error, error_len, "block (%u, %u, %u): threads wait at different barriers",
+                    x, y, z);
+      status = 1;
+    } else if (overrun) {
+      std::snprintf(error, error_len,
+                    "block (%u, %u, %u) wrote past its %u bytes of dynamic shared memory", x, y,
+                    z, cfg->shared_bytes);
+      status = 1;
+    } else if (launch.partial_warp_sync) {
+      std::snprintf(error, error_len,
+                    "block of %u threads: a warp of fewer than 32 used a full-mask warp "
+                    "intrinsic (__syncwarp, __shfl_*_sync)",
+                    threads);
+      status = 1;
+    }
+  }
   active = outer;
   return status;
 }

@@ -8,6 +8,14 @@
 // - a fiber is never interrupted between two barriers, so atomics are plain
 //   read-modify-writes;
 // - a barrier some threads never reach is reported as an error, not a hang.
+// What the GPU does not promise, the emulator does not give either, so that a
+// kernel relying on it fails its tests here: threads run between barriers in
+// an order that changes by block and round (ascending, descending,
+// shuffled); dynamic shared memory starts as the previous block left it, or
+// as all-ones bytes (NaN floats), or zeros, by block, and a write past its
+// end is reported; a block larger than the
+// kernel's `__launch_bounds__` is refused, and so is a full-mask warp
+// intrinsic in a warp of fewer than 32 threads.
 #pragma once
 
 #include <math.h>
@@ -43,7 +51,7 @@ void warp_barrier();
 // This thread's lane and the exchange slots of its warp.
 unsigned lane();
 uint64_t* warp_slots();
-// The launch's dynamic shared memory (zeroed at each block start).
+// The launch's dynamic shared memory (stale or poisoned at each block start).
 void* dynamic_shared();
 
 template <class T>

@@ -57,3 +57,164 @@ pub unsafe fn launch<P: KernelParams>(
         format!("emulator: {}", String::from_utf8_lossy(&message[..end])),
     ))
 }
+
+/// The emulator catches what the GPU does not promise: each test runs a
+/// kernel of `kernels/emulator/selftest.cpp` that breaks one rule.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct EmuSelfTestParams {
+        out: *mut f32,
+        sync: c_int,
+    }
+    // SAFETY: a #[repr(C)] mirror of the struct in selftest.cpp.
+    unsafe impl cudarc::driver::DeviceRepr for EmuSelfTestParams {}
+    // SAFETY: as above.
+    unsafe impl KernelParams for EmuSelfTestParams {}
+
+    unsafe extern "C" {
+        fn af_emu_emu_selftest_neighbour(
+            launch: *const EmulatedLaunch,
+            params: *const c_void,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> c_int;
+        fn af_emu_emu_selftest_previous_block(
+            launch: *const EmulatedLaunch,
+            params: *const c_void,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> c_int;
+        fn af_emu_emu_selftest_unwritten(
+            launch: *const EmulatedLaunch,
+            params: *const c_void,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> c_int;
+        fn af_emu_emu_selftest_overrun(
+            launch: *const EmulatedLaunch,
+            params: *const c_void,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> c_int;
+        fn af_emu_emu_selftest_bounded(
+            launch: *const EmulatedLaunch,
+            params: *const c_void,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> c_int;
+        fn af_emu_emu_selftest_warp_sum(
+            launch: *const EmulatedLaunch,
+            params: *const c_void,
+            error: *mut c_char,
+            error_len: usize,
+        ) -> c_int;
+    }
+
+    /// `blocks` blocks of `threads`, one float of output per thread (NaN
+    /// before the kernel), and a float of dynamic shared memory per thread.
+    fn run(kernel: EmulatedKernel, blocks: u32, threads: u32, sync: bool) -> Result<Vec<f32>> {
+        let mut out = vec![f32::NAN; (blocks * threads) as usize];
+        let config = LaunchConfig {
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes: threads * 4,
+        };
+        let params = EmuSelfTestParams {
+            out: out.as_mut_ptr(),
+            sync: c_int::from(sync),
+        };
+        // SAFETY: `out` holds a float for every thread of the launch, the
+        // kernels' only write, and lives past the call.
+        unsafe { launch("selftest", kernel, config, &params) }?;
+        Ok(out)
+    }
+
+    #[test]
+    fn a_missing_barrier_changes_the_result_in_some_block() {
+        let threads = 64;
+        let expected = |t: u32| t.saturating_sub(1) as f32;
+        let synced = run(af_emu_emu_selftest_neighbour, 3, threads, true).unwrap();
+        for (i, &v) in synced.iter().enumerate() {
+            assert_eq!(
+                v,
+                expected(i as u32 % threads),
+                "thread {i} with the barrier"
+            );
+        }
+        // Ascending order alone would give every block the right answer;
+        // the other orders leave some thread reading before its neighbour
+        // has written.
+        let racy = run(af_emu_emu_selftest_neighbour, 3, threads, false).unwrap();
+        let wrong_blocks = racy
+            .chunks(threads as usize)
+            .filter(|block| {
+                block
+                    .iter()
+                    .enumerate()
+                    .any(|(t, &v)| v != expected(t as u32))
+            })
+            .count();
+        assert!(
+            wrong_blocks >= 2,
+            "{wrong_blocks} of 3 blocks show the race"
+        );
+    }
+
+    #[test]
+    fn blocks_do_not_run_in_ascending_order() {
+        let out = run(af_emu_emu_selftest_previous_block, 8, 1, false).unwrap();
+        let chain: Vec<f32> = (0..8).map(|b| b as f32).collect();
+        assert_eq!(out[0], 0.0);
+        assert_ne!(out, chain, "block b saw block b - 1's write in every block");
+    }
+
+    #[test]
+    fn unwritten_shared_memory_is_stale_or_poisoned_by_block() {
+        let threads = 32;
+        let out = run(af_emu_emu_selftest_unwritten, 9, threads, false).unwrap();
+        let firsts: Vec<f32> = out.chunks(threads as usize).map(|block| block[0]).collect();
+        assert!(
+            firsts.iter().any(|v| v.is_nan()),
+            "no poisoned block: {firsts:?}"
+        );
+        assert!(firsts.contains(&0.0), "no zeroed block: {firsts:?}");
+        // Another block's index: left by the block that ran before.
+        assert!(
+            firsts.iter().any(|&v| v >= 1.0),
+            "no stale block: {firsts:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_past_the_shared_memory_is_reported() {
+        let error = run(af_emu_emu_selftest_overrun, 1, 32, false).unwrap_err();
+        assert!(
+            error.to_string().contains("wrote past its 128 bytes"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_block_beyond_the_launch_bounds_is_refused() {
+        assert_eq!(
+            run(af_emu_emu_selftest_bounded, 2, 64, false).unwrap(),
+            [1.0; 128]
+        );
+        let error = run(af_emu_emu_selftest_bounded, 2, 96, false).unwrap_err();
+        assert!(error.to_string().contains("launch bounds"), "{error}");
+    }
+
+    #[test]
+    fn a_warp_intrinsic_in_a_partial_warp_is_refused() {
+        assert_eq!(
+            run(af_emu_emu_selftest_warp_sum, 1, 64, false).unwrap(),
+            [32.0; 64]
+        );
+        let error = run(af_emu_emu_selftest_warp_sum, 1, 48, false).unwrap_err();
+        assert!(error.to_string().contains("fewer than 32"), "{error}");
+    }
+}

@@ -1,0 +1,53 @@
+// Kernels that break the GPU's rules on purpose, so that a Rust test
+// (src/gpu/emulator.rs) can show the emulator catching each break. Built into
+// the emulator only; nvcc never sees them.
+#include "../common.cuh"
+
+struct EmuSelfTestParams {
+  float* out;  // one float per thread of the launch
+  int sync;    // 1: the barrier the kernel needs; 0: without it
+};
+
+// Thread t publishes t in shared memory and reads its left neighbour's
+// value. Without the barrier the result depends on the order the threads
+// run in: ascending order happens to give the right answer.
+AF_KERNEL(emu_selftest_neighbour, EmuSelfTestParams, {
+  AF_DYNAMIC_SHARED(float, shared);
+  const int t = threadIdx.x;
+  shared[t] = float(t);
+  if (p.sync) __syncthreads();
+  p.out[blockIdx.x * blockDim.x + t] = t > 0 ? shared[t - 1] : 0.0f;
+})
+
+// Block b reads what block b − 1 wrote: a chain that only ascending block
+// order completes (launched with one thread per block).
+AF_KERNEL(emu_selftest_previous_block, EmuSelfTestParams, {
+  const int b = blockIdx.x;
+  p.out[b] = b == 0 ? 0.0f : p.out[b - 1] + 1.0f;
+})
+
+// Reads dynamic shared memory that the block has not written, then writes
+// its own index there.
+AF_KERNEL(emu_selftest_unwritten, EmuSelfTestParams, {
+  AF_DYNAMIC_SHARED(float, shared);
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = shared[threadIdx.x];
+  shared[threadIdx.x] = float(blockIdx.x);
+})
+
+// The last thread writes one float past the end of its shared memory
+// (launched with a float per thread).
+AF_KERNEL(emu_selftest_overrun, EmuSelfTestParams, {
+  AF_DYNAMIC_SHARED(float, shared);
+  shared[threadIdx.x + 1] = 0.0f;
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+})
+
+// Declared for blocks of at most 64 threads.
+AF_KERNEL_BOUNDED(emu_selftest_bounded, EmuSelfTestParams, 64, {
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = 1.0f;
+})
+
+// A full-mask warp sum: needs whole warps.
+AF_KERNEL(emu_selftest_warp_sum, EmuSelfTestParams, {
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = warp_sum(1.0f);
+})
