@@ -11,9 +11,9 @@
 // What the GPU does not promise, the emulator does not give either, so that a
 // kernel relying on it fails its tests here: threads run between barriers in
 // an order that changes by block and round (ascending, descending,
-// shuffled); dynamic shared memory starts as the previous block left it, or
-// as all-ones bytes (NaN floats), or zeros, by block, and a write past its
-// end is reported; a block larger than the
+// shuffled), and blocks in a shuffled order; dynamic shared memory starts as
+// the previous block left it, or as all-ones bytes (NaN floats), or zeros,
+// by block, and a write past its end is reported; a block larger than the
 // kernel's `__launch_bounds__` is refused, and so is a full-mask warp
 // intrinsic in a warp of fewer than 32 threads.
 #pragma once

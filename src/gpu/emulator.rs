@@ -75,44 +75,28 @@ mod tests {
     // SAFETY: as above.
     unsafe impl KernelParams for EmuSelfTestParams {}
 
-    unsafe extern "C" {
-        fn af_emu_emu_selftest_neighbour(
-            launch: *const EmulatedLaunch,
-            params: *const c_void,
-            error: *mut c_char,
-            error_len: usize,
-        ) -> c_int;
-        fn af_emu_emu_selftest_previous_block(
-            launch: *const EmulatedLaunch,
-            params: *const c_void,
-            error: *mut c_char,
-            error_len: usize,
-        ) -> c_int;
-        fn af_emu_emu_selftest_unwritten(
-            launch: *const EmulatedLaunch,
-            params: *const c_void,
-            error: *mut c_char,
-            error_len: usize,
-        ) -> c_int;
-        fn af_emu_emu_selftest_overrun(
-            launch: *const EmulatedLaunch,
-            params: *const c_void,
-            error: *mut c_char,
-            error_len: usize,
-        ) -> c_int;
-        fn af_emu_emu_selftest_bounded(
-            launch: *const EmulatedLaunch,
-            params: *const c_void,
-            error: *mut c_char,
-            error_len: usize,
-        ) -> c_int;
-        fn af_emu_emu_selftest_warp_sum(
-            launch: *const EmulatedLaunch,
-            params: *const c_void,
-            error: *mut c_char,
-            error_len: usize,
-        ) -> c_int;
+    /// Declares the self-test kernels' entry points (an [`EmulatedKernel`]
+    /// each).
+    macro_rules! selftest_kernels {
+        ($($name:ident),* $(,)?) => {
+            unsafe extern "C" {
+                $(fn $name(
+                    launch: *const EmulatedLaunch,
+                    params: *const c_void,
+                    error: *mut c_char,
+                    error_len: usize,
+                ) -> c_int;)*
+            }
+        };
     }
+    selftest_kernels!(
+        af_emu_emu_selftest_neighbour,
+        af_emu_emu_selftest_previous_block,
+        af_emu_emu_selftest_unwritten,
+        af_emu_emu_selftest_overrun,
+        af_emu_emu_selftest_bounded,
+        af_emu_emu_selftest_warp_sum,
+    );
 
     /// `blocks` blocks of `threads`, one float of output per thread (NaN
     /// before the kernel), and a float of dynamic shared memory per thread.
