@@ -144,6 +144,7 @@ fn build_emulator(sources: &[PathBuf], out_dir: &Path) {
         .flag_if_supported("-ffp-contract=off")
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(true)
+        .file(kernel_dir.join("emulator/context.cpp"))
         .file(kernel_dir.join("emulator/emulator.cpp"))
         .file(kernel_dir.join("emulator/layout.cpp"))
         .file(kernel_dir.join("emulator/selftest.cpp"));

@@ -1,12 +1,12 @@
 // Fiber scheduler behind emulator.h: runs one kernel launch on the CPU.
 #include "emulator.h"
 
-#include <ucontext.h>
+#include "context.h"
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
-#include <mutex>
 #include <vector>
 
 thread_local dim3 threadIdx;
@@ -16,11 +16,15 @@ thread_local dim3 gridDim;
 
 namespace {
 
+using af_emu::Context;
+using af_emu::start_context;
+using af_emu::switch_context;
+
 // What a fiber is doing when it hands control back to the scheduler.
 enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
 
 struct Fiber {
-  ucontext_t context;
+  Context context;
   dim3 index;
   unsigned linear = 0;
   State state = State::Runnable;
@@ -37,9 +41,8 @@ constexpr unsigned char kGuardByte = 0xA5;
 struct Launch {
   void (*body)(const void*) = nullptr;
   const void* params = nullptr;
-  ucontext_t scheduler;
+  Context scheduler;
   std::vector<Fiber> fibers;
-  std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<uint64_t> warp_slots;
   std::vector<unsigned char> shared;
   Fiber* current = nullptr;
@@ -54,14 +57,25 @@ void yield_as(State state) {
   Launch* launch = active;
   Fiber* self = launch->current;
   self->state = state;
-  swapcontext(&self->context, &launch->scheduler);
+  switch_context(self->context, launch->scheduler);
 }
 
+// A fiber's first (and only) function: it runs the block's body for its
+// thread, then hands control back for good.
 void fiber_entry() {
   Launch* launch = active;
   launch->body(launch->params);
-  launch->current->state = State::Done;
-  // uc_link returns to the scheduler.
+  yield_as(State::Done);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// The fibers' stacks, kept from launch to launch on the calling thread (and
+// freed with it): allocating them per launch cost a page fault per touched
+// page every time.
+std::vector<std::unique_ptr<char[]>>& stacks(unsigned threads) {
+  static thread_local std::vector<std::unique_ptr<char[]>> pool;
+  while (pool.size() < threads) pool.emplace_back(new char[kStackBytes]);
+  return pool;
 }
 
 // Fisher-Yates over `order` with SplitMix64 steps from `seed`.
@@ -117,14 +131,13 @@ void start_shared(std::vector<unsigned char>& shared, unsigned bytes, unsigned b
 // block barrier. Returns false when the block cannot make progress (a
 // divergent barrier).
 bool run_block(Launch& launch, unsigned threads, unsigned block) {
+  auto& pool = stacks(threads);
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = launch.fibers[t];
     f.state = State::Runnable;
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = launch.stacks[t].get();
-    f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &launch.scheduler;
-    makecontext(&f.context, fiber_entry, 0);
+    // Stack tops 64 bytes apart modulo 4 KiB: tops a whole number of pages
+    // apart would all fall in one L1 cache set and evict each other.
+    start_context(f.context, pool[t].get(), kStackBytes - t % 64 * 64, fiber_entry);
   }
   std::vector<unsigned> order(threads);
   for (unsigned round = 0;; ++round) {
@@ -134,7 +147,7 @@ bool run_block(Launch& launch, unsigned threads, unsigned block) {
       if (f.state != State::Runnable) continue;
       launch.current = &f;
       threadIdx = f.index;
-      swapcontext(&launch.scheduler, &f.context);
+      switch_context(launch.scheduler, f.context);
     }
     bool released = false;
     bool all_done = true;
@@ -164,8 +177,6 @@ bool run_block(Launch& launch, unsigned threads, unsigned block) {
         launch.fibers[t].state = State::Runnable;
   }
 }
-
-std::mutex launches;
 
 }  // namespace
 
@@ -198,8 +209,6 @@ struct af_emu_launch {
 extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
                           void (*body)(const void*), const void* params, char* error,
                           size_t error_len) {
-  // Static shared memory is per process: one launch at a time.
-  std::lock_guard<std::mutex> guard(launches);
   unsigned threads = cfg->block[0] * cfg->block[1] * cfg->block[2];
   if (threads == 0 || threads > max_threads) {
     std::snprintf(error, error_len,
@@ -213,7 +222,6 @@ extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
   launch.fibers.resize(threads);
   launch.warp_slots.assign((threads + 31) / 32 * 32, 0);
   for (unsigned t = 0; t < threads; ++t) {
-    launch.stacks.emplace_back(new char[kStackBytes]);
     Fiber& f = launch.fibers[t];
     f.linear = t;
     f.index.x = t % cfg->block[0];

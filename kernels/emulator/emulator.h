@@ -2,9 +2,10 @@
 // kernels/*.cu without a GPU (compiled as C++ by build.rs through `cc`).
 //
 // Each launch runs its blocks one after another on the calling thread; the
-// threads of a block are fibers (ucontext) switched cooperatively at
+// threads of a block are fibers (context.h) switched cooperatively at
 // __syncthreads and warp intrinsics. Consequences the kernels can rely on:
-// - `__shared__` variables are `static` (one block is live at a time);
+// - `__shared__` variables are `static thread_local` (one block is live at
+//   a time on a thread; launches on different threads run side by side);
 // - a fiber is never interrupted between two barriers, so atomics are plain
 //   read-modify-writes;
 // - a barrier some threads never reach is reported as an error, not a hang.
@@ -41,7 +42,7 @@ constexpr int warpSize = 32;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
-#define __shared__ static
+#define __shared__ static thread_local
 
 namespace af_emu {
 // Waits until every live thread of the block has arrived.
