@@ -1,7 +1,31 @@
 // The two implementations behind context.h.
 #include "context.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdint>
+
+namespace af_emu {
+
+Stack::Stack(size_t bytes) {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  const size_t usable = (bytes + page - 1) / page * page;
+  void* mapping = mmap(nullptr, usable + page, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapping == MAP_FAILED) return;
+  mapping_ = static_cast<char*>(mapping);
+  mapping_bytes_ = usable + page;
+  // Stacks grow down: the guard is the lowest page.
+  if (mprotect(mapping_, page, PROT_NONE) != 0) return;
+  base_ = mapping_ + page;
+}
+
+Stack::~Stack() {
+  if (mapping_) munmap(mapping_, mapping_bytes_);
+}
+
+}  // namespace af_emu
 
 #if AF_EMU_STACK_SWITCH
 
@@ -14,7 +38,7 @@
 // in the launching thread's, and saving them made a switch about 8 times as
 // slow.
 asm(R"(
-    .text
+    .pushsection .text
     .globl af_emu_switch_stack
     .hidden af_emu_switch_stack
     .type af_emu_switch_stack, @function
@@ -36,6 +60,7 @@ af_emu_switch_stack:
     popq %rbp
     ret
     .size af_emu_switch_stack, .-af_emu_switch_stack
+    .popsection
 )");
 
 extern "C" void af_emu_switch_stack(void** save, void* load);

@@ -6,6 +6,7 @@
 struct EmuSelfTestParams {
   float* out;  // one float per thread of the launch
   int sync;    // 1: the barrier the kernel needs; 0: without it
+  int tag;     // a number the launch writes, to tell launches apart
 };
 
 // Thread t publishes t in shared memory and reads its left neighbour's
@@ -50,4 +51,20 @@ AF_KERNEL_BOUNDED(emu_selftest_bounded, EmuSelfTestParams, 64, {
 // A full-mask warp sum: needs whole warps.
 AF_KERNEL(emu_selftest_warp_sum, EmuSelfTestParams, {
   p.out[blockIdx.x * blockDim.x + threadIdx.x] = warp_sum(1.0f);
+})
+
+// Each thread stores its launch's tag and block in a static __shared__
+// array, waits at barriers (where the other threads of the block run) and
+// reads its value back. Launches running side by side on several threads
+// must each see only their own values.
+AF_KERNEL(emu_selftest_static_shared, EmuSelfTestParams, {
+  __shared__ float values[1024];
+  const float mine = float(p.tag * 1000 + int(blockIdx.x));
+  values[threadIdx.x] = mine;
+  float seen = mine;
+  for (int round = 0; round < 4; ++round) {
+    __syncthreads();
+    if (values[threadIdx.x] != mine) seen = values[threadIdx.x];
+  }
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = seen;
 })

@@ -69,6 +69,7 @@ mod tests {
     struct EmuSelfTestParams {
         out: *mut f32,
         sync: c_int,
+        tag: c_int,
     }
     // SAFETY: a #[repr(C)] mirror of the struct in selftest.cpp.
     unsafe impl cudarc::driver::DeviceRepr for EmuSelfTestParams {}
@@ -96,11 +97,23 @@ mod tests {
         af_emu_emu_selftest_overrun,
         af_emu_emu_selftest_bounded,
         af_emu_emu_selftest_warp_sum,
+        af_emu_emu_selftest_static_shared,
     );
 
     /// `blocks` blocks of `threads`, one float of output per thread (NaN
     /// before the kernel), and a float of dynamic shared memory per thread.
     fn run(kernel: EmulatedKernel, blocks: u32, threads: u32, sync: bool) -> Result<Vec<f32>> {
+        run_tagged(kernel, blocks, threads, sync, 0)
+    }
+
+    /// As [`run`], with the launch's `tag`.
+    fn run_tagged(
+        kernel: EmulatedKernel,
+        blocks: u32,
+        threads: u32,
+        sync: bool,
+        tag: i32,
+    ) -> Result<Vec<f32>> {
         let mut out = vec![f32::NAN; (blocks * threads) as usize];
         let config = LaunchConfig {
             grid: [blocks, 1, 1],
@@ -110,6 +123,7 @@ mod tests {
         let params = EmuSelfTestParams {
             out: out.as_mut_ptr(),
             sync: c_int::from(sync),
+            tag,
         };
         // SAFETY: `out` holds a float for every thread of the launch, the
         // kernels' only write, and lives past the call.
@@ -200,5 +214,30 @@ mod tests {
         );
         let error = run(af_emu_emu_selftest_warp_sum, 1, 48, false).unwrap_err();
         assert!(error.to_string().contains("fewer than 32"), "{error}");
+    }
+
+    #[test]
+    fn launches_on_several_threads_keep_their_own_static_shared_memory() {
+        let (blocks, threads) = (24u32, 256u32);
+        std::thread::scope(|scope| {
+            for tag in 0..4 {
+                scope.spawn(move || {
+                    for _ in 0..5 {
+                        let out = run_tagged(
+                            af_emu_emu_selftest_static_shared,
+                            blocks,
+                            threads,
+                            false,
+                            tag,
+                        )
+                        .unwrap();
+                        for (i, &v) in out.iter().enumerate() {
+                            let want = (tag * 1000) as f32 + (i as u32 / threads) as f32;
+                            assert_eq!(v, want, "launch {tag}, thread {i}");
+                        }
+                    }
+                });
+            }
+        });
     }
 }

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Removes each `__syncthreads();` / `__syncwarp();` of kernels/*.cu in turn
+# and runs the kernel tests on the emulator (tests/kernels.rs and
+# tests/backward.rs), printing one line per barrier: FAIL with the tests
+# that caught its removal, or PASS where none did. The emulator is meant to
+# make a missing barrier show (see kernels/emulator/emulator.h), so a PASS
+# is a barrier the tests cannot see; docs/gpu.md lists the expected ones.
+#
+# Works on a copy of the tree in target/barrier-sweep (the working tree is
+# never edited), with its own cargo target folder so later runs rebuild
+# only what a removal touches: about 25 s per barrier on two cores.
+# Usage: scripts/barrier-sweep.sh [kernels/NAME.cu ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work=$root/target/barrier-sweep
+mkdir -p "$work"
+# The sources as they are now, committed or not (what git ignores aside).
+rm -rf "$work/tree"
+mkdir -p "$work/tree"
+git ls-files -z --cached --others --exclude-standard \
+  | tar --null --ignore-failed-read --files-from=- -cf - | tar -C "$work/tree" -xf -
+export CARGO_TARGET_DIR=$work/cargo
+log=$work/last-run.log
+sources=("$@")
+[ ${#sources[@]} -gt 0 ] || sources=(kernels/*.cu)
+
+caught=0
+total=0
+for source in "${sources[@]}"; do
+  pristine=$work/pristine.cu
+  cp "$work/tree/$source" "$pristine"
+  while IFS=: read -r line _; do
+    cp "$pristine" "$work/tree/$source"
+    sed -i "${line}s/__syncthreads();\|__syncwarp();/;/" "$work/tree/$source"
+    total=$((total + 1))
+    if (cd "$work/tree" && cargo test --locked --test kernels --test backward) >"$log" 2>&1; then
+      echo "$source:$line PASS"
+    elif failed=$(grep -E '^test .* FAILED$' "$log" | sed 's/^test //;s/ \.\.\. FAILED$//'); [ -n "$failed" ]; then
+      caught=$((caught + 1))
+      echo "$source:$line FAIL" $failed
+    else
+      echo "$source:$line: the build or a test binary failed, not a test (see $log)" >&2
+      cp "$pristine" "$work/tree/$source"
+      exit 1
+    fi
+  done < <(grep -n '__syncthreads();\|__syncwarp();' "$pristine")
+  cp "$pristine" "$work/tree/$source"
+done
+echo "$caught of $total barrier removals fail a test"
