@@ -36,13 +36,14 @@ for source in "${sources[@]}"; do
     total=$((total + 1))
     if (cd "$work/tree" && cargo test --locked --test kernels --test backward) >"$log" 2>&1; then
       echo "$source:$line PASS"
-    elif failed=$(grep -E '^test .* FAILED$' "$log" | sed 's/^test //;s/ \.\.\. FAILED$//'); [ -n "$failed" ]; then
-      caught=$((caught + 1))
-      echo "$source:$line FAIL" $failed
-    else
-      echo "$source:$line: the build or a test binary failed, not a test (see $log)" >&2
-      cp "$pristine" "$work/tree/$source"
+    elif grep -q '^error: could not compile' "$log"; then
+      echo "$source:$line: the build failed (see $log)" >&2
       exit 1
+    else
+      # A failed test, or a test binary that crashed: either way, caught.
+      caught=$((caught + 1))
+      failed=$(grep -E '^test .* FAILED$' "$log" | sed 's/^test //;s/ \.\.\. FAILED$//' || true)
+      echo "$source:$line FAIL" ${failed:-"(a test binary crashed; see $log)"}
     fi
   done < <(grep -n '__syncthreads();\|__syncwarp();' "$pristine")
   cp "$pristine" "$work/tree/$source"
