@@ -43,6 +43,7 @@ struct Launch {
   const void* params = nullptr;
   Context scheduler;
   std::vector<Fiber> fibers;
+  const std::vector<std::unique_ptr<af_emu::Stack>>* stacks = nullptr;  // a stack per fiber
   std::vector<uint64_t> warp_slots;
   std::vector<unsigned char> shared;
   Fiber* current = nullptr;
@@ -134,14 +135,13 @@ void start_shared(std::vector<unsigned char>& shared, unsigned bytes, unsigned b
 // whole warps waiting at a warp barrier, else the whole block waiting at a
 // block barrier. Returns false when the block cannot make progress (a
 // divergent barrier).
-bool run_block(Launch& launch, const std::vector<std::unique_ptr<af_emu::Stack>>& stacks,
-               unsigned threads, unsigned block) {
+bool run_block(Launch& launch, unsigned threads, unsigned block) {
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = launch.fibers[t];
     f.state = State::Runnable;
     // Stack tops 64 bytes apart modulo 4 KiB: tops a whole number of pages
     // apart would all fall in one L1 cache set and evict each other.
-    start_context(f.context, stacks[t]->base(), kStackBytes - t % 64 * 64, fiber_entry);
+    start_context(f.context, (*launch.stacks)[t]->base(), kStackBytes - t % 64 * 64, fiber_entry);
   }
   std::vector<unsigned> order(threads);
   for (unsigned round = 0;; ++round) {
@@ -220,12 +220,12 @@ extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
                   max_threads);
     return 1;
   }
-  const auto* fiber_stacks = stacks(threads);
-  if (!fiber_stacks) {
+  Launch launch;
+  launch.stacks = stacks(threads);
+  if (!launch.stacks) {
     std::snprintf(error, error_len, "could not map the stacks of %u emulated threads", threads);
     return 1;
   }
-  Launch launch;
   launch.body = body;
   launch.params = params;
   launch.fibers.resize(threads);
@@ -259,7 +259,7 @@ extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
     const unsigned z = unsigned(block / cfg->grid[0] / cfg->grid[1]);
     blockIdx = dim3{x, y, z};
     start_shared(launch.shared, cfg->shared_bytes, unsigned(block), b == 0);
-    const bool ran = run_block(launch, *fiber_stacks, threads, unsigned(block));
+    const bool ran = run_block(launch, threads, unsigned(block));
     const bool overrun =
         std::any_of(launch.shared.begin() + cfg->shared_bytes, launch.shared.end(),
                     [](unsigned char byte) { return byte != kGuardByte; });
