@@ -31,6 +31,9 @@ fn main() {
         "CUDA_PATH",
         "CUDA_COMPUTE_CAP",
         "NVCC_CCBIN",
+        // Read by nvcc itself, so they change what it builds.
+        "NVCC_PREPEND_FLAGS",
+        "NVCC_APPEND_FLAGS",
         "AUTOFOCUS_REQUIRE_CUDA",
         "PATH",
     ] {
