@@ -2,7 +2,11 @@
 //! compiles the NVTX shim (`src/nvtx_shim.c`, headers in `third_party/nvtx3`).
 //!
 //! 1. As C++ with the CPU emulator (`kernels/emulator/`), always, so that
-//!    `cargo test` runs every kernel without a GPU.
+//!    `cargo test` runs every kernel without a GPU. With
+//!    `AUTOFOCUS_EMU_RACECHECK=1` the kernels' C++ is instrumented by
+//!    ThreadSanitizer (`-fsanitize=thread`, linked into every target) and
+//!    `cfg(emu_racecheck)` is set: the emulator then fails a launch whose
+//!    threads race (`kernels/emulator/emulator.h`).
 //! 2. With nvcc, when one is found (`NVCC`, then `CUDA_HOME`/`CUDA_PATH`,
 //!    then `PATH`), into fatbins with machine code for sm_75, sm_80, sm_90,
 //!    sm_100 and sm_120 plus compute_120 PTX (`CUDA_COMPUTE_CAP=90` narrows
@@ -35,6 +39,7 @@ fn main() {
         "NVCC_PREPEND_FLAGS",
         "NVCC_APPEND_FLAGS",
         "AUTOFOCUS_REQUIRE_CUDA",
+        "AUTOFOCUS_EMU_RACECHECK",
         "PATH",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
@@ -53,7 +58,14 @@ fn main() {
         })
         .collect();
 
-    build_emulator(&sources, &out_dir);
+    let racecheck = env::var("AUTOFOCUS_EMU_RACECHECK").is_ok_and(|v| v == "1");
+    println!("cargo::rustc-check-cfg=cfg(emu_racecheck)");
+    if racecheck {
+        println!("cargo::rustc-cfg=emu_racecheck");
+        println!("cargo::rustc-link-arg=-fsanitize=thread");
+        println!("cargo::rustc-link-lib=dylib=tsan");
+    }
+    build_emulator(&sources, &out_dir, racecheck);
     build_nvtx_shim();
     let fatbins = build_fatbins(&sources, &out_dir);
     let headers = header_files(kernel_dir);
@@ -132,33 +144,46 @@ fn kernel_names(source: &str) -> Vec<String> {
     names
 }
 
-/// The kernels as C++ on the CPU: one static library with the fiber
-/// scheduler, its self-test kernels and every `.cu` (included from a
-/// generated `.cpp`, as the C++ compiler will not take a `.cu` file by name).
-fn build_emulator(sources: &[PathBuf], out_dir: &Path) {
+/// The kernels as C++ on the CPU: two static libraries, the kernels (every
+/// `.cu`, included from a generated `.cpp`, as the C++ compiler will not
+/// take a `.cu` file by name, and the emulator's self-test kernels), then
+/// the fiber scheduler they call. Only the kernels are instrumented for the
+/// race check: the scheduler's own memory traffic is not the kernels'.
+fn build_emulator(sources: &[PathBuf], out_dir: &Path, racecheck: bool) {
     let kernel_dir = fs::canonicalize("kernels").expect("kernels/ exists");
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++17")
-        .opt_level(2)
-        .include(&kernel_dir)
-        // Each f32 operation rounds on its own, as `__f*_rn` on the GPU.
-        .flag_if_supported("-ffp-contract=off")
-        .flag_if_supported("-Wno-unused-parameter")
-        .warnings(true)
-        .file(kernel_dir.join("emulator/context.cpp"))
-        .file(kernel_dir.join("emulator/emulator.cpp"))
-        .file(kernel_dir.join("emulator/layout.cpp"))
-        .file(kernel_dir.join("emulator/selftest.cpp"));
+    let builder = || {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++17")
+            .opt_level(2)
+            .include(&kernel_dir)
+            // Each f32 operation rounds on its own, as `__f*_rn` on the GPU.
+            .flag_if_supported("-ffp-contract=off")
+            .flag_if_supported("-Wno-unused-parameter")
+            .warnings(true)
+            .define("AF_EMU_RACECHECK", if racecheck { "1" } else { "0" });
+        build
+    };
+    let mut kernels = builder();
+    if racecheck {
+        kernels.flag("-fsanitize=thread");
+    }
+    kernels.file(kernel_dir.join("emulator/selftest.cpp"));
     for source in sources {
         let wrapper = out_dir.join(format!("emulated_{}.cpp", file_stem(source)));
         let absolute = fs::canonicalize(source).expect("kernel source exists");
         fs::write(&wrapper, format!("#include \"{}\"\n", absolute.display()))
             .expect("write emulator wrapper");
-        build.file(wrapper);
+        kernels.file(wrapper);
     }
-    build.compile("autofocus_kernel_emulator");
+    // Linked in this order: the kernels call into the scheduler.
+    kernels.compile("autofocus_emulated_kernels");
+    builder()
+        .file(kernel_dir.join("emulator/context.cpp"))
+        .file(kernel_dir.join("emulator/emulator.cpp"))
+        .file(kernel_dir.join("emulator/layout.cpp"))
+        .compile("autofocus_kernel_emulator");
 }
 
 /// `src/nvtx_shim.c` over the vendored NVTX3 headers (`src/nvtx.rs`).

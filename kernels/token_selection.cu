@@ -65,11 +65,13 @@ __device__ void selection_order_impl(const SelectionOrderParams p) {
   p.order[e] = p.sorted[size_t(img) * p.n + clamp_index(from, p.n)];
 }
 
-// One thread per image: flags a reserve count other than the expected.
+// One thread per image: flags a reserve count other than the expected
+// (atomically: several images may differ, and plain stores of one flag
+// from several threads are a race, however benign).
 __device__ void selection_check_impl(const SelectionCheckParams p) {
   const int img = blockIdx.x * blockDim.x + threadIdx.x;
   if (img >= p.batch) return;
-  if (p.reserve_count[img] != p.reserve) p.mismatch[0] = 1;
+  if (p.reserve_count[img] != p.reserve) atomicMax(p.mismatch, 1);
 }
 
 // Backward of the importance, one thread per element of x (and of the

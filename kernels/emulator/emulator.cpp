@@ -9,12 +9,47 @@
 #include <memory>
 #include <vector>
 
+#if AF_EMU_RACECHECK
+#include <sanitizer/tsan_interface.h>
+#endif
+
 thread_local dim3 threadIdx;
 thread_local dim3 blockIdx;
 thread_local dim3 blockDim;
 thread_local dim3 gridDim;
 
 namespace {
+
+// The race check (AF_EMU_RACECHECK, set by build.rs with
+// AUTOFOCUS_EMU_RACECHECK=1): the kernels are compiled with
+// -fsanitize=thread, this scheduler is not, so ThreadSanitizer sees the
+// kernels' memory accesses only. Each emulated thread is a ThreadSanitizer
+// fiber, switched without implied ordering; the order the GPU guarantees is
+// declared by hand: a barrier's arrivals release and its departures acquire
+// one sync object (per warp or per block, by the barrier's parity, so that a
+// lane that has left barrier k and reached k + 1 cannot hand a late lane of
+// k what it wrote in between); blocks and launches are ordered as a whole.
+// Elsewhere these are no-ops.
+namespace race {
+#if AF_EMU_RACECHECK
+void* current_fiber() { return __tsan_get_current_fiber(); }
+void* create_fiber() { return __tsan_create_fiber(0); }
+void destroy_fiber(void* fiber) { __tsan_destroy_fiber(fiber); }
+void switch_to(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+void release(void* sync) { __tsan_release(sync); }
+void acquire(void* sync) { __tsan_acquire(sync); }
+#else
+void* current_fiber() { return nullptr; }
+void* create_fiber() { return nullptr; }
+void destroy_fiber(void*) {}
+void switch_to(void*) {}
+void release(void*) {}
+void acquire(void*) {}
+#endif
+// Races ThreadSanitizer has reported on this thread (its hook below): a
+// report comes from the racing access, in the launch running here.
+thread_local unsigned long reports = 0;
+}  // namespace race
 
 using af_emu::Context;
 using af_emu::start_context;
@@ -28,6 +63,8 @@ struct Fiber {
   dim3 index;
   unsigned linear = 0;
   State state = State::Runnable;
+  void* race_fiber = nullptr;  // its ThreadSanitizer fiber (race check only)
+  unsigned warp_barriers = 0, block_barriers = 0;  // passed so far in the block
 };
 
 // Fiber stacks are generous: kernels keep small arrays in "registers".
@@ -47,6 +84,19 @@ struct Launch {
   std::vector<uint64_t> warp_slots;
   std::vector<unsigned char> shared;
   Fiber* current = nullptr;
+  void* race_scheduler = nullptr;  // the launching thread's own fiber
+  // Race-check sync objects: two per warp, then two for the block (by
+  // barrier parity), then the two that order each block after what came
+  // before it (the host's writes, earlier blocks) and before what follows:
+  // separate, so that a thread finishing orders nothing before a thread of
+  // its own block starting.
+  std::vector<uint64_t> race_syncs;
+  uint64_t* warp_sync(unsigned linear, unsigned parity) {
+    return &race_syncs[(linear / 32) * 2 + parity];
+  }
+  uint64_t* block_sync(unsigned parity) { return &race_syncs[race_syncs.size() - 4 + parity]; }
+  uint64_t* block_start_sync() { return &race_syncs[race_syncs.size() - 2]; }
+  uint64_t* block_end_sync() { return &race_syncs.back(); }
   // Set when a warp of fewer than 32 threads calls a full-mask warp
   // intrinsic (every kernel's mask is 0xffffffff): undefined on the GPU.
   bool partial_warp_sync = false;
@@ -58,6 +108,7 @@ void yield_as(State state) {
   Launch* launch = active;
   Fiber* self = launch->current;
   self->state = state;
+  race::switch_to(launch->race_scheduler);
   switch_context(self->context, launch->scheduler);
 }
 
@@ -65,7 +116,9 @@ void yield_as(State state) {
 // thread, then hands control back for good.
 void fiber_entry() {
   Launch* launch = active;
+  race::acquire(launch->block_start_sync());
   launch->body(launch->params);
+  race::release(launch->block_end_sync());
   yield_as(State::Done);
   std::abort();  // a finished fiber is never resumed
 }
@@ -81,6 +134,24 @@ const std::vector<std::unique_ptr<af_emu::Stack>>* stacks(unsigned threads) {
     pool.push_back(std::move(stack));
   }
   return &pool;
+}
+
+// The race check's fibers, one per emulated thread, kept as the stacks are.
+struct RaceFibers {
+  std::vector<void*> fibers;
+  ~RaceFibers() { clear(); }
+  // After a block left unfinished: its fibers' call stacks are abandoned.
+  void clear() {
+    for (void* fiber : fibers) race::destroy_fiber(fiber);
+    fibers.clear();
+  }
+};
+thread_local RaceFibers race_fiber_pool;
+
+const std::vector<void*>& race_fibers(unsigned threads) {
+  while (race_fiber_pool.fibers.size() < threads)
+    race_fiber_pool.fibers.push_back(race::create_fiber());
+  return race_fiber_pool.fibers;
 }
 
 // Fisher-Yates over `order` with SplitMix64 steps from `seed`.
@@ -131,14 +202,19 @@ void start_shared(std::vector<unsigned char>& shared, unsigned bytes, unsigned b
   std::fill(shared.begin() + bytes, shared.end(), kGuardByte);
 }
 
+enum class BlockEnd { Finished, Stuck, Raced };
+
 // Runs every fiber until it blocks, in the round's order; then releases
 // whole warps waiting at a warp barrier, else the whole block waiting at a
-// block barrier. Returns false when the block cannot make progress (a
-// divergent barrier).
-bool run_block(Launch& launch, unsigned threads, unsigned block) {
+// block barrier. Stops when the block cannot make progress (a divergent
+// barrier), or at the first switch after a race report: the launch fails
+// anyway, and the block's other threads would only add copies of it.
+BlockEnd run_block(Launch& launch, unsigned threads, unsigned block) {
+  const unsigned long races_before = race::reports;
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = launch.fibers[t];
     f.state = State::Runnable;
+    f.warp_barriers = f.block_barriers = 0;
     // Stack tops 64 bytes apart modulo 4 KiB: tops a whole number of pages
     // apart would all fall in one L1 cache set and evict each other.
     start_context(f.context, (*launch.stacks)[t]->base(), kStackBytes - t % 64 * 64, fiber_entry);
@@ -151,7 +227,9 @@ bool run_block(Launch& launch, unsigned threads, unsigned block) {
       if (f.state != State::Runnable) continue;
       launch.current = &f;
       threadIdx = f.index;
+      race::switch_to(f.race_fiber);
       switch_context(launch.scheduler, f.context);
+      if (race::reports != races_before) return BlockEnd::Raced;
     }
     bool released = false;
     bool all_done = true;
@@ -173,9 +251,9 @@ bool run_block(Launch& launch, unsigned threads, unsigned block) {
         released = true;
       }
     }
-    if (all_done) return true;
+    if (all_done) return BlockEnd::Finished;
     if (released) continue;
-    if (!block_ready) return false;
+    if (!block_ready) return BlockEnd::Stuck;
     for (unsigned t = 0; t < threads; ++t)
       if (launch.fibers[t].state == State::AtBlockBarrier)
         launch.fibers[t].state = State::Runnable;
@@ -184,18 +262,58 @@ bool run_block(Launch& launch, unsigned threads, unsigned block) {
 
 }  // namespace
 
+#if AF_EMU_RACECHECK
+// ThreadSanitizer's hook, called for each report it prints.
+extern "C" void __tsan_on_report(const void*) { ++race::reports; }
+// Reports are turned into launch errors, so they decide the tests, not the
+// exit code; every report is printed, even where one with the same stack was.
+// Only the kernels are checked: the Rust code is not instrumented, and what
+// orders its threads (atomics in rayon and the test harness) is invisible
+// to ThreadSanitizer, so the libc calls it makes (memcpy, free: a block
+// allocated on one thread and freed on another) are not checked either.
+extern "C" const char* __tsan_default_options() {
+  return "exitcode=0:suppress_equal_stacks=0:suppress_equal_addresses=0:"
+         "ignore_interceptors_accesses=1";
+}
+#endif
+
 namespace af_emu {
 
-void block_barrier() { yield_as(State::AtBlockBarrier); }
-void warp_barrier() {
+namespace {
+// Waits for the whole warp, as a warp barrier and a shuffle both do.
+void warp_rendezvous() {
   Launch* launch = active;
   if (launch->fibers.size() < (launch->current->linear / 32 + 1) * 32)
     launch->partial_warp_sync = true;
   yield_as(State::AtWarpBarrier);
 }
+}  // namespace
+
+void block_barrier() {
+  Launch* launch = active;
+  Fiber* self = launch->current;
+  uint64_t* sync = launch->block_sync(self->block_barriers++ % 2);
+  race::release(sync);
+  yield_as(State::AtBlockBarrier);
+  race::acquire(sync);
+}
+void warp_barrier() {
+  Launch* launch = active;
+  Fiber* self = launch->current;
+  uint64_t* sync = launch->warp_sync(self->linear, self->warp_barriers++ % 2);
+  race::release(sync);
+  warp_rendezvous();
+  race::acquire(sync);
+}
 unsigned lane() { return active->current->linear % 32; }
-uint64_t* warp_slots() {
-  return active->warp_slots.data() + (active->current->linear / 32) * 32;
+uint64_t exchange_bits(uint64_t bits, unsigned src_lane) {
+  Launch* launch = active;
+  uint64_t* slots = launch->warp_slots.data() + (launch->current->linear / 32) * 32;
+  slots[lane()] = bits;
+  warp_rendezvous();
+  const uint64_t got = slots[src_lane % 32];
+  warp_rendezvous();
+  return got;
 }
 void* dynamic_shared() { return active->shared.data(); }
 
@@ -230,9 +348,13 @@ extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
   launch.params = params;
   launch.fibers.resize(threads);
   launch.warp_slots.assign((threads + 31) / 32 * 32, 0);
+  launch.race_scheduler = race::current_fiber();
+  launch.race_syncs.assign((threads + 31) / 32 * 2 + 4, 0);
+  const std::vector<void*>& race_fibers_of_threads = race_fibers(threads);
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = launch.fibers[t];
     f.linear = t;
+    f.race_fiber = race_fibers_of_threads[t];
     f.index.x = t % cfg->block[0];
     f.index.y = (t / cfg->block[0]) % cfg->block[1];
     f.index.z = t / (cfg->block[0] * cfg->block[1]);
@@ -259,11 +381,22 @@ extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
     const unsigned z = unsigned(block / cfg->grid[0] / cfg->grid[1]);
     blockIdx = dim3{x, y, z};
     start_shared(launch.shared, cfg->shared_bytes, unsigned(block), b == 0);
-    const bool ran = run_block(launch, threads, unsigned(block));
+    // Whatever came before (the host's writes, earlier blocks) is ordered
+    // before the block's threads, which are ordered before what follows.
+    race::release(launch.block_start_sync());
+    const BlockEnd end = run_block(launch, threads, unsigned(block));
+    race::acquire(launch.block_end_sync());
     const bool overrun =
         std::any_of(launch.shared.begin() + cfg->shared_bytes, launch.shared.end(),
                     [](unsigned char byte) { return byte != kGuardByte; });
-    if (!ran) {
+    if (end == BlockEnd::Raced) {
+      race_fiber_pool.clear();
+      std::snprintf(error, error_len,
+                    "block (%u, %u, %u): ThreadSanitizer reports a data race between its "
+                    "threads (its report is on stderr): a missing __syncthreads or __syncwarp?",
+                    x, y, z);
+      status = 1;
+    } else if (end == BlockEnd::Stuck) {
       std::snprintf(error, error_len, "block (%u, %u, %u): threads wait at different barriers",
                     x, y, z);
       status = 1;

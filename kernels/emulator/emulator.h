@@ -6,8 +6,7 @@
 // __syncthreads and warp intrinsics. Consequences the kernels can rely on:
 // - `__shared__` variables are `static thread_local` (one block is live at
 //   a time on a thread; launches on different threads run side by side);
-// - a fiber is never interrupted between two barriers, so atomics are plain
-//   read-modify-writes;
+// - a fiber is never interrupted between two barriers;
 // - a barrier some threads never reach is reported as an error, not a hang.
 // What the GPU does not promise, the emulator does not give either, so that a
 // kernel relying on it fails its tests here: threads run between barriers in
@@ -17,6 +16,14 @@
 // by block, and a write past its end is reported; a block larger than the
 // kernel's `__launch_bounds__` is refused, and so is a full-mask warp
 // intrinsic in a warp of fewer than 32 threads.
+//
+// Built with AUTOFOCUS_EMU_RACECHECK=1 (build.rs), the kernels' code is
+// instrumented by ThreadSanitizer, each emulated thread is one of its
+// fibers, and only __syncthreads and __syncwarp order memory between them,
+// as on the GPU: a shuffle does not, although the emulator must run every
+// lane up to it. A launch in which ThreadSanitizer reports a race fails
+// (the report is on stderr), which catches a missing barrier that the
+// changing thread order cannot, next to a shuffle.
 #pragma once
 
 #include <math.h>
@@ -25,6 +32,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -49,22 +57,22 @@ namespace af_emu {
 void block_barrier();
 // Waits until every live thread of the calling thread's warp has arrived.
 void warp_barrier();
-// This thread's lane and the exchange slots of its warp.
+// This thread's lane.
 unsigned lane();
-uint64_t* warp_slots();
 // The launch's dynamic shared memory (stale or poisoned at each block start).
 void* dynamic_shared();
+// A warp shuffle's exchange: every lane of the warp offers `bits` and gets
+// lane `src_lane`'s. Defined with the scheduler, outside the kernels' code,
+// so that the race check (emulator.cpp) sees no memory access in it: a
+// shuffle passes registers, it orders no memory on the GPU.
+uint64_t exchange_bits(uint64_t bits, unsigned src_lane);
 
 template <class T>
 T exchange(T v, unsigned src_lane) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a wide type");
-  uint64_t* slots = warp_slots();
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  slots[lane()] = bits;
-  warp_barrier();
-  uint64_t got = slots[src_lane % 32];
-  warp_barrier();
+  const uint64_t got = exchange_bits(bits, src_lane);
   T out;
   std::memcpy(&out, &got, sizeof(T));
   return out;
@@ -88,17 +96,22 @@ T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
   return af_emu::exchange(v, src < 32 ? src : af_emu::lane());
 }
 
-// Fibers never interleave inside these: plain read-modify-writes are atomic.
+// Fibers never interleave inside these, so plain read-modify-writes would
+// do; they are relaxed atomics so that the race check counts them as what
+// they are on the GPU (atomic, ordering nothing else). Integers only: no
+// kernel adds floats atomically (gradients are deterministic).
 template <class T>
 T atomicAdd(T* address, T v) {
-  T old = *address;
-  *address = old + v;
-  return old;
+  static_assert(std::is_integral<T>::value, "atomicAdd of a non-integer");
+  return __atomic_fetch_add(address, v, __ATOMIC_RELAXED);
 }
 template <class T>
 T atomicMax(T* address, T v) {
-  T old = *address;
-  *address = old < v ? v : old;
+  static_assert(std::is_integral<T>::value, "atomicMax of a non-integer");
+  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (old < v &&
+         !__atomic_compare_exchange_n(address, &old, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
   return old;
 }
 

@@ -68,3 +68,18 @@ AF_KERNEL(emu_selftest_static_shared, EmuSelfTestParams, {
   }
   p.out[blockIdx.x * blockDim.x + threadIdx.x] = seen;
 })
+
+// Lane t publishes t in shared memory, the warp sums (shuffles), then lane t
+// reads lane t ^ 1's value. Every lane must reach the shuffles before any
+// passes them, so the emulator's thread orders always give the right
+// answer; but on the GPU a shuffle orders no memory, and only the
+// __syncwarp makes the neighbour's write visible. The race check
+// (AUTOFOCUS_EMU_RACECHECK=1) reports the launch without it.
+AF_KERNEL(emu_selftest_shuffle_then_read, EmuSelfTestParams, {
+  AF_DYNAMIC_SHARED(float, shared);
+  const int t = threadIdx.x;
+  shared[t] = float(t);
+  const float lanes = warp_sum(1.0f);
+  if (p.sync) __syncwarp();
+  p.out[blockIdx.x * blockDim.x + t] = shared[t ^ 1] + lanes;
+})

@@ -98,6 +98,7 @@ mod tests {
         af_emu_emu_selftest_bounded,
         af_emu_emu_selftest_warp_sum,
         af_emu_emu_selftest_static_shared,
+        af_emu_emu_selftest_shuffle_then_read,
     );
 
     /// `blocks` blocks of `threads`, one float of output per thread (NaN
@@ -145,8 +146,14 @@ mod tests {
         }
         // Ascending order alone would give every block the right answer;
         // the other orders leave some thread reading before its neighbour
-        // has written.
-        let racy = run(af_emu_emu_selftest_neighbour, 3, threads, false).unwrap();
+        // has written. (The race check fails the launch outright.)
+        let racy = run(af_emu_emu_selftest_neighbour, 3, threads, false);
+        if cfg!(emu_racecheck) {
+            let error = racy.unwrap_err().to_string();
+            assert!(error.contains("data race"), "{error}");
+            return;
+        }
+        let racy = racy.unwrap();
         let wrong_blocks = racy
             .chunks(threads as usize)
             .filter(|block| {
@@ -160,6 +167,27 @@ mod tests {
             wrong_blocks >= 2,
             "{wrong_blocks} of 3 blocks show the race"
         );
+    }
+
+    #[test]
+    fn a_missing_barrier_next_to_a_shuffle_takes_the_race_check() {
+        let threads = 64;
+        let expected: Vec<f32> = (0..2 * threads)
+            .map(|i| ((i % threads) ^ 1) as f32 + 32.0)
+            .collect();
+        assert_eq!(
+            run(af_emu_emu_selftest_shuffle_then_read, 2, threads, true).unwrap(),
+            expected
+        );
+        let racy = run(af_emu_emu_selftest_shuffle_then_read, 2, threads, false);
+        if cfg!(emu_racecheck) {
+            let error = racy.unwrap_err().to_string();
+            assert!(error.contains("data race"), "{error}");
+        } else {
+            // The blind spot the race check covers: whatever the thread
+            // order, every lane has written before any passes the shuffle.
+            assert_eq!(racy.unwrap(), expected);
+        }
     }
 
     #[test]
