@@ -63,6 +63,8 @@ fn main() {
     if racecheck {
         println!("cargo::rustc-cfg=emu_racecheck");
         println!("cargo::rustc-link-arg=-fsanitize=thread");
+        // GCC's runtime, named too: on rustc's link line (lld, as-needed)
+        // the flag alone left the instrumented objects' symbols undefined.
         println!("cargo::rustc-link-lib=dylib=tsan");
     }
     build_emulator(&sources, &out_dir, racecheck);
