@@ -27,8 +27,9 @@ __device__ __forceinline__ void load_query_and_features(const AttentionParams& p
     neighbour_features(pos, i, nbrs ? clamp_index(nbrs[s], p.tokens) : s, p.offset_clamp, f);
     for (int k = 0; k < 5; ++k) features[k * m + s] = f[k];
   }
-  // For any reader. Today's callers need it less: until their next barrier
-  // each lane reads back only what it wrote (the race check passes without).
+  // Kept for any reader, though today's callers need none: until their next
+  // barrier each lane reads back only what it wrote (the race check passes
+  // without it).
   __syncwarp();
 }
 
