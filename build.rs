@@ -224,7 +224,17 @@ fn find_nvcc() -> Option<PathBuf> {
 /// as the driver API writes it (13000 for 13.0).
 struct Fatbins {
     images: Vec<(String, PathBuf)>,
+    resources: Vec<KernelResources>,
     cuda_version: u32,
+}
+
+/// What ptxas reports for one kernel on one architecture: what a block of
+/// it takes from the SM, which decides whether a launch fits at all.
+struct KernelResources {
+    kernel: String,
+    sm: u32,
+    registers: u32,
+    static_shared_bytes: u32,
 }
 
 /// Compiles each `.cu` into `$OUT_DIR/<stem>.fatbin`; nothing without nvcc.
@@ -241,6 +251,7 @@ fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Fatbins {
         );
         return Fatbins {
             images: Vec::new(),
+            resources: Vec::new(),
             cuda_version: 0,
         };
     };
@@ -262,7 +273,8 @@ fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Fatbins {
             .chain(["arch=compute_120,code=compute_120".to_string()])
             .collect(),
     };
-    let results: Vec<Result<(String, PathBuf), String>> = std::thread::scope(|scope| {
+    type Compiled = Result<(String, PathBuf, Vec<KernelResources>), String>;
+    let results: Vec<Compiled> = std::thread::scope(|scope| {
         let handles: Vec<_> = sources
             .iter()
             .map(|source| {
@@ -273,14 +285,19 @@ fn build_fatbins(sources: &[PathBuf], out_dir: &Path) -> Fatbins {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let mut images = Vec::new();
+    let mut resources = Vec::new();
     for result in results {
         match result {
-            Ok(image) => images.push(image),
+            Ok((stem, path, used)) => {
+                images.push((stem, path));
+                resources.extend(used);
+            }
             Err(message) => panic!("{message}"),
         }
     }
     Fatbins {
         images,
+        resources,
         cuda_version,
     }
 }
@@ -323,13 +340,16 @@ fn compile_fatbin(
     targets: &[String],
     source: &Path,
     out_dir: &Path,
-) -> Result<(String, PathBuf), String> {
+) -> Result<(String, PathBuf, Vec<KernelResources>), String> {
     let stem = file_stem(source);
     let output = out_dir.join(format!("{stem}.fatbin"));
     let mut command = Command::new(nvcc);
     command
         .arg("--fatbin")
         .args(["-O3", "-std=c++17", "-Ikernels"])
+        // ptxas's registers and static shared memory per kernel and target,
+        // on stderr: the emulator refuses a launch that would not fit.
+        .arg("--resource-usage")
         .arg("-o")
         .arg(&output);
     for target in targets {
@@ -350,7 +370,52 @@ fn compile_fatbin(
             String::from_utf8_lossy(&result.stderr)
         ));
     }
-    Ok((stem, output))
+    let resources = parse_resource_usage(&String::from_utf8_lossy(&result.stderr))
+        .map_err(|e| format!("nvcc --resource-usage on {}: {e}", source.display()))?;
+    Ok((stem, output, resources))
+}
+
+/// Reads ptxas's report: "Compiling entry function 'NAME' for 'sm_XX'",
+/// then (after other lines) "Used N registers, ..., S bytes smem, ...",
+/// where the smem part is absent when the kernel has no static shared memory.
+fn parse_resource_usage(report: &str) -> Result<Vec<KernelResources>, String> {
+    let mut resources = Vec::new();
+    let mut entry: Option<(String, u32)> = None;
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let (name, rest) = rest
+                .split_once('\'')
+                .ok_or_else(|| format!("cannot read {line:?}"))?;
+            let sm = rest
+                .split("'sm_")
+                .nth(1)
+                .and_then(|t| t.trim_end_matches('\'').parse().ok())
+                .ok_or_else(|| format!("no target in {line:?}"))?;
+            entry = Some((name.to_string(), sm));
+        } else if let Some(rest) = line.split("Used ").nth(1) {
+            let Some((kernel, sm)) = entry.take() else {
+                continue;
+            };
+            let number_before = |unit: &str| -> Option<u32> {
+                let (before, _) = rest.split_once(unit)?;
+                before
+                    .rsplit([' ', ','])
+                    .find(|t| !t.is_empty())?
+                    .parse()
+                    .ok()
+            };
+            let registers =
+                number_before(" registers").ok_or_else(|| format!("no registers in {line:?}"))?;
+            let static_shared_bytes = number_before(" bytes smem").unwrap_or(0);
+            resources.push(KernelResources {
+                kernel,
+                sm,
+                registers,
+                static_shared_bytes,
+            });
+        }
+    }
+    Ok(resources)
 }
 
 fn generated_rust(
@@ -372,6 +437,18 @@ fn generated_rust(
             rust,
             "    ({stem:?}, include_bytes!({:?})),",
             path.display()
+        )
+        .unwrap();
+    }
+    rust += "];\n\n/// What each kernel takes per thread and per block on each architecture\n";
+    rust += "/// [`IMAGES`] hold machine code for, as ptxas reported it: (kernel, sm,\n";
+    rust += "/// registers per thread, static shared bytes). Empty without nvcc.\n";
+    rust += "pub const RESOURCES: &[(&str, u32, u32, u32)] = &[\n";
+    for r in &fatbins.resources {
+        writeln!(
+            rust,
+            "    ({:?}, {}, {}, {}),",
+            r.kernel, r.sm, r.registers, r.static_shared_bytes
         )
         .unwrap();
     }
