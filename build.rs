@@ -16,8 +16,9 @@
 //!
 //! Both are described to the crate by `$OUT_DIR/kernels.rs`: every kernel's
 //! name and source file, the embedded fatbins and the CUDA version of the
-//! nvcc that built them, the sources and headers (for NVRTC), and the
-//! emulator's entry points.
+//! nvcc that built them, ptxas's registers and static shared memory of each
+//! kernel on each target (the emulator refuses a launch that would not fit),
+//! the sources and headers (for NVRTC), and the emulator's entry points.
 
 use std::env;
 use std::fmt::Write as _;
