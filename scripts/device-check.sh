@@ -150,10 +150,11 @@ print(sorted(found)[-1] if found else "")' 2>/dev/null || true)"
   step backward-tests 90 device-bin/test-backward --test-threads=1
   # 2. The headline numbers: aff_mini at batch 256, the attention and
   # layout benchmarks, the card's ceilings to judge them by.
+  local mini=(device-bin/autofocus bench --device cuda --config aff_mini --batch 256 --size 224
+    --warmup 2 --json)
   for dtype in bf16 f32; do
-    step "bench-aff_mini-$dtype-cublaslt" 60 env AUTOFOCUS_GEMM=cublaslt device-bin/autofocus bench \
-      --device cuda --dtype "$dtype" --config aff_mini --batch 256 --size 224 --iters 5 \
-      --warmup 2 --json
+    step "bench-aff_mini-$dtype-cublaslt" 60 env AUTOFOCUS_GEMM=cublaslt "${mini[@]}" \
+      --dtype "$dtype" --iters 5
   done
   step attention-bench 150 device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
   # The card's two ceilings, measured (METHOD.md): a large device copy and a
@@ -199,14 +200,11 @@ t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLO
   # stream), a per-op profile, and a dataset run over every GPU (one worker
   # each) against the CPU: same lines but for the last digits.
   for dtype in bf16 f32; do
-    step "bench-aff_mini-$dtype-simt" 60 env AUTOFOCUS_GEMM=simt device-bin/autofocus bench \
-      --device cuda --dtype "$dtype" --config aff_mini --batch 256 --size 224 --iters 5 \
-      --warmup 2 --json
+    step "bench-aff_mini-$dtype-simt" 60 env AUTOFOCUS_GEMM=simt "${mini[@]}" \
+      --dtype "$dtype" --iters 5
   done
-  step bench-aff_mini-bf16-no-graph 60 device-bin/autofocus bench --device cuda --dtype bf16 \
-    --config aff_mini --batch 256 --size 224 --iters 5 --warmup 2 --json --no-graph
-  step bench-aff_mini-bf16-overlap 60 device-bin/autofocus bench --device cuda --dtype bf16 \
-    --config aff_mini --batch 256 --size 224 --iters 10 --warmup 2 --json --overlap
+  step bench-aff_mini-bf16-no-graph 60 "${mini[@]}" --dtype bf16 --iters 5 --no-graph
+  step bench-aff_mini-bf16-overlap 60 "${mini[@]}" --dtype bf16 --iters 10 --overlap
   step overlapped-batches 60 device-bin/test-device_model overlapped --test-threads=1
   step overlapped-memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 \
     device-bin/test-device_model overlapped --test-threads=1

@@ -29,6 +29,13 @@ pub unsafe fn launch<P: KernelParams>(
     config: LaunchConfig,
     params: &P,
 ) -> Result<()> {
+    // The CPU has room for any block; a GPU may not.
+    if let Some(reason) = super::resources::refusal(name, &config) {
+        return Err(Error::device(
+            name,
+            format!("emulator: a GPU would refuse this launch: {reason}"),
+        ));
+    }
     let launch = EmulatedLaunch {
         grid: config.grid,
         block: config.block,
@@ -232,6 +239,38 @@ mod tests {
         );
         let error = run(af_emu_emu_selftest_bounded, 2, 96, false).unwrap_err();
         assert!(error.to_string().contains("launch bounds"), "{error}");
+    }
+
+    /// The launch itself checks the ptxas report of the kernel it is named
+    /// after: under linear_f32's name (8704 bytes of static shared memory),
+    /// a launch asking for all 48 KiB as dynamic shared memory is refused
+    /// before anything runs.
+    #[test]
+    fn a_launch_no_gpu_has_room_for_is_refused() {
+        if !super::super::built_with_cuda() {
+            eprintln!("SKIPPED: built without nvcc, so no ptxas report");
+            return;
+        }
+        let mut out = vec![f32::NAN; 32];
+        let mut config = LaunchConfig {
+            grid: [1, 1, 1],
+            block: [32, 1, 1],
+            shared_bytes: 32 * 4,
+        };
+        let params = EmuSelfTestParams {
+            out: out.as_mut_ptr(),
+            sync: 1,
+            tag: 0,
+        };
+        let kernel = af_emu_emu_selftest_warp_sum;
+        // SAFETY: `out` holds a float for every thread, the kernel's only write.
+        unsafe { launch("linear_f32", kernel, config, &params) }.unwrap();
+        config.shared_bytes = super::super::MAX_SHARED_BYTES as u32;
+        out.fill(f32::NAN);
+        // SAFETY: as above.
+        let error = unsafe { launch("linear_f32", kernel, config, &params) }.unwrap_err();
+        assert!(error.to_string().contains("a GPU would refuse"), "{error}");
+        assert!(out.iter().all(|v| v.is_nan()), "the kernel ran");
     }
 
     #[test]

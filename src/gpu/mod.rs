@@ -608,13 +608,6 @@ impl Device {
             Backend::Emulator => {
                 let kernel = generated::emulated(name)
                     .ok_or_else(|| Error::device(name, "no such kernel"))?;
-                // The CPU has room for any block; a GPU may not.
-                if let Some(reason) = resources::refusal(name, &config) {
-                    return Err(Error::device(
-                        name,
-                        format!("emulator: a GPU would refuse this launch: {reason}"),
-                    ));
-                }
                 // SAFETY: the caller's contract, and `kernel` takes `P` by
                 // pointer as its C definition takes the struct.
                 unsafe { emulator::launch(name, kernel, config, params) }
