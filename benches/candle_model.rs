@@ -74,8 +74,13 @@ fn aff_mini(c: &mut Criterion) {
 #[cfg(feature = "candle-cuda")]
 fn aff_tiny_training_step_on_gpu(c: &mut Criterion) {
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    // The device check sets AUTOFOCUS_REQUIRE_GPU=1: there a skip would read
+    // as a pass.
     let device = match Device::new_cuda(0) {
         Ok(device) => device,
+        Err(e) if std::env::var("AUTOFOCUS_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("AUTOFOCUS_REQUIRE_GPU=1 but: {e}")
+        }
         Err(e) => {
             eprintln!("SKIPPED: the GPU training step: {e}");
             return;

@@ -56,11 +56,17 @@ build() {
   # The candle backend on candle's GPU (feature candle-cuda, which builds
   # candle's own kernels with the same nvcc: about 15 minutes the first
   # time on two cores), in its own target folder. candle links the CUDA
-  # libraries at build time (cudarc's dynamic-linking: libcuda, libcudart,
-  # libcublas, libcublasLt, libcurand, libnvrtc), which a machine without a
-  # CUDA toolkit lacks; then these binaries are left out, said so, and the
-  # run's candle steps fail alone.
-  if ! PATH="$(dirname "$NVCC"):$PATH" CARGO_TARGET_DIR=target/candle-cuda \
+  # libraries at build time (cudarc's dynamic-linking), which come from
+  # wheels and a libcuda stub here (scripts/install-cuda-link-libs.sh); if
+  # these binaries still fail, they are left out, said so, and the run's
+  # candle steps fail alone.
+  local cuda_root
+  if ! cuda_root="$(scripts/install-cuda-link-libs.sh)"; then
+    echo "device-check build: no CUDA libraries to link the candle-cuda binaries with" >&2
+    cuda_root=""
+  fi
+  if [ -z "$cuda_root" ] || ! PATH="$(dirname "$NVCC"):$PATH" CUDA_HOME="$cuda_root" \
+    CARGO_TARGET_DIR=target/candle-cuda \
     cargo test --release --locked --no-default-features --features candle-cuda --no-run \
     --test candle --test candle_model --bench candle_model --message-format=json \
     | executables | while read -r kind name exe; do cp "$exe" "device-bin/$kind-candle-cuda-$name"; done
@@ -140,6 +146,27 @@ print(sorted(found)[-1] if found else "")' 2>/dev/null || true)"
   [ -z "$AUTOFOCUS_CUBLASLT" ] || export AUTOFOCUS_CUBLASLT
   echo "cuBLASLt: ${AUTOFOCUS_CUBLASLT:-none found}" >>"$report"
   nvrtc_lib="${AUTOFOCUS_NVRTC:-$( (ls /usr/local/cuda/lib64/libnvrtc.so.* 2>/dev/null || true) | head -n 1)}"
+  # The candle-cuda binaries link the CUDA libraries instead of loading them:
+  # the loader needs their folders, the toolkit's first, else the wheels'
+  # that PyTorch brought (the driver, libcuda.so.1, is the system's).
+  local candle_libs
+  candle_libs="$(python3 -c '
+import glob, os, site, sys
+roots = ["/usr/local/cuda/lib64"] + sorted(
+    p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/*/lib"))
+dirs, missing = [], []
+for lib in ["libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10",
+            "libnvrtc.so.13"]:
+    found = [r for r in roots if os.path.exists(os.path.join(r, lib))]
+    if not found:
+        missing.append(lib)
+    elif found[0] not in dirs:
+        dirs.append(found[0])
+print(":".join(dirs))
+if missing:
+    print("CUDA libraries missing: " + " ".join(missing), file=sys.stderr)' 2>>"$report" || true)"
+  echo "CUDA libraries for the candle binaries: ${candle_libs:-none found}" >>"$report"
+  local candle_env=(env "LD_LIBRARY_PATH=$candle_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
   echo >>"$report"
 
   # 1. Correctness: the kernels, the golden cases end to end with the dense
@@ -179,9 +206,9 @@ t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLO
   step backward-racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 1 device-bin/test-backward kernels --test-threads=1
   # 4. The candle backend: its custom ops and the whole candle model (goldens
   # and gradients) on candle's GPU, then one bf16 training step of aff_tiny.
-  step candle-ops-gpu 90 device-bin/test-candle-cuda-candle --test-threads=1
-  step candle-golden-gpu 120 device-bin/test-candle-cuda-candle_model --test-threads=1
-  step candle-train-step 90 device-bin/bench-candle-cuda-candle_model --bench training_step
+  step candle-ops-gpu 90 "${candle_env[@]}" device-bin/test-candle-cuda-candle --test-threads=1
+  step candle-golden-gpu 120 "${candle_env[@]}" device-bin/test-candle-cuda-candle_model --test-threads=1
+  step candle-train-step 90 "${candle_env[@]}" device-bin/bench-candle-cuda-candle_model --bench training_step
   # 5. The other paths: the SIMT GEMM, CUDA graphs against plain launches
   # (bit for bit; part of the golden run too, here for its own line), and
   # the NVRTC path forced (the old-driver fallback): the golden cases on
