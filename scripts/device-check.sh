@@ -54,7 +54,7 @@ build() {
     --bench kernels --message-format=json \
     | executables | while read -r kind name exe; do cp "$exe" "device-bin/$kind-$name"; done
   # The candle backend on candle's GPU (feature candle-cuda, which builds
-  # candle's own kernels with the same nvcc: about 15 minutes the first
+  # candle's own kernels with the same nvcc: about 12 minutes the first
   # time on two cores), in its own target folder. candle links the CUDA
   # libraries at build time (cudarc's dynamic-linking), which come from
   # wheels and a libcuda stub here (scripts/install-cuda-link-libs.sh); if
@@ -166,7 +166,9 @@ print(":".join(dirs))
 if missing:
     print("CUDA libraries missing: " + " ".join(missing), file=sys.stderr)' 2>>"$report" || true)"
   echo "CUDA libraries for the candle binaries: ${candle_libs:-none found}" >>"$report"
-  local candle_env=(env "LD_LIBRARY_PATH=$candle_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
+  local candle_ld="$candle_libs"
+  [ -z "${LD_LIBRARY_PATH:-}" ] || candle_ld="${candle_ld:+$candle_ld:}$LD_LIBRARY_PATH"
+  local candle_env=(env "LD_LIBRARY_PATH=$candle_ld")
   echo >>"$report"
 
   # 1. Correctness: the kernels, the golden cases end to end with the dense

@@ -31,13 +31,14 @@ for versioned in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.
   ln -sfn "$versioned" "$lib/${versioned%.so.*}.so"
 done
 
+# The stub, rebuilt whenever cudarc's bindings move (a cudarc upgrade).
 stub="$lib/stubs/libcuda.so"
-if [ ! -f "$stub" ]; then
-  bindings="$(cargo metadata --locked --format-version 1 --no-default-features \
-    --features candle-cuda | python3 -c 'import json, os, sys
+bindings="$(cargo metadata --locked --format-version 1 --no-default-features \
+  --features candle-cuda | python3 -c 'import json, os, sys
 m = json.load(sys.stdin)
 [cudarc] = [p for p in m["packages"] if p["name"] == "cudarc"]
 print(os.path.join(os.path.dirname(cudarc["manifest_path"]), "src/driver/sys/mod.rs"))')"
+if [ ! -f "$stub" ] || [ "$(cat "$stub.source" 2>/dev/null)" != "$bindings" ]; then
   mkdir -p "$lib/stubs"
   source_file="$lib/stubs/libcuda-stub.c"
   # Each function returns CUDA_ERROR_UNKNOWN (999): a stub that is loaded by
@@ -52,5 +53,6 @@ for name in names:
     print(f"int {name}(void) {{ return 999; }}")
 EOF
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$source_file"
+  echo "$bindings" >"$stub.source"
 fi
 echo "$root"
