@@ -86,6 +86,17 @@ build() {
   fi
 }
 
+# cuda_lib GLOB: the first file matching GLOB in the toolkit's lib64, else
+# the newest in a pip wheel's nvidia/*/lib (PyTorch's); empty when none.
+cuda_lib() {
+  python3 - "$1" 2>/dev/null <<'EOF' || true
+import glob, site, sys
+toolkit = sorted(glob.glob("/usr/local/cuda/lib64/" + sys.argv[1]))
+wheels = sorted(p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/*/lib/" + sys.argv[1]))
+print((toolkit[:1] or wheels[-1:] or [""])[0])
+EOF
+}
+
 run() {
   local only="${1:-}"
   if [ ! -d device-bin ] && [ -f device-bin.tar.gz ]; then
@@ -134,37 +145,26 @@ run() {
     echo
   } >"$report"
   # cuBLASLt: the toolkit's, else a pip wheel's (PyTorch's), named for the
-  # crate; the dense layers use it unless AUTOFOCUS_GEMM=simt. (`|| true`:
-  # under pipefail a glob that matches nothing would end the script here.)
-  if [ -z "${AUTOFOCUS_CUBLASLT:-}" ]; then
-    AUTOFOCUS_CUBLASLT="$( (ls /usr/local/cuda/lib64/libcublasLt.so.* 2>/dev/null || true) | head -n 1)"
-    [ -n "$AUTOFOCUS_CUBLASLT" ] || AUTOFOCUS_CUBLASLT="$(python3 -c '
-import glob, site
-found = [p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/*/lib/libcublasLt.so.*")]
-print(sorted(found)[-1] if found else "")' 2>/dev/null || true)"
-  fi
+  # crate; the dense layers use it unless AUTOFOCUS_GEMM=simt.
+  [ -n "${AUTOFOCUS_CUBLASLT:-}" ] || AUTOFOCUS_CUBLASLT="$(cuda_lib 'libcublasLt.so.*')"
   [ -z "$AUTOFOCUS_CUBLASLT" ] || export AUTOFOCUS_CUBLASLT
   echo "cuBLASLt: ${AUTOFOCUS_CUBLASLT:-none found}" >>"$report"
+  # (`|| true`: under pipefail a glob that matches nothing would end the
+  # script here.)
   nvrtc_lib="${AUTOFOCUS_NVRTC:-$( (ls /usr/local/cuda/lib64/libnvrtc.so.* 2>/dev/null || true) | head -n 1)}"
   # The candle-cuda binaries link the CUDA libraries instead of loading them:
-  # the loader needs their folders, the toolkit's first, else the wheels'
-  # that PyTorch brought (the driver, libcuda.so.1, is the system's).
-  local candle_libs
-  candle_libs="$(python3 -c '
-import glob, os, site, sys
-roots = ["/usr/local/cuda/lib64"] + sorted(
-    p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/*/lib"))
-dirs, missing = [], []
-for lib in ["libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10",
-            "libnvrtc.so.13"]:
-    found = [r for r in roots if os.path.exists(os.path.join(r, lib))]
-    if not found:
-        missing.append(lib)
-    elif found[0] not in dirs:
-        dirs.append(found[0])
-print(":".join(dirs))
-if missing:
-    print("CUDA libraries missing: " + " ".join(missing), file=sys.stderr)' 2>>"$report" || true)"
+  # the loader needs their folders (the driver, libcuda.so.1, is the
+  # system's).
+  local candle_libs="" missing="" lib path
+  for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+    path="$(cuda_lib "$lib")"
+    if [ -z "$path" ]; then
+      missing="$missing $lib"
+    elif [[ ":$candle_libs:" != *":$(dirname "$path"):"* ]]; then
+      candle_libs="${candle_libs:+$candle_libs:}$(dirname "$path")"
+    fi
+  done
+  [ -z "$missing" ] || echo "CUDA libraries missing:$missing" >>"$report"
   echo "CUDA libraries for the candle binaries: ${candle_libs:-none found}" >>"$report"
   local candle_ld="$candle_libs"
   [ -z "${LD_LIBRARY_PATH:-}" ] || candle_ld="${candle_ld:+$candle_ld:}$LD_LIBRARY_PATH"

@@ -127,7 +127,7 @@ mod tests {
 
     /// Built with nvcc, every kernel has a report for every architecture
     /// with machine code, and every launch the model makes is checked
-    /// against them on the emulator (`Device::launch`).
+    /// against them on the emulator (`emulator::launch`).
     #[test]
     fn every_kernel_has_a_report_for_every_architecture() {
         if !super::super::built_with_cuda() {
