@@ -109,15 +109,6 @@ impl<'a> Tiled<'a> {
         }
     }
 
-    /// The dimensions from `first` on, as a table of their own (the
-    /// backward's values, which follow the keys in each tile).
-    pub fn from_dim(self, first: usize) -> Self {
-        Self {
-            data: &self.data[first * SLOT_BLOCK..],
-            stride: self.stride,
-        }
-    }
-
     /// Dimension `e` of token `j`.
     #[inline(always)]
     fn at(&self, j: usize, e: usize) -> f32 {
@@ -149,31 +140,67 @@ pub fn score(plan: &ScorePlan, q: &[f32], kt: Tiled<'_>, nbrs: &[u32], logits: &
     }
 }
 
-/// Two [`score`]s over the same neighbours in one sweep: `a[slot] = x ·
-/// xt_{nbrs[slot]}` and `b[slot] = y · yt_{nbrs[slot]}` (the backward's
-/// logits and `dO·v`), the same bits as two calls.
+/// Two [`score`]s over the same neighbours in one sweep, against the two
+/// halves of each row of `rows_t` (a [`Tiled`] table of width `2d`):
+/// `a[slot] = x · r_{nbrs[slot]}[..d]` and `b[slot] = y ·
+/// r_{nbrs[slot]}[d..]` (the backward's logits and `dO·v`, from keys and
+/// values tiled together), the same bits as two [`score`] calls.
+///
+/// Both halves of a block are read from its one tile, the second at a
+/// fixed distance from the first: six pointers per group of blocks, where
+/// two tables took twelve, more than the registers hold (every dimension
+/// then reloaded spilled pointers). Head dims 16, 24 and 32 (the published
+/// models') compile with that distance as a constant; others run the same
+/// loop with it at run time.
 #[inline(always)]
 pub fn score_pair(
     plan: &ScorePlan,
-    (x, xt): (&[f32], Tiled<'_>),
-    (y, yt): (&[f32], Tiled<'_>),
+    (x, y): (&[f32], &[f32]),
+    rows_t: Tiled<'_>,
     nbrs: &[u32],
     (a, b): (&mut [f32], &mut [f32]),
 ) {
     let d = x.len();
+    assert_eq!(y.len(), d, "score_pair: x and y differ in length");
+    match d {
+        16 => score_pair_groups::<16, 256>(plan, (x, y), rows_t, (a, b)),
+        24 => score_pair_groups::<24, 384>(plan, (x, y), rows_t, (a, b)),
+        32 => score_pair_groups::<32, 512>(plan, (x, y), rows_t, (a, b)),
+        _ => score_pair_groups_any(plan, (x, y), rows_t, (a, b)),
+    }
+    for &slot in &plan.singles {
+        let j = nbrs[slot] as usize;
+        let (mut sx, mut sy) = (0.0f32, 0.0f32);
+        for (e, (&xe, &ye)) in x.iter().zip(y).enumerate() {
+            sx = xe.mul_add(rows_t.at(j, e), sx);
+            sy = ye.mul_add(rows_t.at(j, d + e), sy);
+        }
+        a[slot] = sx;
+        b[slot] = sy;
+    }
+}
+
+/// The grouped blocks of [`score_pair`] for `D`-long `x` and `y`, whose
+/// tiles are `T = 2·D·SLOT_BLOCK` floats (both halves).
+#[inline(always)]
+fn score_pair_groups<const D: usize, const T: usize>(
+    plan: &ScorePlan,
+    (x, y): (&[f32], &[f32]),
+    rows_t: Tiled<'_>,
+    (a, b): (&mut [f32], &mut [f32]),
+) {
+    const { assert!(T == 2 * D * SLOT_BLOCK) };
+    let (x, y): (&[f32; D], &[f32; D]) = (x.try_into().unwrap(), y.try_into().unwrap());
     for (starts, slots, count) in &plan.groups {
         let mut acc_x = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
         let mut acc_y = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
-        let tiles_x: [&[f32]; BLOCK_GROUP] = std::array::from_fn(|g| xt.tile(starts[g], d));
-        let tiles_y: [&[f32]; BLOCK_GROUP] = std::array::from_fn(|g| yt.tile(starts[g], d));
-        for (e, (&xe, &ye)) in x.iter().zip(y).enumerate() {
-            let lanes = e * SLOT_BLOCK..(e + 1) * SLOT_BLOCK;
+        let tiles: [&[f32; T]; BLOCK_GROUP] =
+            std::array::from_fn(|g| rows_t.tile(starts[g], 2 * D).try_into().unwrap());
+        for e in 0..D {
             for g in 0..BLOCK_GROUP {
-                let kx: &[f32; SLOT_BLOCK] = tiles_x[g][lanes.clone()].try_into().unwrap();
-                let ky: &[f32; SLOT_BLOCK] = tiles_y[g][lanes.clone()].try_into().unwrap();
                 for u in 0..SLOT_BLOCK {
-                    acc_x[g][u] = xe.mul_add(kx[u], acc_x[g][u]);
-                    acc_y[g][u] = ye.mul_add(ky[u], acc_y[g][u]);
+                    acc_x[g][u] = x[e].mul_add(tiles[g][e * SLOT_BLOCK + u], acc_x[g][u]);
+                    acc_y[g][u] = y[e].mul_add(tiles[g][(D + e) * SLOT_BLOCK + u], acc_y[g][u]);
                 }
             }
         }
@@ -182,15 +209,38 @@ pub fn score_pair(
             b[slots[g]..slots[g] + SLOT_BLOCK].copy_from_slice(&acc_y[g]);
         }
     }
-    for &slot in &plan.singles {
-        let j = nbrs[slot] as usize;
-        let (mut sx, mut sy) = (0.0f32, 0.0f32);
-        for (e, (&xe, &ye)) in x.iter().zip(y).enumerate() {
-            sx = xe.mul_add(xt.at(j, e), sx);
-            sy = ye.mul_add(yt.at(j, e), sy);
+}
+
+/// [`score_pair_groups`] for any length (the same chains, so the same bits).
+#[inline(always)]
+fn score_pair_groups_any(
+    plan: &ScorePlan,
+    (x, y): (&[f32], &[f32]),
+    rows_t: Tiled<'_>,
+    (a, b): (&mut [f32], &mut [f32]),
+) {
+    let d = x.len();
+    for (starts, slots, count) in &plan.groups {
+        let mut acc_x = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
+        let mut acc_y = [[0.0f32; SLOT_BLOCK]; BLOCK_GROUP];
+        let tiles: [&[f32]; BLOCK_GROUP] = std::array::from_fn(|g| rows_t.tile(starts[g], 2 * d));
+        for e in 0..d {
+            for g in 0..BLOCK_GROUP {
+                let kx: &[f32; SLOT_BLOCK] =
+                    tiles[g][e * SLOT_BLOCK..][..SLOT_BLOCK].try_into().unwrap();
+                let ky: &[f32; SLOT_BLOCK] = tiles[g][(d + e) * SLOT_BLOCK..][..SLOT_BLOCK]
+                    .try_into()
+                    .unwrap();
+                for u in 0..SLOT_BLOCK {
+                    acc_x[g][u] = x[e].mul_add(kx[u], acc_x[g][u]);
+                    acc_y[g][u] = y[e].mul_add(ky[u], acc_y[g][u]);
+                }
+            }
         }
-        a[slot] = sx;
-        b[slot] = sy;
+        for g in 0..*count {
+            a[slots[g]..slots[g] + SLOT_BLOCK].copy_from_slice(&acc_x[g]);
+            b[slots[g]..slots[g] + SLOT_BLOCK].copy_from_slice(&acc_y[g]);
+        }
     }
 }
 
@@ -581,63 +631,68 @@ mod tests {
     /// than one group), blocks of contiguous tokens across two tiles, short
     /// and scattered slots. Every score has the bits of the plain chain
     /// `Σ_e x_e·k_e` in order, whichever way the plan scored it; and the
-    /// pair and the four-vector sweeps give each output its own bits.
+    /// pair and the four-vector sweeps give each output its own bits, for
+    /// every head dim the pair's loop is compiled for and one other.
     #[test]
     fn scores_are_the_plain_chains_however_planned() {
-        let (n, d) = (96, 33);
-        let rows = values(n * 2 * d, 5);
-        let table = transpose_columns(&rows, 1, n, 2 * d, &[0], 2 * d);
-        let keys = Tiled::new(&table, 2 * d);
-        let values_t = keys.from_dim(d);
-        let lists: [Vec<u32>; 3] = [
-            // Seven whole tiles (two groups), then a block across tiles 1 and 2.
-            [40, 0, 8, 88, 16, 24, 56, 12]
-                .iter()
-                .flat_map(|&s| s..s + 8)
-                .collect(),
-            // A tile, three scattered slots, a tile: the second is no block.
-            (48..56).chain([3, 70, 9]).chain(64..72).collect(),
-            vec![95, 0, 17],
-        ];
-        let chain = |x: &[f32], k: &[f32], j: u32| {
-            (0..d).fold(0.0f32, |a, e| x[e].mul_add(k[j as usize * 2 * d + e], a))
-        };
-        let vs: Vec<Vec<f32>> = (0..4).map(|s| values(d, 10 + s)).collect();
-        let mut plan = ScorePlan::default();
-        // (groups, single slots) each list makes.
-        for (nbrs, planned) in lists.iter().zip([(2, 8), (1, 11), (0, 3)]) {
-            plan.build(nbrs);
-            assert_eq!((plan.groups.len(), plan.singles.len()), planned, "{nbrs:?}");
-            let m = nbrs.len();
-            let key_chain =
-                |x: &[f32]| nbrs.iter().map(|&j| chain(x, &rows, j)).collect::<Vec<_>>();
-            let value_chain = |y: &[f32]| {
-                nbrs.iter()
-                    .map(|&j| chain(y, &rows[d..], j))
-                    .collect::<Vec<_>>()
+        // The lengths score_pair compiles as constants, and one it does not.
+        for d in [16, 24, 32, 33] {
+            let n = 96;
+            let rows = values(n * 2 * d, 5);
+            let table = transpose_columns(&rows, 1, n, 2 * d, &[0], 2 * d);
+            let keys = Tiled::new(&table, 2 * d);
+            let lists: [Vec<u32>; 3] = [
+                // Seven whole tiles (two groups), then a block across tiles 1 and 2.
+                [40, 0, 8, 88, 16, 24, 56, 12]
+                    .iter()
+                    .flat_map(|&s| s..s + 8)
+                    .collect(),
+                // A tile, three scattered slots, a tile: the second is no block.
+                (48..56).chain([3, 70, 9]).chain(64..72).collect(),
+                vec![95, 0, 17],
+            ];
+            let chain = |x: &[f32], k: &[f32], j: u32| {
+                (0..d).fold(0.0f32, |a, e| x[e].mul_add(k[j as usize * 2 * d + e], a))
             };
-            let mut logits = vec![f32::NAN; m];
-            score(&plan, &vs[0], keys, nbrs, &mut logits);
-            assert_eq!(bits(&logits), bits(&key_chain(&vs[0])), "score, {nbrs:?}");
-            let (mut a, mut b) = (vec![f32::NAN; m], vec![f32::NAN; m]);
-            score_pair(
-                &plan,
-                (&vs[0], keys),
-                (&vs[1], values_t),
-                nbrs,
-                (&mut a, &mut b),
-            );
-            assert_eq!(bits(&a), bits(&key_chain(&vs[0])), "score_pair keys");
-            assert_eq!(bits(&b), bits(&value_chain(&vs[1])), "score_pair values");
-            let mut four = vec![f32::NAN; 4 * m];
-            let xs: [&[f32]; 4] = std::array::from_fn(|o| &vs[o][..]);
-            score4(&plan, xs, keys, nbrs, &mut four);
-            for (o, x) in xs.iter().enumerate() {
+            let vs: Vec<Vec<f32>> = (0..4).map(|s| values(d, 10 + s)).collect();
+            let mut plan = ScorePlan::default();
+            // (groups, single slots) each list makes.
+            for (nbrs, planned) in lists.iter().zip([(2, 8), (1, 11), (0, 3)]) {
+                plan.build(nbrs);
+                assert_eq!((plan.groups.len(), plan.singles.len()), planned, "{nbrs:?}");
+                let m = nbrs.len();
+                let key_chain =
+                    |x: &[f32]| nbrs.iter().map(|&j| chain(x, &rows, j)).collect::<Vec<_>>();
+                let value_chain = |y: &[f32]| {
+                    nbrs.iter()
+                        .map(|&j| chain(y, &rows[d..], j))
+                        .collect::<Vec<_>>()
+                };
+                let mut logits = vec![f32::NAN; m];
+                score(&plan, &vs[0], keys, nbrs, &mut logits);
+                assert_eq!(bits(&logits), bits(&key_chain(&vs[0])), "score, {nbrs:?}");
+                let (mut a, mut b) = (vec![f32::NAN; m], vec![f32::NAN; m]);
+                score_pair(&plan, (&vs[0], &vs[1]), keys, nbrs, (&mut a, &mut b));
                 assert_eq!(
-                    bits(&four[o * m..(o + 1) * m]),
-                    bits(&key_chain(x)),
-                    "score4 {o}"
+                    bits(&a),
+                    bits(&key_chain(&vs[0])),
+                    "score_pair keys, d = {d}"
                 );
+                assert_eq!(
+                    bits(&b),
+                    bits(&value_chain(&vs[1])),
+                    "score_pair values, d = {d}"
+                );
+                let mut four = vec![f32::NAN; 4 * m];
+                let xs: [&[f32]; 4] = std::array::from_fn(|o| &vs[o][..]);
+                score4(&plan, xs, keys, nbrs, &mut four);
+                for (o, x) in xs.iter().enumerate() {
+                    assert_eq!(
+                        bits(&four[o * m..(o + 1) * m]),
+                        bits(&key_chain(x)),
+                        "score4 {o}"
+                    );
+                }
             }
         }
     }

@@ -356,13 +356,7 @@ fn query_backward(
         let (p, da) = (&mut scratch.p[..], &mut scratch.da[..]);
         // Logits into `p`, dO·v into `da` (one sweep), then p and da in
         // place (in separate loops, so that each vectorises).
-        score_pair(
-            &scratch.plan,
-            (qs, keys),
-            (go, keys.from_dim(d)),
-            nbrs,
-            (&mut *p, &mut *da),
-        );
+        score_pair(&scratch.plan, (qs, go), keys, nbrs, (&mut *p, &mut *da));
         let bias = &inp.bias_table[t * table_rows..(t + 1) * table_rows];
         for (a, &r) in p.iter_mut().zip(rows) {
             // SAFETY: `check_inputs` checked every bias row against the
