@@ -7,7 +7,8 @@
 //!   whose every dimension is [`SLOT_BLOCK`] adjacent floats and whose
 //!   dimensions follow each other; [`BLOCK_GROUP`] blocks accumulate
 //!   together in registers ([`ScorePlan`] finds them).
-//!   [`score_pair`] does two such products in one sweep, [`score4`] four
+//!   [`score_pair`] does two such products in one sweep, against the two
+//!   halves of each row (keys and values tiled together), [`score4`] four
 //!   vectors against the same rows.
 //! - [`gather_weighted_sum`]: `Σ_k p_k · row_k` over gathered rows;
 //!   [`gather_weighted_sums`] for several outputs sharing the rows.
