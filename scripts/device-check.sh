@@ -28,6 +28,7 @@
 # Copy the report's numbers into docs/gpu.md with the card and the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/cuda-link-libs.sh
 
 # Reads cargo's JSON messages on stdin: prints "KIND NAME PATH" for each
 # test or bench executable built, and each compiler error, rendered, on
@@ -156,7 +157,7 @@ run() {
   # the loader needs their folders (the driver, libcuda.so.1, is the
   # system's).
   local candle_libs="" missing="" lib path
-  for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+  for lib in "${CUDA_LINK_LIBS[@]}"; do
     path="$(cuda_lib "$lib")"
     if [ -z "$path" ]; then
       missing="$missing $lib"

@@ -15,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/venv.sh
+. scripts/lib/cuda-link-libs.sh
 venv=.venv-nvcc
 root="$(dirname "$(scripts/install-nvcc.sh)")" # .../nvidia/cu13
 lib="$root/lib"
@@ -26,7 +27,7 @@ if ! ls "$lib"/libcublasLt.so.13 "$lib"/libcurand.so.10 "$lib"/libnvrtc.so.13 >/
   venv_install "$venv" "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35" \
     "nvidia-cuda-nvrtc==13.0.88"
 fi
-for versioned in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+for versioned in "${CUDA_LINK_LIBS[@]}"; do
   [ -f "$lib/$versioned" ] || { echo "install-cuda-link-libs: $lib/$versioned missing after install" >&2; exit 1; }
   ln -sfn "$versioned" "$lib/${versioned%.so.*}.so"
 done
