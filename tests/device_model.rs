@@ -355,7 +355,8 @@ fn graph_replays_give_the_plain_launches_logits_bit_for_bit() {
 /// kernels; graphs on) gives each batch the logits a plain forward gives
 /// it, bit for bit, in order, as the batches change size (each slot's
 /// buffers are remade); once each size has been seen, a batch costs one
-/// upload and two read-backs (logits and the selection flag); `None` in
+/// upload and two read-backs (logits and the selection flag), and the host
+/// waits for each copy before it touches its buffer; `None` in
 /// `forward_stream` hands over the batches in flight; an error stops the
 /// stream after the batches before it were handed over.
 #[test]
@@ -411,6 +412,18 @@ fn overlapped_batches_give_each_batch_its_own_logits_in_order() {
             (n, 2 * n),
             "on {device:?}: {counts:?}"
         );
+        // The host waits for both read-backs of every batch before reading
+        // them (every slot above is new, so no input copy is pending)...
+        assert_eq!(counts.host_waits, 2 * n, "on {device:?}: {counts:?}");
+        // ...and, when a slot is reused, for the upload of the batch two
+        // before before it overwrites that batch's images.
+        let before = device.counts();
+        let same = [&batches[0], &batches[1], &batches[4]];
+        overlapped
+            .forward_batches(same.map(Ok), |_| Ok(()))
+            .unwrap();
+        let waits = (device.counts() - before).host_waits;
+        assert_eq!(waits, 3 * 2 + 1, "on {device:?}");
 
         // An item `None` hands over every batch in flight before the next
         // is taken (for a source about to wait); the slots are kept.

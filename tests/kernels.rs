@@ -5,7 +5,7 @@
 
 mod common;
 
-use autofocus::gpu::{Device, Element};
+use autofocus::gpu::{Device, Element, Gemm};
 use autofocus::io::F32Buffer;
 use autofocus::ops::LayerNorm;
 use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
@@ -96,6 +96,7 @@ fn tolerance<T: Element>() -> f32 {
 
 fn check_linear<T: Element>(device: &Device) {
     let mut rng = Rng::new(1);
+    let before = device.counts();
     for (rows, k, n, bias, gelu) in [
         (70, 37, 45, true, false),
         (3, 64, 130, false, true),
@@ -139,6 +140,14 @@ fn check_linear<T: Element>(device: &Device) {
             &want,
             tolerance::<T>(),
         );
+    }
+    // Where the device's dense layers use cuBLASLt (a GPU, unless
+    // AUTOFOCUS_GEMM=simt), the products above ran in it, not on the SIMT
+    // kernel in its place: the 70×37→45 one at least has an algorithm.
+    let library_gemms = (device.counts() - before).library_gemms;
+    match device.gemm().unwrap() {
+        Gemm::CublasLt(_) => assert!(library_gemms > 0, "{} on {device:?}", T::SUFFIX),
+        Gemm::Simt => assert_eq!(library_gemms, 0, "{} on {device:?}", T::SUFFIX),
     }
 }
 

@@ -20,6 +20,7 @@ pub(crate) struct Counters {
     downloads: AtomicU64,
     device_copies: AtomicU64,
     graph_launches: AtomicU64,
+    host_waits: AtomicU64,
 }
 
 /// A device's running totals at one moment; subtract two for what happened
@@ -43,6 +44,9 @@ pub struct DeviceCounts {
     /// CUDA graphs replayed (each stands for the launches it recorded,
     /// which are not counted again).
     pub graph_launches: u64,
+    /// Waits of the host for an asynchronous copy from or into a
+    /// page-locked buffer before it touches the buffer.
+    pub host_waits: u64,
 }
 
 /// One of the counted events.
@@ -56,6 +60,7 @@ pub(crate) enum Event {
     Download,
     DeviceCopy,
     GraphLaunch,
+    HostWait,
 }
 
 impl Counters {
@@ -69,6 +74,7 @@ impl Counters {
             Event::Download => &self.downloads,
             Event::DeviceCopy => &self.device_copies,
             Event::GraphLaunch => &self.graph_launches,
+            Event::HostWait => &self.host_waits,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -84,6 +90,7 @@ impl Counters {
             downloads: get(&self.downloads),
             device_copies: get(&self.device_copies),
             graph_launches: get(&self.graph_launches),
+            host_waits: get(&self.host_waits),
         }
     }
 }
@@ -102,6 +109,7 @@ impl std::ops::Sub for DeviceCounts {
             downloads: self.downloads - earlier.downloads,
             device_copies: self.device_copies - earlier.device_copies,
             graph_launches: self.graph_launches - earlier.graph_launches,
+            host_waits: self.host_waits - earlier.host_waits,
         }
     }
 }
@@ -119,6 +127,7 @@ impl DeviceCounts {
             downloads: self.downloads / n,
             device_copies: self.device_copies / n,
             graph_launches: self.graph_launches / n,
+            host_waits: self.host_waits / n,
         }
     }
 }

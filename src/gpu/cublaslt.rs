@@ -211,6 +211,14 @@ impl CublasLt {
         self.library
     }
 
+    /// Makes the stream's context this thread's, as cuBLASLt's calls expect.
+    fn bind(&self) -> Result<()> {
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::device("cublaslt", e))
+    }
+
     /// `y = x·Wᵀ` with `x` rows × k and `w` n × k (row-major, element type
     /// `suffix`), into `y`, f32 rows × n. `Ok(false)`, with nothing
     /// launched, where cuBLASLt has no algorithm for this shape and these
@@ -241,7 +249,8 @@ impl CublasLt {
         let plan = match plans.entry(key) {
             Entry::Occupied(plan) => plan.into_mut(),
             Entry::Vacant(slot) => {
-                let plan = Plan::new(self.handle, slot.key(), self.workspace.len()).ok();
+                self.bind()?;
+                let plan = Plan::new(self.handle, slot.key(), self.workspace.len())?;
                 slot.insert(plan)
             }
         };
@@ -250,10 +259,7 @@ impl CublasLt {
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let failed = |e: lt::CublasError| Error::device("cublaslt matmul", e);
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| Error::device("cublaslt matmul", e))?;
+        self.bind()?;
         // Column-major view of the row-major operands: yᵀ (n × rows) =
         // (W as k × n)ᵀ · (x as k × rows); C is y with β = 0.
         // SAFETY: the plan describes exactly these shapes; the caller
@@ -285,10 +291,12 @@ impl CublasLt {
 
 impl Drop for CublasLt {
     fn drop(&mut self) {
-        // Plans first (they hold descriptors of this handle), then the handle.
+        // Plans first (they hold descriptors of this handle), then the handle,
+        // whose destruction waits for the device: in the stream's context.
         if let Ok(mut plans) = self.plans.lock() {
             plans.clear();
         }
+        let _ = self.bind();
         // SAFETY: created in `new`, destroyed once; nothing uses it after.
         let _ = unsafe { lt::destroy_handle(self.handle) };
     }
@@ -351,8 +359,20 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(handle: sys::cublasLtHandle_t, key: &PlanKey, workspace: usize) -> Result<Self> {
-        let failed = |e: lt::CublasError| Error::device("cublaslt plan", e);
+    /// The plan of `key`'s product, or `None` where the heuristic finds no
+    /// algorithm for it (the SIMT kernel runs it). Any other failure is an
+    /// error, not a quiet fallback: a forced `AUTOFOCUS_GEMM=cublaslt` (or
+    /// the device check) must not pass on the SIMT kernel's results.
+    fn new(handle: sys::cublasLtHandle_t, key: &PlanKey, workspace: usize) -> Result<Option<Self>> {
+        let failed = |e: lt::CublasError| {
+            Error::device(
+                "cublaslt plan",
+                format!(
+                    "{e} ({}=simt runs the dense layers without it)",
+                    GemmChoice::ENV
+                ),
+            )
+        };
         let too_big = |what: &str| Error::device("cublaslt plan", format!("{what} too large"));
         let operands = data_type(&key.suffix)?;
         let (rows, k, n) = (key.rows as u64, key.k as u64, key.n as u64);
@@ -415,15 +435,22 @@ impl Plan {
         }
         // SAFETY: every descriptor is live and describes this product.
         let heuristic =
-            unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, w.0, x.0, y.0, y.0, pref.0) }
-                .map_err(failed)?;
-        Ok(Self {
+            unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, w.0, x.0, y.0, y.0, pref.0) };
+        let heuristic = match heuristic {
+            Ok(heuristic) => heuristic,
+            // cudarc's answer when the heuristic returns no algorithm.
+            Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(failed(e)),
+        };
+        Ok(Some(Self {
             desc,
             w,
             x,
             y,
             algo: heuristic.algo,
-        })
+        }))
     }
 }
 

@@ -95,6 +95,34 @@ pub fn device_count() -> Result<usize> {
     Ok(usize::try_from(count).unwrap_or(0))
 }
 
+/// Makes the device's default memory pool keep what is freed for later
+/// allocations instead of handing it back to the driver at every
+/// synchronisation (its release threshold is 0 by default): a forward
+/// run as launches frees and allocates dozens of buffers, and a stream of
+/// batches synchronises once per batch. Only for contexts this crate
+/// opens (candle's pool is candle's). Best effort: a GPU without memory
+/// pools allocates as before.
+fn keep_freed_memory(context: &CudaContext) {
+    use cudarc::driver::sys;
+    if !context.has_async_alloc() {
+        return;
+    }
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: valid out-pointer and device; the attribute's value is a u64.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            == sys::CUresult::CUDA_SUCCESS
+        {
+            let _ = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&raw mut threshold).cast(),
+            );
+        }
+    }
+}
+
 impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         check_available()?;
@@ -108,6 +136,7 @@ impl CudaBackend {
         // SAFETY: every slice of this handle is allocated, used and freed on
         // this one stream.
         unsafe { context.disable_event_tracking() };
+        keep_freed_memory(&context);
         let stream = context.new_stream().map_err(|e| {
             Error::Unsupported(format!(
                 "--device cuda: cannot create a stream on GPU {ordinal}: {e}"
@@ -208,18 +237,53 @@ impl CudaBackend {
 
     /// Runs `record` with the stream capturing, and returns what it
     /// launched as a graph (nothing runs until the graph is launched). The
-    /// capture ends whatever `record` returns, so the stream is usable
-    /// after an error.
+    /// capture ends whatever `record` does (an error, a panic, a call the
+    /// capture refused), so the stream is usable after it.
     pub fn capture(&self, record: impl FnOnce() -> Result<()>) -> Result<super::Graph> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        use cudarc::driver::sys::{
+            CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
+        };
+        // Without stream-ordered allocation, cudarc allocates and frees
+        // with calls that synchronise, which a capture cannot hold.
+        if !self.context.has_async_alloc() {
+            return Err(Error::device(
+                "graph capture",
+                "this GPU or driver has no stream-ordered allocation",
+            ));
+        }
         // Relaxed: this thread may still make calls that are not stream
         // work (a context bind, a cuBLASLt descriptor) while capturing.
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .map_err(|e| Error::device("graph capture", e))?;
-        let recorded = record();
+        let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(record));
+        // Errors of calls inside the capture that cudarc kept for later
+        // (a free in an invalidated capture): they belong to this capture,
+        // and left there, they would make cudarc's end_capture return
+        // before it ends the capture.
+        let deferred = self.context.check_err();
         let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        let still_capturing = !matches!(
+            self.stream.capture_status(),
+            Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        );
+        if still_capturing {
+            // SAFETY: the stream is this backend's own and is capturing;
+            // the graph it returns is destroyed at once.
+            if let Ok(graph) =
+                unsafe { cudarc::driver::result::stream::end_capture(self.stream.cu_stream()) }
+                && !graph.is_null()
+            {
+                // SAFETY: a graph from the capture just ended, used by nothing.
+                let _ = unsafe { cudarc::driver::result::graph::destroy(graph) };
+            }
+        }
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         recorded?;
+        deferred.map_err(|e| Error::device("graph capture", e))?;
         match ended.map_err(|e| Error::device("graph capture", e))? {
             Some(graph) => Ok(super::Graph(graph)),
             None => Err(Error::device("graph capture", "nothing was captured")),
@@ -276,6 +340,8 @@ impl CudaBackend {
     }
 
     pub fn download(&self, slice: &DeviceSlice) -> Result<Vec<u8>> {
+        // Into pageable memory: the driver returns once the copy is done
+        // (CUDA's "API synchronization behavior"), which cudarc relies on.
         self.stream
             .clone_dtoh(&slice.slice)
             .map_err(|e| Error::device("download", e))
@@ -321,8 +387,9 @@ impl CudaBackend {
     }
 
     /// Copies `src` into `dst` on the transfer stream, and returns an event
-    /// that marks the copy's end. (cudarc orders the copy after earlier
-    /// copies of `src`, and a later host access to `src` after it.)
+    /// that marks the copy's end. (With event tracking off, cudarc's own
+    /// event in `src` is never recorded: the caller waits for this one
+    /// before the host touches `src` again.)
     pub fn upload_async(
         &self,
         src: &PinnedHostSlice<u8>,
@@ -339,13 +406,14 @@ impl CudaBackend {
     }
 
     /// Copies `src` into `dst` on the transfer stream once the work
-    /// `after` marks has finished.
+    /// `after` marks has finished, and returns an event that marks the
+    /// copy's end (for the host to wait for before it reads `dst`).
     pub fn download_async(
         &self,
         src: &DeviceSlice,
         dst: &mut PinnedHostSlice<u8>,
         after: &CudaEvent,
-    ) -> Result<()> {
+    ) -> Result<CudaEvent> {
         same_bytes("download", src.bytes(), dst.len())?;
         let transfers = self.transfers()?;
         transfers
@@ -353,6 +421,9 @@ impl CudaBackend {
             .map_err(|e| Error::device("download", e))?;
         transfers
             .memcpy_dtoh(&src.slice, dst)
+            .map_err(|e| Error::device("download", e))?;
+        transfers
+            .record_event(None)
             .map_err(|e| Error::device("download", e))
     }
 

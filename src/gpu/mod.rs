@@ -24,6 +24,7 @@ pub mod transfer;
 use std::any::Any;
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytemuck::Pod;
@@ -214,6 +215,30 @@ pub struct Device {
     counters: Arc<Counters>,
     /// Host-computed tables uploaded once ([`Device::constant`]).
     constants: Arc<Mutex<Constants>>,
+    /// Set while [`Device::capture`] records: a copy between the host's
+    /// own memory and the device is refused then (see [`Recording`]).
+    capturing: Arc<AtomicBool>,
+}
+
+/// The time [`Device::capture`] records, on a device and its clones. A
+/// graph replays the addresses it recorded, so a copy from or to the
+/// host's memory inside it would read a vector freed long before the
+/// replay, or wait for the device while nothing runs. Such a copy is an
+/// error while recording, which ends the capture with a clear reason
+/// (a table evicted from a cache since the warm-up forward, re-uploaded).
+struct Recording<'a>(&'a AtomicBool);
+
+impl<'a> Recording<'a> {
+    fn start(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::SeqCst);
+        Self(flag)
+    }
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// [`Device::constant`]'s buffers by key (and element type).
@@ -243,6 +268,7 @@ impl Device {
             backend: Backend::Emulator,
             counters: Arc::default(),
             constants: Arc::default(),
+            capturing: Arc::default(),
         }
     }
 
@@ -256,6 +282,7 @@ impl Device {
             backend: Backend::Cuda(Arc::new(cuda::CudaBackend::new(ordinal)?)),
             counters: Arc::default(),
             constants: Arc::default(),
+            capturing: Arc::default(),
         })
     }
 
@@ -270,6 +297,7 @@ impl Device {
             backend: Backend::Cuda(Arc::new(cuda::CudaBackend::on_stream(stream)?)),
             counters: Arc::default(),
             constants: Arc::default(),
+            capturing: Arc::default(),
         })
     }
 
@@ -327,6 +355,7 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when the device cannot allocate or copy.
     pub fn upload<T: Pod>(&self, data: &[T]) -> Result<Buffer<T>> {
+        self.refuse_while_capturing("upload")?;
         self.counters.count(Event::Upload);
         let storage = match &self.backend {
             Backend::Emulator => Storage::Host(data.to_vec()),
@@ -380,8 +409,25 @@ impl Device {
             Backend::Emulator => Err(Error::Unsupported(
                 "CUDA graphs need a GPU; the emulator runs every launch".into(),
             )),
-            Backend::Cuda(cuda) => cuda.capture(record),
+            Backend::Cuda(cuda) => {
+                let _recording = Recording::start(&self.capturing);
+                cuda.capture(record)
+            }
         }
+    }
+
+    /// [`Error::Device`] while this device records a graph: `op` copies
+    /// between the host's memory and the device, which a graph cannot
+    /// replay.
+    fn refuse_while_capturing(&self, op: &str) -> Result<()> {
+        if self.capturing.load(Ordering::SeqCst) {
+            return Err(Error::device(
+                op,
+                "a copy from or to host memory while a CUDA graph records (a table the \
+                 warm-up forward cached was evicted since)",
+            ));
+        }
+        Ok(())
     }
 
     /// Replays `graph` (from [`Device::capture`] on this device).
@@ -403,6 +449,7 @@ impl Device {
     /// for a buffer that is not this device's own; device errors.
     pub fn upload_into<T: Pod>(&self, buffer: &mut Buffer<T>, data: &[T]) -> Result<()> {
         crate::error::check_len("upload_into", "data", &[buffer.len], data.len())?;
+        self.refuse_while_capturing("upload_into")?;
         self.counters.count(Event::Upload);
         match (&self.backend, &mut buffer.storage) {
             (Backend::Emulator, Storage::Host(host)) => {
@@ -519,6 +566,7 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when the copy (or an earlier launch) failed.
     pub fn download<T: Pod>(&self, buffer: &Buffer<T>) -> Result<Vec<T>> {
+        self.refuse_while_capturing("download")?;
         self.counters.count(Event::Download);
         match (&self.backend, &buffer.storage) {
             (Backend::Emulator, Storage::Host(data)) => Ok(data.clone()),
@@ -724,4 +772,29 @@ pub fn dim(op: &str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         Error::InvalidArgument(format!("{op}: {what} = {v} exceeds the kernels' i32 range"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While a graph records, the copies a graph cannot replay are refused
+    /// with a reason, on the device and its clones; after it, they run.
+    #[test]
+    fn host_copies_are_refused_while_recording() {
+        let device = Device::emulator();
+        let clone = device.clone();
+        let mut buffer = device.upload(&[1.0f32, 2.0]).unwrap();
+        {
+            let _recording = Recording::start(&device.capturing);
+            let err = clone.upload(&[3.0f32]).unwrap_err().to_string();
+            assert!(err.contains("CUDA graph records"), "{err}");
+            assert!(clone.upload_into(&mut buffer, &[3.0, 4.0]).is_err());
+            assert!(device.download(&buffer).is_err());
+            // Work on the device itself is what a graph records.
+            assert!(device.alloc::<f32>(2).is_ok());
+        }
+        device.upload_into(&mut buffer, &[3.0, 4.0]).unwrap();
+        assert_eq!(clone.download(&buffer).unwrap(), [3.0, 4.0]);
+    }
 }

@@ -53,6 +53,9 @@ pub struct Nvrtc {
     api: Api,
     /// Keeps the function pointers in `api` valid.
     _library: Library,
+    /// NVRTC's builtins library from beside an NVRTC opened by path
+    /// ([`preload_builtins`]), kept loaded for its compiles.
+    _builtins: Option<Library>,
     /// The name or path it was opened by.
     library_name: String,
     version: (u32, u32),
@@ -118,6 +121,29 @@ fn candidates(explicit: Option<String>, max_major: Option<u32>) -> Vec<String> {
         .to_string(),
     );
     names
+}
+
+/// NVRTC opens `libnvrtc-builtins.so.MAJOR.MINOR` by name when it
+/// compiles, through the loader's search path, which does not hold the
+/// folder of an NVRTC opened by path (`AUTOFOCUS_NVRTC`) unless that
+/// library carries a `$ORIGIN` run path: CUDA 12's wheel does, CUDA 13's
+/// does not ("failed to open libnvrtc-builtins"). Loading the one beside
+/// it first makes that lookup find it (a loaded library answers to its
+/// name). `None` where `name` is not a path or there is none beside it.
+fn preload_builtins(name: &str, (major, minor): (u32, u32)) -> Option<Library> {
+    if cfg!(windows) {
+        return None;
+    }
+    let folder = std::path::Path::new(name).parent()?;
+    if folder.as_os_str().is_empty() {
+        return None;
+    }
+    let builtins = folder.join(format!("libnvrtc-builtins.so.{major}.{minor}"));
+    // SAFETY: as for NVRTC itself: no initialisation with preconditions.
+    builtins
+        .is_file()
+        .then(|| unsafe { Library::new(&builtins) }.ok())
+        .flatten()
 }
 
 impl Nvrtc {
@@ -195,6 +221,7 @@ impl Nvrtc {
         Ok(Self {
             api,
             _library: library,
+            _builtins: preload_builtins(name, (major as u32, minor as u32)),
             library_name: name.to_string(),
             version: (major as u32, minor as u32),
         })

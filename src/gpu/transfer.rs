@@ -5,11 +5,16 @@
 //! On a GPU, [`Device::upload_async`] and [`Device::download_async`] run on
 //! the transfer stream, the kernels on the device's own; a [`Marker`] from
 //! one stream is waited for by the other ([`Device::wait_for`], or the
-//! `after` of a download). The host side of a [`HostBuffer`] waits for its
-//! pending copies before it is read or written ([`Device::host_mut`],
-//! [`Device::host_ref`]). On the emulator every call completes at once, in
-//! program order, with the same buffers and copies: what a pipeline copies
-//! where is tested there; only the overlap itself needs a GPU.
+//! `after` of a download). A [`HostBuffer`] remembers the marker of its
+//! last copy, and its host side waits for it before it is read or written
+//! ([`Device::host_mut`], [`Device::host_ref`]): cudarc's own waits on
+//! page-locked memory rely on its event tracking, which the kernels'
+//! context turns off. On the emulator every call completes at once, in
+//! program order, with the same buffers, copies and waits (counted as
+//! `host_waits`): what a pipeline copies where, and when its host waits, is
+//! tested there; only the overlap itself needs a GPU.
+
+use std::sync::Arc;
 
 use bytemuck::Pod;
 
@@ -30,6 +35,9 @@ pub enum HostUse {
 pub struct HostBuffer<T: Pod> {
     storage: HostStorage<T>,
     len: usize,
+    /// The end of the last copy from or to the buffer that the host has
+    /// not yet waited for.
+    pending: Option<Marker>,
 }
 
 enum HostStorage<T> {
@@ -60,13 +68,16 @@ impl<T: Pod> std::fmt::Debug for HostBuffer<T> {
     }
 }
 
-/// A point in one stream's work that another waits for.
+/// A point in one stream's work that another (or the host) waits for.
+#[derive(Clone)]
 pub struct Marker(MarkerKind);
 
+#[derive(Clone)]
 enum MarkerKind {
     /// The emulator's work is done when its call returns.
     Done,
-    Cuda(cudarc::driver::CudaEvent),
+    /// Shared by the stream that waits for it and the buffer it guards.
+    Cuda(Arc<cudarc::driver::CudaEvent>),
 }
 
 /// Bytes of a device buffer of `len` elements of `T` (as `Device::alloc`
@@ -87,7 +98,11 @@ impl Device {
                 HostStorage::Pinned(cuda.pinned(device_bytes::<T>(len), usage == HostUse::Upload)?)
             }
         };
-        Ok(HostBuffer { storage, len })
+        Ok(HostBuffer {
+            storage,
+            len,
+            pending: None,
+        })
     }
 
     /// The host side of `buffer`, once its pending copies have finished.
@@ -95,6 +110,14 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when a copy failed.
     pub fn host_mut<'a, T: Pod>(&self, buffer: &'a mut HostBuffer<T>) -> Result<&'a mut [T]> {
+        if let Some(copy) = buffer.pending.take() {
+            self.counters.count(Event::HostWait);
+            if let MarkerKind::Cuda(event) = &copy.0 {
+                event
+                    .synchronize()
+                    .map_err(|e| Error::device("host buffer", e))?;
+            }
+        }
         let len = buffer.len;
         match &mut buffer.storage {
             HostStorage::Host(data) => Ok(data),
@@ -116,24 +139,31 @@ impl Device {
     }
 
     /// Copies `src` into `dst` (as long) on the transfer stream, without
-    /// waiting; returns the marker of its end, for the kernels to wait for.
+    /// waiting; returns the marker of its end, for the kernels to wait for
+    /// (the host side of `src` waits for it too).
     ///
     /// # Errors
     /// [`Error::Shape`] when the lengths differ; [`Error::InvalidArgument`]
     /// for buffers of another device; device errors.
-    pub fn upload_async<T: Pod>(&self, src: &HostBuffer<T>, dst: &mut Buffer<T>) -> Result<Marker> {
+    pub fn upload_async<T: Pod>(
+        &self,
+        src: &mut HostBuffer<T>,
+        dst: &mut Buffer<T>,
+    ) -> Result<Marker> {
         crate::error::check_len("upload_async", "src", &[dst.len], src.len)?;
         self.counters.count(Event::Upload);
-        match (&self.backend, &src.storage, &mut dst.storage) {
+        let copied = match (&self.backend, &src.storage, &mut dst.storage) {
             (Backend::Emulator, HostStorage::Host(host), Storage::Host(data)) => {
                 data.copy_from_slice(host);
-                Ok(Marker(MarkerKind::Done))
+                Marker(MarkerKind::Done)
             }
-            (Backend::Cuda(cuda), HostStorage::Pinned(pinned), Storage::Cuda(slice)) => cuda
-                .upload_async(pinned, slice)
-                .map(|e| Marker(MarkerKind::Cuda(e))),
-            _ => Err(self.not_mine("upload_async")),
-        }
+            (Backend::Cuda(cuda), HostStorage::Pinned(pinned), Storage::Cuda(slice)) => Marker(
+                MarkerKind::Cuda(Arc::new(cuda.upload_async(pinned, slice)?)),
+            ),
+            _ => return Err(self.not_mine("upload_async")),
+        };
+        src.pending = Some(copied.clone());
+        Ok(copied)
     }
 
     /// Copies `src` into `dst` (as long) on the transfer stream once the
@@ -150,19 +180,23 @@ impl Device {
     ) -> Result<()> {
         crate::error::check_len("download_async", "dst", &[src.len], dst.len)?;
         self.counters.count(Event::Download);
-        match (&self.backend, &src.storage, &mut dst.storage, &after.0) {
+        let copied = match (&self.backend, &src.storage, &mut dst.storage, &after.0) {
             (Backend::Emulator, Storage::Host(data), HostStorage::Host(host), _) => {
                 host.copy_from_slice(data);
-                Ok(())
+                Marker(MarkerKind::Done)
             }
             (
                 Backend::Cuda(cuda),
                 Storage::Cuda(slice),
                 HostStorage::Pinned(pinned),
                 MarkerKind::Cuda(event),
-            ) => cuda.download_async(slice, pinned, event),
-            _ => Err(self.not_mine("download_async")),
-        }
+            ) => Marker(MarkerKind::Cuda(Arc::new(
+                cuda.download_async(slice, pinned, event)?,
+            ))),
+            _ => return Err(self.not_mine("download_async")),
+        };
+        dst.pending = Some(copied);
+        Ok(())
     }
 
     /// A marker of the work queued for the kernels so far.
@@ -172,7 +206,7 @@ impl Device {
     pub fn mark(&self) -> Result<Marker> {
         match &self.backend {
             Backend::Emulator => Ok(Marker(MarkerKind::Done)),
-            Backend::Cuda(cuda) => cuda.mark().map(|e| Marker(MarkerKind::Cuda(e))),
+            Backend::Cuda(cuda) => cuda.mark().map(|e| Marker(MarkerKind::Cuda(Arc::new(e)))),
         }
     }
 
@@ -253,7 +287,7 @@ mod tests {
             .unwrap()
             .copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0]);
         let mut a = device.alloc::<f32>(5).unwrap();
-        let uploaded = device.upload_async(&up, &mut a).unwrap();
+        let uploaded = device.upload_async(&mut up, &mut a).unwrap();
         device.wait_for(&uploaded).unwrap();
         let mut b = device.alloc::<f32>(5).unwrap();
         device.copy_into(&mut b, &a).unwrap();
@@ -265,7 +299,7 @@ mod tests {
             [1.0, 2.0, 3.0, 4.0, 5.0]
         );
         let mut short = device.alloc::<f32>(4).unwrap();
-        assert!(device.upload_async(&up, &mut short).is_err());
+        assert!(device.upload_async(&mut up, &mut short).is_err());
         assert!(device.copy_into(&mut short, &a).is_err());
         assert!(device.download_async(&short, &mut down, &done).is_err());
     }

@@ -6,8 +6,10 @@
 //! fixed output buffers; every later forward at that shape uploads its
 //! images, replays the graph and reads its logits. A forward reads nothing
 //! back before its results (the selection check is a flag read with them),
-//! so nothing in it prevents the capture; if the capture or a replay fails
-//! all the same, that shape goes back to plain launches, said once. A
+//! so nothing in it prevents the capture (a table a cache dropped since the
+//! warm-up would be uploaded: refused while recording, and tried again
+//! after one more forward as launches); if the capture fails twice or a
+//! replay fails, that shape goes back to plain launches, said once. A
 //! stream of batches ([`super::pipeline`]) replays the same graphs with its
 //! images already on the device, copied in and out on the device.
 
@@ -34,8 +36,12 @@ pub(super) struct Graphs<T: Element> {
 }
 
 enum State<T: Element> {
-    /// One forward ran as launches: the next one records.
-    WarmedUp,
+    /// A forward ran as launches: the next one records (after one failed
+    /// capture, a second try, since what the warm-up cached may have been
+    /// evicted between the shape's forwards).
+    WarmedUp {
+        failed_captures: u8,
+    },
     Ready(Box<Recorded<T>>),
     /// Capture or replay failed: plain launches for this shape.
     Failed,
@@ -135,12 +141,14 @@ fn replay<T: Element, R>(
     // The shape's first forward runs as launches: the warm-up that loads
     // and caches what the graph will only read.
     let Some(state) = by_shape.get_mut(&shape) else {
-        by_shape.insert(shape, State::WarmedUp);
+        by_shape.insert(shape, State::WarmedUp { failed_captures: 0 });
         return Ok(None);
     };
-    if matches!(state, State::WarmedUp) {
+    if let State::WarmedUp { failed_captures } = *state {
         *state = match record(model, shape) {
             Ok(recorded) => State::Ready(Box::new(recorded)),
+            // This forward's launches cache what the capture missed.
+            Err(_) if failed_captures == 0 => State::WarmedUp { failed_captures: 1 },
             Err(e) => {
                 eprintln!(
                     "autofocus: no CUDA graph for images {shape:?} ({e}); their forwards run as \

@@ -79,7 +79,7 @@ impl<T: Element> Slot<T> {
                     *dst = T::from_f32(v);
                 }
             });
-        let uploaded = device.upload_async(&self.pixels_host, &mut self.pixels)?;
+        let uploaded = device.upload_async(&mut self.pixels_host, &mut self.pixels)?;
         device.wait_for(&uploaded)?;
         let replayed = graph::launch_from(
             model,
