@@ -150,6 +150,9 @@ pub struct CublasLt {
     /// for a shape no algorithm takes (the SIMT kernel runs it).
     plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
     library: &'static str,
+    /// `AUTOFOCUS_GEMM=cublaslt`: a product cuBLASLt cannot plan is an
+    /// error, not a notice and the SIMT kernel.
+    forced: bool,
 }
 
 // SAFETY: the handle is used only through `&self` methods that order their
@@ -165,12 +168,12 @@ impl std::fmt::Debug for CublasLt {
 }
 
 impl CublasLt {
-    /// cuBLASLt on `stream`.
+    /// cuBLASLt on `stream`; `forced` when the user asked for it.
     ///
     /// # Errors
     /// [`Error::Unsupported`] saying why it cannot be used (no library, a
     /// library the driver cannot run, no memory for the workspace).
-    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+    pub fn new(stream: Arc<CudaStream>, forced: bool) -> Result<Self> {
         let unsupported = |what: String| Error::Unsupported(format!("cuBLASLt: {what}"));
         let library = load_library().map_err(unsupported)?;
         stream
@@ -203,6 +206,7 @@ impl CublasLt {
             workspace_addr,
             plans: Mutex::default(),
             library,
+            forced,
         })
     }
 
@@ -250,7 +254,14 @@ impl CublasLt {
             Entry::Occupied(plan) => plan.into_mut(),
             Entry::Vacant(slot) => {
                 self.bind()?;
-                let plan = Plan::new(self.handle, slot.key(), self.workspace.len())?;
+                let plan = match Plan::new(self.handle, slot.key(), self.workspace.len()) {
+                    Ok(plan) => plan,
+                    Err(e) if self.forced => return Err(e),
+                    Err(e) => {
+                        eprintln!("autofocus: {e}; the SIMT GEMM runs {rows}×{k}→{n} ({suffix})");
+                        None
+                    }
+                };
                 slot.insert(plan)
             }
         };
@@ -361,8 +372,9 @@ struct Plan {
 impl Plan {
     /// The plan of `key`'s product, or `None` where the heuristic finds no
     /// algorithm for it (the SIMT kernel runs it). Any other failure is an
-    /// error, not a quiet fallback: a forced `AUTOFOCUS_GEMM=cublaslt` (or
-    /// the device check) must not pass on the SIMT kernel's results.
+    /// error, never a silent fallback: with `AUTOFOCUS_GEMM=cublaslt` (as
+    /// the device check runs) it fails the product, so that a check cannot
+    /// pass on the SIMT kernel's results; otherwise it is said once.
     fn new(handle: sys::cublasLtHandle_t, key: &PlanKey, workspace: usize) -> Result<Option<Self>> {
         let failed = |e: lt::CublasError| {
             Error::device(

@@ -99,9 +99,10 @@ pub fn device_count() -> Result<usize> {
 /// allocations instead of handing it back to the driver at every
 /// synchronisation (its release threshold is 0 by default): a forward
 /// run as launches frees and allocates dozens of buffers, and a stream of
-/// batches synchronises once per batch. Only for contexts this crate
-/// opens (candle's pool is candle's). Best effort: a GPU without memory
-/// pools allocates as before.
+/// batches synchronises once per batch. Set where this crate opens the
+/// GPU; the pool is the device's, so anyone else allocating on it in
+/// stream order (candle, in the same process) keeps its freed memory too.
+/// Best effort: a GPU without memory pools allocates as before.
 fn keep_freed_memory(context: &CudaContext) {
     use cudarc::driver::sys;
     if !context.has_async_alloc() {
@@ -199,10 +200,10 @@ impl CudaBackend {
             let choice = GemmChoice::from_env().map_err(|e| e.to_string())?;
             match choice {
                 GemmChoice::Simt => Ok(None),
-                GemmChoice::CublasLt => CublasLt::new(Arc::clone(&self.stream))
+                GemmChoice::CublasLt => CublasLt::new(Arc::clone(&self.stream), true)
                     .map(Some)
                     .map_err(|e| format!("{}=cublaslt, but {e}", GemmChoice::ENV)),
-                GemmChoice::Auto => match CublasLt::new(Arc::clone(&self.stream)) {
+                GemmChoice::Auto => match CublasLt::new(Arc::clone(&self.stream), false) {
                     Ok(lt) => Ok(Some(lt)),
                     Err(e) => {
                         eprintln!("autofocus: {e}; the dense layers use the SIMT GEMM");
@@ -263,8 +264,11 @@ impl CudaBackend {
         // before it ends the capture.
         let deferred = self.context.check_err();
         let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        // Asked of the driver directly: cudarc's capture_status would first
+        // return (and clear) an error its end_capture left pending.
+        // SAFETY: the stream is this backend's own and alive.
         let still_capturing = !matches!(
-            self.stream.capture_status(),
+            unsafe { cudarc::driver::result::stream::is_capturing(self.stream.cu_stream()) },
             Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
         );
         if still_capturing {

@@ -24,7 +24,7 @@ pub mod transfer;
 use std::any::Any;
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytemuck::Pod;
@@ -215,9 +215,9 @@ pub struct Device {
     counters: Arc<Counters>,
     /// Host-computed tables uploaded once ([`Device::constant`]).
     constants: Arc<Mutex<Constants>>,
-    /// Set while [`Device::capture`] records: a copy between the host's
-    /// own memory and the device is refused then (see [`Recording`]).
-    capturing: Arc<AtomicBool>,
+    /// Captures under way ([`Device::capture`]): a copy between the host's
+    /// own memory and the device is refused meanwhile (see [`Recording`]).
+    capturing: Arc<AtomicUsize>,
 }
 
 /// The time [`Device::capture`] records, on a device and its clones. A
@@ -226,18 +226,20 @@ pub struct Device {
 /// replay, or wait for the device while nothing runs. Such a copy is an
 /// error while recording, which ends the capture with a clear reason
 /// (a table evicted from a cache since the warm-up forward, re-uploaded).
-struct Recording<'a>(&'a AtomicBool);
+/// A count, not a flag: a capture that fails to start on another thread
+/// must not end the refusals of one under way.
+struct Recording<'a>(&'a AtomicUsize);
 
 impl<'a> Recording<'a> {
-    fn start(flag: &'a AtomicBool) -> Self {
-        flag.store(true, Ordering::SeqCst);
-        Self(flag)
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
     }
 }
 
 impl Drop for Recording<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -417,14 +419,15 @@ impl Device {
     }
 
     /// [`Error::Device`] while this device records a graph: `op` copies
-    /// between the host's memory and the device, which a graph cannot
-    /// replay.
+    /// between the host's memory and the device, or waits for it, which a
+    /// graph cannot replay (a wait would also end the capture).
     fn refuse_while_capturing(&self, op: &str) -> Result<()> {
-        if self.capturing.load(Ordering::SeqCst) {
+        if self.capturing.load(Ordering::SeqCst) > 0 {
             return Err(Error::device(
                 op,
-                "a copy from or to host memory while a CUDA graph records (a table the \
-                 warm-up forward cached was evicted since)",
+                "a copy from or to host memory, or a wait, while a CUDA graph records \
+                 (a table cached by the warm-up forward and evicted since, or a profiled \
+                 forward)",
             ));
         }
         Ok(())
@@ -591,6 +594,7 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when a launch failed.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_while_capturing("synchronize")?;
         match &self.backend {
             Backend::Emulator => Ok(()),
             Backend::Cuda(cuda) => cuda.synchronize(),
@@ -791,6 +795,10 @@ mod tests {
             assert!(err.contains("CUDA graph records"), "{err}");
             assert!(clone.upload_into(&mut buffer, &[3.0, 4.0]).is_err());
             assert!(device.download(&buffer).is_err());
+            assert!(clone.synchronize().is_err());
+            // A second recording that ends leaves the first's refusals.
+            drop(Recording::start(&device.capturing));
+            assert!(clone.upload(&[3.0f32]).is_err());
             // Work on the device itself is what a graph records.
             assert!(device.alloc::<f32>(2).is_ok());
         }

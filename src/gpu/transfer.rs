@@ -57,6 +57,16 @@ impl<T: Pod> HostBuffer<T> {
     }
 }
 
+impl<T: Pod> Drop for HostBuffer<T> {
+    /// Page-locked memory is not freed under a copy still reading or
+    /// writing it (cudarc's own wait is on an event it never recorded).
+    fn drop(&mut self) {
+        if let Some(copy) = &self.pending {
+            let _ = copy.wait_here();
+        }
+    }
+}
+
 impl<T: Pod> std::fmt::Debug for HostBuffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -78,6 +88,16 @@ enum MarkerKind {
     Done,
     /// Shared by the stream that waits for it and the buffer it guards.
     Cuda(Arc<cudarc::driver::CudaEvent>),
+}
+
+impl Marker {
+    /// Blocks this thread until the marked work has finished.
+    fn wait_here(&self) -> std::result::Result<(), cudarc::driver::DriverError> {
+        match &self.0 {
+            MarkerKind::Done => Ok(()),
+            MarkerKind::Cuda(event) => event.synchronize(),
+        }
+    }
 }
 
 /// Bytes of a device buffer of `len` elements of `T` (as `Device::alloc`
@@ -110,13 +130,12 @@ impl Device {
     /// # Errors
     /// [`Error::Device`] when a copy failed.
     pub fn host_mut<'a, T: Pod>(&self, buffer: &'a mut HostBuffer<T>) -> Result<&'a mut [T]> {
-        if let Some(copy) = buffer.pending.take() {
+        if let Some(copy) = &buffer.pending {
             self.counters.count(Event::HostWait);
-            if let MarkerKind::Cuda(event) = &copy.0 {
-                event
-                    .synchronize()
-                    .map_err(|e| Error::device("host buffer", e))?;
-            }
+            copy.wait_here()
+                .map_err(|e| Error::device("host buffer", e))?;
+            // Only once waited for: after an error, the next access waits again.
+            buffer.pending = None;
         }
         let len = buffer.len;
         match &mut buffer.storage {
