@@ -1,6 +1,7 @@
 //! The custom ops' CUDA half (feature `candle-cuda`): candle's CUDA tensors
 //! are viewed in place as this crate's device buffers, each layout is
-//! uploaded once per GPU and batch, and this crate's kernels run on
+//! uploaded once per GPU and batch (and waited for, so that other threads'
+//! streams may use it), and this crate's kernels run on
 //! candle's stream, in candle's context. Results go back to candle as
 //! tensors that own their memory (no copy).
 
@@ -137,6 +138,7 @@ impl GpuSlots {
             return Ok(inverse);
         }
         let inverse = DeviceInverse::upload(device, layout.inverse()).map_err(wrap_err)?;
+        uploaded(device)?;
         Ok(self.inverse.get_or_init(|| inverse))
     }
 }
@@ -165,10 +167,12 @@ impl<V> std::fmt::Debug for GpuCache<V> {
 }
 
 impl<V> GpuCache<V> {
-    /// The value for (`dev`, `batch`), made by `upload` the first time.
+    /// The value for (`dev`, `batch`), made by `upload` on `device` (this
+    /// crate's device on `dev`) the first time.
     pub fn get_or_upload(
         &self,
         dev: &CudaDevice,
+        device: &gpu::Device,
         batch: usize,
         upload: impl FnOnce() -> Result<V>,
     ) -> Result<Arc<V>> {
@@ -180,9 +184,17 @@ impl<V> GpuCache<V> {
             return Ok(Arc::clone(v));
         }
         let v = Arc::new(upload()?);
+        uploaded(device)?;
         cache.insert((dev.id(), batch), Arc::clone(&v));
         Ok(v)
     }
+}
+
+/// Waits for what was just uploaded to a cache, before other threads may
+/// take it: candle's default stream is the per-thread one, so another
+/// thread's kernels are not ordered after this thread's copies.
+fn uploaded(device: &gpu::Device) -> Result<()> {
+    device.synchronize().map_err(wrap_err)
 }
 
 impl SlotLayout {
@@ -195,7 +207,7 @@ impl SlotLayout {
         device: &gpu::Device,
         batch: usize,
     ) -> Result<Arc<GpuSlots>> {
-        self.on_gpu.get_or_upload(dev, batch, || {
+        self.on_gpu.get_or_upload(dev, device, batch, || {
             let Some(pos) = &self.positions else {
                 bail!(
                     "{op}: on a GPU the kernels need the tokens' positions: build the slots \

@@ -294,6 +294,21 @@ impl CudaBackend {
         }
     }
 
+    /// True while the stream is being captured into a graph, by this
+    /// backend or by the stream's owner (candle captures its stream too).
+    /// A query that fails (candle's per-thread stream on a thread with no
+    /// current context) says no: the call it guards binds the context and
+    /// reports its own errors.
+    pub fn is_capturing(&self) -> bool {
+        use cudarc::driver::sys::CUstreamCaptureStatus as Status;
+        // SAFETY: the stream is alive (held by this backend).
+        matches!(
+            unsafe { cudarc::driver::result::stream::is_capturing(self.stream.cu_stream()) },
+            Ok(Status::CU_STREAM_CAPTURE_STATUS_ACTIVE
+                | Status::CU_STREAM_CAPTURE_STATUS_INVALIDATED)
+        )
+    }
+
     /// Launches `graph` on the stream.
     pub fn launch_graph(&self, graph: &super::Graph) -> Result<()> {
         graph

@@ -418,11 +418,14 @@ impl Device {
         }
     }
 
-    /// [`Error::Device`] while this device records a graph: `op` copies
-    /// between the host's memory and the device, or waits for it, which a
-    /// graph cannot replay (a wait would also end the capture).
+    /// [`Error::Device`] while this device's stream is captured into a
+    /// graph (here, or by its owner, such as candle): `op` copies between
+    /// the host's memory and the device, or waits for it, which a graph
+    /// cannot replay (a wait would also end the capture).
     fn refuse_while_capturing(&self, op: &str) -> Result<()> {
-        if self.capturing.load(Ordering::SeqCst) > 0 {
+        // A capture of this crate's, or of the stream's owner (candle's).
+        let owner_capturing = matches!(&self.backend, Backend::Cuda(cuda) if cuda.is_capturing());
+        if self.capturing.load(Ordering::SeqCst) > 0 || owner_capturing {
             return Err(Error::device(
                 op,
                 "a copy from or to host memory, or a wait, while a CUDA graph records \

@@ -93,10 +93,13 @@ impl MergeOp {
         batch: usize,
     ) -> Result<(std::sync::Arc<GpuSlots>, std::sync::Arc<Buffer<i32>>)> {
         let slots = self.layout.slots.on_gpu(OP, dev, device, batch)?;
-        let centres = self.layout.centres_on_gpu.get_or_upload(dev, batch, || {
-            let centres: Vec<i32> = self.layout.centres.iter().map(|&i| i as i32).collect();
-            device.upload(&centres).map_err(wrap_err)
-        })?;
+        let centres = self
+            .layout
+            .centres_on_gpu
+            .get_or_upload(dev, device, batch, || {
+                let centres: Vec<i32> = self.layout.centres.iter().map(|&i| i as i32).collect();
+                device.upload(&centres).map_err(wrap_err)
+            })?;
         Ok((slots, centres))
     }
 
