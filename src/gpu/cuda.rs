@@ -241,9 +241,7 @@ impl CudaBackend {
     /// capture ends whatever `record` does (an error, a panic, a call the
     /// capture refused), so the stream is usable after it.
     pub fn capture(&self, record: impl FnOnce() -> Result<()>) -> Result<super::Graph> {
-        use cudarc::driver::sys::{
-            CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
-        };
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         // Without stream-ordered allocation, cudarc allocates and frees
         // with calls that synchronise, which a capture cannot hold.
         if !self.context.has_async_alloc() {
@@ -264,14 +262,9 @@ impl CudaBackend {
         // before it ends the capture.
         let deferred = self.context.check_err();
         let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
-        // Asked of the driver directly: cudarc's capture_status would first
-        // return (and clear) an error its end_capture left pending.
-        // SAFETY: the stream is this backend's own and alive.
-        let still_capturing = !matches!(
-            unsafe { cudarc::driver::result::stream::is_capturing(self.stream.cu_stream()) },
-            Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
-        );
-        if still_capturing {
+        // Asked of the driver directly (not through cudarc's capture_status,
+        // which would first return and clear an error end_capture left).
+        if self.is_capturing() {
             // SAFETY: the stream is this backend's own and is capturing;
             // the graph it returns is destroyed at once.
             if let Ok(graph) =
