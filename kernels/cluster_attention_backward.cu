@@ -10,8 +10,8 @@
 //    dv gathered over the (query, slot) pairs that hold the key (the
 //    inverse lists; every query, slot = key, for a global stage), in list
 //    order.
-// 3. cluster_attention_backward_params: one thread per parameter sums the
-//    rows' shares in row order.
+// 3. column_sums (kernels/tensor_ops.cu) adds the rows' shares of the
+//    parameter gradients, in a fixed order.
 #include "common.cuh"
 
 constexpr float kMaskedLogitBackward = -100.0f;  // as the forward
@@ -110,7 +110,7 @@ __device__ void cluster_attention_backward_query_impl(const AttentionBackwardPar
   for (int e = lane; e < d; e += 32) dp_blank += to_f32(go[e]) * bv[e];
   const float da_blank = p_blank * (warp_sum(dp_blank) - delta);
   T* grad_q = static_cast<T*>(bp.grad_q) + row * c + t * d;
-  float* part = bp.row_partials + row * size_t(bp.params);
+  float* part = bp.row_partials + row * size_t(6 * p.heads + 2 * c);
   for (int e = lane; e < d; e += 32) {
     float acc = da_blank * bk[e];
     for (int s = 0; s < m; ++s) {
@@ -187,19 +187,7 @@ __device__ void cluster_attention_backward_key_impl(const AttentionBackwardParam
   }
 }
 
-// One thread per parameter: the rows' shares summed in row order.
-__device__ void cluster_attention_backward_params_impl(const AttentionBackwardParams bp) {
-  const int k = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k >= bp.params) return;
-  const size_t rows = size_t(bp.forward.batch) * bp.forward.tokens;
-  float acc = 0.0f;
-  for (size_t r = 0; r < rows; ++r) acc += bp.row_partials[r * bp.params + k];
-  bp.grad_params[k] = acc;
-}
-
 AF_KERNEL_ALL_TYPES(cluster_attention_backward_query, AttentionBackwardParams,
                     cluster_attention_backward_query_impl)
 AF_KERNEL_ALL_TYPES(cluster_attention_backward_key, AttentionBackwardParams,
                     cluster_attention_backward_key_impl)
-AF_KERNEL(cluster_attention_backward_params, AttentionBackwardParams,
-          cluster_attention_backward_params_impl(p))

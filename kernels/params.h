@@ -82,6 +82,17 @@ struct GatherRowsParams {
   int32_t batch, in_rows, out_rows, width, index_images;
 };
 
+/// Column sums over fixed chunks of rows, for the parameter gradients of the
+/// backward (each row's share summed without atomics): launch block
+/// (x, y) writes sums[x][k] = input[x·chunk][k] + … + input[x·chunk +
+/// chunk − 1][k] (fewer in the last chunk), added in row order, for the
+/// columns k that block y's threads cover.
+struct ColumnSumsParams {
+  const float* input;     ///< rows × cols
+  float* sums;            ///< ceil(rows / chunk) × cols
+  int32_t rows, cols, chunk;
+};
+
 /// Fused cluster attention (spec §6): logits q·k + P(f) − 100·[masked],
 /// blank token, softmax and the weighted sum of values, per query and head.
 struct AttentionParams {
@@ -107,8 +118,8 @@ struct AttentionParams {
 /// Backward of the cluster attention (kernels/cluster_attention_backward.cu).
 /// The query kernel recomputes each row's log-sum-exp and D = dO·O and
 /// writes dq and the row's share of the parameter gradients; the key kernel
-/// gathers dk, dv over the inverse lists; the params kernel sums the rows'
-/// shares in row order.
+/// gathers dk, dv over the inverse lists; column_sums then adds the rows'
+/// shares (ColumnSumsParams).
 struct AttentionBackwardParams {
   AttentionParams forward;   ///< the forward's inputs (forward.out unused)
   const void* out;           ///< T, batch × tokens × c: the forward's output
@@ -119,9 +130,9 @@ struct AttentionBackwardParams {
   float* delta;              ///< batch × tokens × heads
   void* grad_q;              ///< T, batch × tokens × c
   void* grad_kv;             ///< T, batch × tokens × 2c
-  float* row_partials;       ///< batch·tokens × params: each row's share
-  float* grad_params;        ///< params = 6·heads + 2·c: pos_weight, pos_bias, blank_k, blank_v
-  int32_t params;
+  /// batch·tokens × (6·heads + 2·c): each row's share of the gradients of
+  /// pos_weight, pos_bias, blank_k and blank_v
+  float* row_partials;
 };
 
 /// Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,
@@ -237,20 +248,20 @@ struct MergeBackwardParams {
   int32_t* centre_row;       ///< batch × n: each centre's output row, −1 for other tokens
   void* grad_feat;           ///< T, batch × n × channels
   float* grad_importance;    ///< batch × n
-  float* row_partials;       ///< batch·kept × 32: each centre's share
-  float* grad_params;        ///< 32: net_weight (4×5), net_bias, norm_weight, norm_bias (4 each)
+  /// batch·kept × 32: each centre's share of the gradients of net_weight
+  /// (4×5), net_bias, norm_weight and norm_bias (4 each)
+  float* row_partials;
 };
 
 /// Backward of the importance p = sigmoid(x·w + b): dx, and the rows' shares
-/// of dw, db summed in row order.
+/// of dw, db (added by column_sums).
 struct ImportanceBackwardParams {
   const void* x;          ///< T, rows × dim
   const float* weight;    ///< dim
   const float* p;         ///< rows: the forward's output
   const float* grad_p;    ///< rows
   void* grad_x;           ///< T, rows × dim
-  float* row_partials;    ///< rows × (dim + 1)
-  float* grad_params;     ///< dim + 1: dw, then db
+  float* row_partials;    ///< rows × (dim + 1): each row's share of dw, then db
   int32_t rows, dim;
 };
 

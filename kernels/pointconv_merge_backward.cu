@@ -10,7 +10,8 @@
 // 3. pointconv_merge_backward_tokens: one warp per token: its feature and
 //    importance gradients gathered over the (centre, slot) pairs holding it
 //    (inverse lists), 32 pairs at a time staged in shared memory.
-// 4. pointconv_merge_backward_params: the centres' shares summed in order.
+// 4. column_sums (kernels/tensor_ops.cu) adds the centres' shares of the
+//    weight-net gradients, in a fixed order.
 #include "common.cuh"
 
 constexpr int kInnerBackward = 4;
@@ -154,15 +155,6 @@ __device__ void pointconv_merge_backward_tokens_impl(const MergeBackwardParams b
   if (lane == 0) bp.grad_importance[row] = dp;
 }
 
-__device__ void pointconv_merge_backward_params_impl(const MergeBackwardParams bp) {
-  const int k = threadIdx.x;
-  if (k >= kNetParams) return;
-  const size_t rows = size_t(bp.forward.batch) * bp.forward.kept;
-  float acc = 0.0f;
-  for (size_t r = 0; r < rows; ++r) acc += bp.row_partials[r * kNetParams + k];
-  bp.grad_params[k] = acc;
-}
-
 AF_KERNEL(pointconv_merge_backward_clear, MergeBackwardParams, pointconv_merge_backward_clear_impl(p))
 AF_KERNEL(pointconv_merge_backward_centres, MergeBackwardParams,
           pointconv_merge_backward_centres_impl(p))
@@ -170,5 +162,3 @@ AF_KERNEL_ALL_TYPES(pointconv_merge_backward_rows, MergeBackwardParams,
                     pointconv_merge_backward_rows_impl)
 AF_KERNEL_ALL_TYPES(pointconv_merge_backward_tokens, MergeBackwardParams,
                     pointconv_merge_backward_tokens_impl)
-AF_KERNEL(pointconv_merge_backward_params, MergeBackwardParams,
-          pointconv_merge_backward_params_impl(p))

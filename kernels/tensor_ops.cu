@@ -1,5 +1,6 @@
-// Small tensor utilities: row gathers (reordering tokens) and the mean over
-// tokens (the classification head's pooling).
+// Small tensor utilities: row gathers (reordering tokens), the mean over
+// tokens (the classification head's pooling) and column sums over chunks
+// of rows (the backward's parameter gradients).
 #include "common.cuh"
 
 template <class T>
@@ -25,5 +26,19 @@ __device__ void mean_tokens_impl(const MeanTokensParams p) {
   static_cast<T*>(p.out)[e] = from_f32<T>(sum / p.tokens);
 }
 
+// One thread per (chunk of rows, column): the chunk's rows added in row
+// order, so the sums' bits depend on the shape and the chunk only. Threads
+// of a warp take neighbouring columns: each row's read is coalesced.
+__device__ void column_sums_impl(const ColumnSumsParams p) {
+  const int k = blockIdx.y * blockDim.x + threadIdx.x;
+  if (k >= p.cols) return;
+  const int first = blockIdx.x * p.chunk;
+  const int last = p.rows - first < p.chunk ? p.rows : first + p.chunk;
+  float acc = 0.0f;
+  for (int r = first; r < last; ++r) acc += p.input[size_t(r) * p.cols + k];
+  p.sums[size_t(blockIdx.x) * p.cols + k] = acc;
+}
+
 AF_KERNEL_ALL_TYPES(gather_rows, GatherRowsParams, gather_rows_impl)
 AF_KERNEL_ALL_TYPES(mean_tokens, MeanTokensParams, mean_tokens_impl)
+AF_KERNEL(column_sums, ColumnSumsParams, column_sums_impl(p))

@@ -94,18 +94,8 @@ __device__ void importance_backward_impl(const ImportanceBackwardParams p) {
   p.row_partials[e] = dlogit * to_f32(x[k]);
 }
 
-// One thread per parameter: the rows' shares summed in row order.
-__device__ void importance_backward_params_impl(const ImportanceBackwardParams p) {
-  const int k = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k > p.dim) return;
-  float acc = 0.0f;
-  for (size_t r = 0; r < size_t(p.rows); ++r) acc += p.row_partials[r * (p.dim + 1) + k];
-  p.grad_params[k] = acc;
-}
-
 AF_KERNEL_ALL_TYPES(importance, ImportanceParams, importance_impl)
 AF_KERNEL_ALL_TYPES(importance_backward, ImportanceBackwardParams, importance_backward_impl)
-AF_KERNEL(importance_backward_params, ImportanceBackwardParams, importance_backward_params_impl(p))
 AF_KERNEL(selection_keys, SelectionKeysParams, selection_keys_impl(p))
 AF_KERNEL(selection_order, SelectionOrderParams, selection_order_impl(p))
 AF_KERNEL(selection_check, SelectionCheckParams, selection_check_impl(p))

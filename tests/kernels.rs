@@ -1000,6 +1000,73 @@ fn gather_and_mean_match_plain_loops() {
     }
 }
 
+/// The sums `column_sums` promises, bit for bit: passes adding chunks of
+/// `COLUMN_SUM_CHUNK` rows, each in row order, until one row is left.
+fn chunked_column_sums(matrix: &[f32], rows: usize, cols: usize) -> (Vec<f32>, usize) {
+    let chunk = autofocus::gpu::tensor_ops::COLUMN_SUM_CHUNK;
+    if rows == 0 {
+        return (vec![0.0; cols], 0);
+    }
+    let (mut level, mut rows, mut passes) = (matrix.to_vec(), rows, 0);
+    loop {
+        let chunks = rows.div_ceil(chunk);
+        level = (0..chunks * cols)
+            .map(|e| {
+                let (first, k) = ((e / cols) * chunk, e % cols);
+                (first..(first + chunk).min(rows)).fold(0.0f32, |acc, r| acc + level[r * cols + k])
+            })
+            .collect();
+        passes += 1;
+        if chunks == 1 {
+            return (level, passes);
+        }
+        rows = chunks;
+    }
+}
+
+#[test]
+fn column_sums_add_fixed_chunks_of_rows_in_order() {
+    let mut rng = Rng::new(12);
+    // One pass, a partial chunk, two column blocks (300 > 256 threads), and
+    // 64·64 + 1 rows: three passes (4097 → 65 → 2 → 1).
+    let shapes = [(0, 5), (1, 1), (64, 3), (65, 33), (130, 300), (4097, 2)];
+    for device in common::devices() {
+        for (rows, cols) in shapes {
+            // Magnitudes from 2⁻⁸ to 2⁸, so that another order of the
+            // additions gives other bits.
+            let matrix: Vec<f32> = (0..rows * cols)
+                .map(|_| rng.float() * 2f32.powi(rng.below(17) as i32 - 8))
+                .collect();
+            let input = device.upload(&matrix).unwrap();
+            let mut out = device.alloc::<f32>(cols).unwrap();
+            let before = device.counts();
+            autofocus::gpu::tensor_ops::column_sums(&device, &input, &mut out, (rows, cols))
+                .unwrap();
+            let launches = (device.counts() - before).kernel_launches;
+            let got = device.download(&out).unwrap();
+            let (want, passes) = chunked_column_sums(&matrix, rows, cols);
+            let what = format!("{rows}x{cols} on {device:?}");
+            assert_eq!(got, want, "{what}");
+            assert_eq!(launches, passes as u64, "{what}: one launch per pass");
+            let exact: Vec<f32> = (0..cols)
+                .map(|k| {
+                    (0..rows)
+                        .map(|r| f64::from(matrix[r * cols + k]))
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            assert_slices_close(&what, &got, &exact, 1e-4);
+        }
+        // The sums' shape is checked.
+        let input = device.upload(&[1.0f32; 6]).unwrap();
+        let mut out = device.alloc::<f32>(2).unwrap();
+        let err = autofocus::gpu::tensor_ops::column_sums(&device, &input, &mut out, (2, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("column_sums") && err.contains("out"), "{err}");
+    }
+}
+
 #[test]
 fn bad_buffers_are_errors_naming_op_and_tensor() {
     let device = Device::emulator();

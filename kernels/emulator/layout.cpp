@@ -17,6 +17,7 @@ extern "C" size_t af_emu_params_layout(const char* name, size_t* align) {
   AF_LAYOUT(ImportanceParams)
   AF_LAYOUT(MeanTokensParams)
   AF_LAYOUT(GatherRowsParams)
+  AF_LAYOUT(ColumnSumsParams)
   AF_LAYOUT(AttentionParams)
   AF_LAYOUT(AttentionBackwardParams)
   AF_LAYOUT(ClusterRatioParams)

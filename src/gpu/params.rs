@@ -44,6 +44,7 @@ kernel_params!(
     ImportanceParams,
     MeanTokensParams,
     GatherRowsParams,
+    ColumnSumsParams,
     AttentionParams,
     AttentionBackwardParams,
     ClusterRatioParams,

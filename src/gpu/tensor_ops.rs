@@ -1,7 +1,7 @@
-//! Small tensor kernels (`kernels/tensor_ops.cu`): row gathers and the mean
-//! over tokens.
+//! Small tensor kernels (`kernels/tensor_ops.cu`): row gathers, the mean
+//! over tokens and column sums.
 
-use super::params::{GatherRowsParams, MeanTokensParams};
+use super::params::{ColumnSumsParams, GatherRowsParams, MeanTokensParams};
 use super::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
 use crate::error::{Error, Result};
 
@@ -77,4 +77,71 @@ pub fn mean_tokens<T: Element>(
     let config = LaunchConfig::per_item(OP, batch * channels, THREADS)?;
     // SAFETY: both buffers were checked against the shapes the kernel indexes.
     unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
+}
+
+/// Rows per partial sum of [`column_sums`]: fixed, so the order of the
+/// additions, and the bits of the sums, depend on the matrix's shape alone
+/// (never on the GPU, its occupancy or a thread count).
+pub const COLUMN_SUM_CHUNK: usize = 64;
+
+/// `out[k]` = the sum of column `k` of `input` (rows×cols, f32): the
+/// backward's parameter gradients from each row's share, without atomics.
+///
+/// A tree of fixed shape: each pass adds chunks of [`COLUMN_SUM_CHUNK`] rows
+/// in row order into one row each, until one row is left (so 200 704 rows
+/// take three passes: 3136, 49, 1). A column is never summed by one thread
+/// over all rows, which at a training batch would leave the GPU idle behind
+/// a few hundred threads each reading 10⁵ rows. With no rows the sums are 0.
+///
+/// # Errors
+/// Shape errors naming the buffer; device errors.
+pub fn column_sums(
+    device: &Device,
+    input: &Buffer<f32>,
+    out: &mut Buffer<f32>,
+    (rows, cols): (usize, usize),
+) -> Result<()> {
+    const OP: &str = "column_sums";
+    device.check(OP, "input", input, &[rows, cols])?;
+    device.check_mut(OP, "out", out, &[cols])?;
+    if rows == 0 || cols == 0 {
+        return device.fill_zeros(out);
+    }
+    // The pass's input: the caller's matrix, then the previous pass's sums
+    // (freed in stream order once the next pass has read them).
+    let mut level: Option<Buffer<f32>> = None;
+    let mut rows = rows;
+    loop {
+        let chunks = rows.div_ceil(COLUMN_SUM_CHUNK);
+        let mut next = if chunks == 1 {
+            None
+        } else {
+            Some(device.alloc::<f32>(chunks * cols)?)
+        };
+        let source = level.as_ref().unwrap_or(input);
+        let sums = match next.as_mut() {
+            Some(next) => device.check_mut(OP, "partial sums", next, &[chunks, cols])?,
+            None => device.check_mut(OP, "out", out, &[cols])?,
+        };
+        let params = ColumnSumsParams {
+            input: device.check(OP, "input", source, &[rows, cols])?,
+            sums,
+            rows: dim(OP, "rows", rows)?,
+            cols: dim(OP, "cols", cols)?,
+            chunk: dim(OP, "chunk", COLUMN_SUM_CHUNK)?,
+        };
+        // Threads over columns: a warp's reads of one row are coalesced.
+        let threads = cols.next_multiple_of(32).min(THREADS as usize);
+        let config = LaunchConfig::blocks(OP, chunks, cols.div_ceil(threads), threads as u32, 0)?;
+        // SAFETY: the input and the sums were checked against the shapes the
+        // kernel indexes (rows×cols in, ceil(rows / chunk)×cols out).
+        unsafe { device.launch(OP, config, &params)? };
+        match next {
+            Some(next) => {
+                level = Some(next);
+                rows = chunks;
+            }
+            None => return Ok(()),
+        }
+    }
 }

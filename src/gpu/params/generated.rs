@@ -112,6 +112,23 @@ pub struct GatherRowsParams {
     pub index_images: i32,
 }
 
+/** Column sums over fixed chunks of rows, for the parameter gradients of the
+ backward (each row's share summed without atomics): launch block
+ (x, y) writes sums[x][k] = input[x·chunk][k] + … + input[x·chunk +
+ chunk − 1][k] (fewer in the last chunk), added in row order, for the
+ columns k that block y's threads cover.*/
+#[repr(C)]
+#[derive(Debug, Copy, Clone, Default)]
+pub struct ColumnSumsParams {
+    /// rows × cols
+    pub input: Ptr,
+    /// ceil(rows / chunk) × cols
+    pub sums: Ptr,
+    pub rows: i32,
+    pub cols: i32,
+    pub chunk: i32,
+}
+
 /** Fused cluster attention (spec §6): logits q·k + P(f) − 100·[masked],
  blank token, softmax and the weighted sum of values, per query and head.*/
 #[repr(C)]
@@ -159,8 +176,8 @@ pub struct AttentionParams {
 /** Backward of the cluster attention (kernels/cluster_attention_backward.cu).
  The query kernel recomputes each row's log-sum-exp and D = dO·O and
  writes dq and the row's share of the parameter gradients; the key kernel
- gathers dk, dv over the inverse lists; the params kernel sums the rows'
- shares in row order.*/
+ gathers dk, dv over the inverse lists; column_sums then adds the rows'
+ shares (ColumnSumsParams).*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone, Default)]
 pub struct AttentionBackwardParams {
@@ -182,11 +199,9 @@ pub struct AttentionBackwardParams {
     pub grad_q: Ptr,
     /// T, batch × tokens × 2c
     pub grad_kv: Ptr,
-    /// batch·tokens × params: each row's share
+    /** batch·tokens × (6·heads + 2·c): each row's share of the gradients of
+ pos_weight, pos_bias, blank_k and blank_v*/
     pub row_partials: Ptr,
-    /// params = 6·heads + 2·c: pos_weight, pos_bias, blank_k, blank_v
-    pub grad_params: Ptr,
-    pub params: i32,
 }
 
 /** Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,
@@ -399,14 +414,13 @@ pub struct MergeBackwardParams {
     pub grad_feat: Ptr,
     /// batch × n
     pub grad_importance: Ptr,
-    /// batch·kept × 32: each centre's share
+    /** batch·kept × 32: each centre's share of the gradients of net_weight
+ (4×5), net_bias, norm_weight and norm_bias (4 each)*/
     pub row_partials: Ptr,
-    /// 32: net_weight (4×5), net_bias, norm_weight, norm_bias (4 each)
-    pub grad_params: Ptr,
 }
 
 /** Backward of the importance p = sigmoid(x·w + b): dx, and the rows' shares
- of dw, db summed in row order.*/
+ of dw, db (added by column_sums).*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone, Default)]
 pub struct ImportanceBackwardParams {
@@ -420,10 +434,8 @@ pub struct ImportanceBackwardParams {
     pub grad_p: Ptr,
     /// T, rows × dim
     pub grad_x: Ptr,
-    /// rows × (dim + 1)
+    /// rows × (dim + 1): each row's share of dw, then db
     pub row_partials: Ptr,
-    /// dim + 1: dw, then db
-    pub grad_params: Ptr,
     pub rows: i32,
     pub dim: i32,
 }

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::params::{AttentionBackwardParams, AttentionParams};
+use crate::gpu::tensor_ops::column_sums;
 use crate::gpu::{Buffer, Device, Element, LaunchConfig, MAX_SHARED_BYTES, dim, kernel_name};
 use crate::ops::neighbourhood::gpu::{DeviceInverse, DeviceNeighbourhood};
 
@@ -237,8 +238,6 @@ pub fn cluster_attention_backward<T: Element>(
         grad_q: device.check_mut(OP, "grad_q", &mut grads.q, &[b, n, c])?,
         grad_kv: device.check_mut(OP, "grad_kv", &mut grads.kv, &[b, n, 2 * c])?,
         row_partials: device.check_mut(OP, "row_partials", &mut partials, &[rows, params_len])?,
-        grad_params: device.check_mut(OP, "grad_params", &mut grads.params, &[params_len])?,
-        params: dim(OP, "params", params_len)?,
     };
     if rows * c == 0 {
         grads.params = device.zeros(params_len)?;
@@ -252,7 +251,7 @@ pub fn cluster_attention_backward<T: Element>(
     // SAFETY: every buffer was checked against the shapes the kernels index;
     // neighbour and inverse indices are clamped into range by the kernels;
     // the query kernel writes lse and delta before the key kernel reads them
-    // (same stream), and every row of the partials before the params kernel.
+    // (same stream), and every row of the partials before column_sums.
     unsafe {
         device.launch(
             &kernel_name::<T>("cluster_attention_backward_query"),
@@ -264,8 +263,7 @@ pub fn cluster_attention_backward<T: Element>(
             per_key,
             &params,
         )?;
-        let per_param = LaunchConfig::per_item(OP, params_len, 128)?;
-        device.launch("cluster_attention_backward_params", per_param, &params)?;
     }
+    column_sums(device, &partials, &mut grads.params, (rows, params_len))?;
     Ok(grads)
 }

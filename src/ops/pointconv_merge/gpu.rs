@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::params::{MergeBackwardParams, MergeParams};
+use crate::gpu::tensor_ops::column_sums;
 use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
 use crate::ops::neighbourhood::gpu::{DeviceInverse, DeviceNeighbourhood};
 use crate::ops::norm::EPS;
@@ -206,7 +207,6 @@ pub fn pointconv_merge_backward<T: Element>(
             &mut partials,
             &[b * kept, NET_PARAMS],
         )?,
-        grad_params: device.check_mut(OP, "grad_params", &mut grads.weight_net, &[NET_PARAMS])?,
     };
     if b * n == 0 || c == 0 || m == 0 {
         return Ok(DeviceMergeGrads {
@@ -220,7 +220,6 @@ pub fn pointconv_merge_backward<T: Element>(
     let rows = LaunchConfig::warp_per_row(OP, b * kept, 0, "")?;
     let staged = (INNER_CHANNELS + 1) * 32 * size_of::<f32>();
     let tokens = LaunchConfig::warp_per_row(OP, b * n, staged, "")?;
-    let sum = LaunchConfig::per_item(OP, NET_PARAMS, 32)?;
     // SAFETY: every buffer was checked against the shapes the kernels index;
     // centre, neighbour and inverse indices are clamped into range by the
     // kernels; each kernel reads only what the ones before it (same stream)
@@ -240,7 +239,12 @@ pub fn pointconv_merge_backward<T: Element>(
             tokens,
             &params,
         )?;
-        device.launch("pointconv_merge_backward_params", sum, &params)?;
     }
+    column_sums(
+        device,
+        &partials,
+        &mut grads.weight_net,
+        (b * kept, NET_PARAMS),
+    )?;
     Ok(grads)
 }

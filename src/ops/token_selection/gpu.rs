@@ -7,6 +7,7 @@ use crate::gpu::params::{
     SelectionOrderParams,
 };
 use crate::gpu::sort::stable_sort;
+use crate::gpu::tensor_ops::column_sums;
 use crate::gpu::{Buffer, Device, Element, LaunchConfig, dim, kernel_name};
 
 /// [`super::Selection`] with the order on the device.
@@ -63,7 +64,7 @@ pub struct DeviceImportanceGrads<T: Element> {
 /// The backward of [`importance`], as [`super::importance_backward`]: from
 /// the forward's output `p` and its gradient `grad_p` (what the merge's
 /// backward returns). The weight and bias gradients are each row's share
-/// summed in row order: the same bits on every run.
+/// added by [`column_sums`] in a fixed order: the same bits on every run.
 ///
 /// # Errors
 /// Shape errors naming the buffer; device errors.
@@ -88,20 +89,17 @@ pub fn importance_backward<T: Element>(
         grad_p: device.check(OP, "grad_p", grad_p, &[rows])?,
         grad_x: device.check_mut(OP, "grad_x", &mut grads.x, &[rows, d])?,
         row_partials: device.check_mut(OP, "row_partials", &mut partials, &[rows, d + 1])?,
-        grad_params: device.check_mut(OP, "grad_params", &mut grads.params, &[d + 1])?,
         rows: dim(OP, "rows", rows)?,
         dim: dim(OP, "dim", d)?,
     };
     let elements = LaunchConfig::per_item(OP, rows * (d + 1), THREADS)?;
-    let per_param = LaunchConfig::per_item(OP, d + 1, THREADS)?;
-    // SAFETY: every buffer was checked against the shapes the kernels index;
-    // the first kernel writes every share before the second reads them.
-    unsafe {
-        if rows > 0 {
-            device.launch(&kernel_name::<T>(OP), elements, &params)?;
-        }
-        device.launch("importance_backward_params", per_param, &params)?;
+    if rows > 0 {
+        // SAFETY: every buffer was checked against the shapes the kernel
+        // indexes.
+        unsafe { device.launch(&kernel_name::<T>(OP), elements, &params)? };
     }
+    // The kernel wrote every share before column_sums (same stream) reads them.
+    column_sums(device, &partials, &mut grads.params, (rows, d + 1))?;
     Ok(grads)
 }
 
