@@ -135,8 +135,17 @@ impl Case {
         }
     }
 
-    fn attention(&self) -> ClusterAttention {
-        ClusterAttention::new(&slots(&self.layout, &self.offsets), self.heads).unwrap()
+    /// The op over the layout's slots; `tiled`: declared whole clusters, so
+    /// that on a GPU the attention takes its tiled kernel (the CPU op is
+    /// the same either way).
+    fn attention(&self, tiled: bool) -> ClusterAttention {
+        let mut slots = slots(&self.layout, &self.offsets);
+        if tiled {
+            slots = slots
+                .with_cluster_size(self.layout.clustering.cluster_size)
+                .unwrap();
+        }
+        ClusterAttention::new(&slots, self.heads).unwrap()
     }
 
     /// The forward output and every gradient of `Σ out · coef`, through the
@@ -191,11 +200,13 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 fn check_against_the_ops(case: &Case) {
     for dev in common::candle_devices() {
-        check_against_the_ops_on(case, &dev);
+        for tiled in [false, true] {
+            check_against_the_ops_on(case, &dev, tiled);
+        }
     }
 }
 
-fn check_against_the_ops_on(case: &Case, dev: &Device) {
+fn check_against_the_ops_on(case: &Case, dev: &Device, tiled: bool) {
     let (b, n, h, c) = (case.b, case.n, case.heads, case.heads * case.d);
     let var = |v: &[f32], shape: &[usize]| Var::from_vec(v.to_vec(), shape, dev).unwrap();
     let q = var(&case.q, &[b, n, c]);
@@ -206,14 +217,19 @@ fn check_against_the_ops_on(case: &Case, dev: &Device) {
     let blank_k = var(&case.blank_k, &[1, 1, c]);
     let blank_v = var(&case.blank_v, &[c]);
     let out = case
-        .attention()
+        .attention(tiled)
         .forward(&q, &kv, &pos_weight, &pos_bias, &blank_k, &blank_v)
         .unwrap();
     assert_eq!(out.dims(), [b, n, c]);
     let grads = backward_of_weighted_sum(&out, &case.coef);
 
     let (want_out, want) = case.reference();
-    assert_agrees("forward", &flat(&out), &want_out, dev);
+    assert_agrees(
+        &format!("forward (tiled: {tiled})"),
+        &flat(&out),
+        &want_out,
+        dev,
+    );
     assert_gradients(
         &grads,
         &[
@@ -269,7 +285,7 @@ fn half_precision_on(dev: &Device) {
         );
         let (bk, bv) = (tensor(&case.blank_k, &[c]), tensor(&case.blank_v, &[c]));
         let out = case
-            .attention()
+            .attention(true)
             .forward(&q, &kv, &w, &bias, &bk, &bv)
             .unwrap();
         assert_eq!(out.dtype(), dtype);
@@ -316,7 +332,7 @@ fn bad_shapes_are_errors_naming_the_tensor() {
     let dev = Device::Cpu;
     let (n, c) = (case.n, 16);
     let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev).unwrap();
-    let attention = case.attention();
+    let attention = case.attention(false);
     let q = zeros(&[1, n, c]);
     let (w, b, bk, bv) = (zeros(&[2, 5]), zeros(&[2]), zeros(&[c]), zeros(&[c]));
     let err = |r: candle_core::Result<Tensor>| r.unwrap_err().to_string();
@@ -363,6 +379,18 @@ fn bad_shapes_are_errors_naming_the_tensor() {
         positions.contains("`pos`") && positions.contains(&format!("[{images}, {n}, 2]")),
         "{positions}"
     );
+    // Lists of clusters of 8 are not whole clusters of 3 (24 slots each,
+    // split in 3s), nor of 0.
+    for s in [3, 0] {
+        let not_clusters = slots(&case.layout, &case.offsets)
+            .with_cluster_size(s)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            not_clusters.contains(&format!("not whole clusters of {s} ")),
+            "{not_clusters}"
+        );
+    }
     let no_heads = ClusterAttention::new(&slots(&case.layout, &case.offsets), 0)
         .unwrap_err()
         .to_string();

@@ -220,8 +220,13 @@ impl SlotLayout {
                 device.upload(&pos.repeat(batch))
             }
             .map_err(wrap_err)?;
+            let nbhd = match self.cluster_size {
+                Some(s) => DeviceNeighbourhood::upload_clustered(device, &self.nbhd, s),
+                None => DeviceNeighbourhood::upload(device, &self.nbhd),
+            }
+            .map_err(wrap_err)?;
             Ok(GpuSlots {
-                nbhd: DeviceNeighbourhood::upload(device, &self.nbhd).map_err(wrap_err)?,
+                nbhd,
                 pos,
                 inverse: OnceLock::new(),
             })

@@ -61,6 +61,29 @@ impl NeighbourSlots {
         })))
     }
 
+    /// The same slots, declared to be whole clusters of `s` consecutive
+    /// tokens (as [`Neighbourhood::from_clusters`] makes them: every
+    /// clustered stage), so that on a GPU the attention takes its tiled
+    /// kernel, which stages each block's neighbour clusters in shared
+    /// memory instead of gathering every neighbour's key per query. The CPU
+    /// ops do not need it.
+    ///
+    /// # Errors
+    /// When the lists are not whole clusters of `s` tokens.
+    pub fn with_cluster_size(self, s: usize) -> Result<Self> {
+        if !self.0.nbhd.is_whole_clusters(s) {
+            bail!(
+                "autofocus neighbour slots: the neighbour lists are not whole clusters of {s} \
+                 consecutive tokens"
+            );
+        }
+        let layout = Arc::unwrap_or_clone(self.0);
+        Ok(Self(Arc::new(SlotLayout {
+            cluster_size: Some(s),
+            ..layout
+        })))
+    }
+
     /// The neighbourhood.
     pub fn neighbourhood(&self) -> &Neighbourhood {
         &self.0.nbhd
@@ -78,6 +101,10 @@ pub(crate) struct SlotLayout {
     /// images×n×2 token positions, for the CUDA kernels.
     #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
     pub positions: Option<Vec<f32>>,
+    /// `Some(s)`: the lists are whole clusters of `s` tokens (checked), for
+    /// the CUDA attention's tiled kernel.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    pub cluster_size: Option<usize>,
     /// The layout uploaded to each GPU it has run on.
     #[cfg(feature = "candle-cuda")]
     pub on_gpu: super::cuda::GpuCache<super::cuda::GpuSlots>,
@@ -112,6 +139,7 @@ impl SlotLayout {
             rows,
             offsets,
             positions: None,
+            cluster_size: None,
             #[cfg(feature = "candle-cuda")]
             on_gpu: Default::default(),
         })

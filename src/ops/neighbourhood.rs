@@ -53,6 +53,28 @@ impl Neighbourhood {
         }
     }
 
+    /// True when every list is whole clusters of `s` consecutive tokens, as
+    /// [`Neighbourhood::from_clusters`] makes them: member `u` of cluster `k`
+    /// is token `k·s + u`, valid, or when past the last token, token 0 and
+    /// masked. The CUDA attention's tiled kernel needs this structure.
+    pub fn is_whole_clusters(&self, s: usize) -> bool {
+        let n = self.tokens;
+        s > 0
+            && self.size.is_multiple_of(s)
+            && self.idx.chunks(s).enumerate().all(|(run, members)| {
+                let k = members[0] as usize / s;
+                members.iter().enumerate().all(|(u, &j)| {
+                    let member = k * s + u;
+                    let valid = self.mask.as_ref().is_none_or(|m| m[run * s + u]);
+                    if member < n {
+                        j as usize == member && valid
+                    } else {
+                        j == 0 && !valid
+                    }
+                })
+            })
+    }
+
     /// Neighbourhoods made of the members of each token's nearest clusters:
     /// `nearest` is images×n×nnc cluster indices, clusters hold the reordered
     /// tokens `c·s .. c·s+s`, and slots at or past `n` are padding.

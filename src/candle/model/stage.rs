@@ -134,8 +134,12 @@ impl Stage {
         // The CUDA kernels read the positions (a shared neighbourhood's
         // images share them: the first image's).
         let pos = layout.pos[..nbhd.images * n * 2].to_vec();
-        let slots =
+        let mut slots =
             NeighbourSlots::new(nbhd, rows, ctx.geometry.offsets.clone())?.with_positions(pos)?;
+        if let Attention::Clustered(cl) = &layout.attention {
+            // On a GPU: the tiled attention kernel.
+            slots = slots.with_cluster_size(cl.clustering.cluster_size)?;
+        }
         let attention = ClusterAttention::new(&slots, self.heads)?;
         for block in &self.blocks {
             x = block.forward(&x, &attention)?;

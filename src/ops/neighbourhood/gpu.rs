@@ -66,22 +66,7 @@ impl DeviceNeighbourhood {
         nbhd: &super::Neighbourhood,
         s: usize,
     ) -> Result<Self> {
-        let n = nbhd.tokens;
-        let structured = s > 0
-            && nbhd.size.is_multiple_of(s)
-            && nbhd.idx.chunks(s).enumerate().all(|(run, members)| {
-                let k = members[0] as usize / s;
-                members.iter().enumerate().all(|(u, &j)| {
-                    let member = k * s + u;
-                    let valid = nbhd.mask.as_ref().is_none_or(|m| m[run * s + u]);
-                    if member < n {
-                        j as usize == member && valid
-                    } else {
-                        j == 0 && !valid
-                    }
-                })
-            });
-        if !structured {
+        if !nbhd.is_whole_clusters(s) {
             return Err(Error::InvalidArgument(format!(
                 "neighbourhood: the lists are not whole clusters of {s} tokens"
             )));
