@@ -1,20 +1,37 @@
 //! Kernel benchmarks on GPU 0; without one, only the layout's stable sort,
-//! on the emulator.
+//! on the emulator (and the backward benchmark's problem run once there).
 //!
 //! The stage-0 layout (clustering, nearest clusters, selection) per image,
-//! and the fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
-//! 2 heads of 32, m = 48) in bf16. Criterion's throughput is the HBM floor's
+//! the fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
+//! 2 heads of 32, m = 48) in bf16 and f32, and the backward kernels of the
+//! attention and the merge against their forward there (bf16). Criterion's throughput is the HBM floor's
 //! bytes — every input read once, the output written once — so the GB/s it
 //! prints divided by the card's bandwidth is the fraction of the floor.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-use autofocus::gpu::{Device, Element};
-use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
-use autofocus::ops::clustering::KeyScope;
+use autofocus::gpu::{Buffer, Device, Element};
+use autofocus::io::F32Buffer;
+use autofocus::model::ClusterLayout;
+use autofocus::ops::cluster_attention::gpu::{
+    DeviceAttentionGrads, DeviceAttentionInputs, cluster_attention, cluster_attention_backward,
+};
 use autofocus::ops::clustering::gpu::space_filling_cluster;
-use autofocus::ops::neighbourhood::gpu::nearest_neighbourhoods;
+use autofocus::ops::clustering::{KeyScope, grid_positions};
+use autofocus::ops::neighbourhood::InverseNeighbourhood;
+use autofocus::ops::neighbourhood::gpu::{
+    DeviceInverse, DeviceNeighbourhood, nearest_neighbourhoods,
+};
+use autofocus::ops::pointconv_merge::INNER_CHANNELS;
+use autofocus::ops::pointconv_merge::gpu::{
+    DeviceMergeGrads, DeviceMergeInputs, DeviceWeightNet, pointconv_merge, pointconv_merge_backward,
+};
+use autofocus::ops::rel_pos::OffsetTable;
 use autofocus::ops::token_selection::gpu::select_tokens;
+use autofocus::ops::{LayerNorm, Linear};
+
+mod common;
+use common::interleaved_ratio;
 
 fn attention<T: Element>(c: &mut Criterion, device: &Device) {
     let (b, side, heads, d, s, nnc) = (64usize, 56usize, 2usize, 32usize, 8usize, 6usize);
@@ -168,12 +185,233 @@ fn sort(c: &mut Criterion, device: &Device, name: &str) {
     group.finish();
 }
 
+/// A stage-0 problem for the backward kernels against their forward: the
+/// aff_tiny shape at `grid` (tokens in clustered order, clusters of 8, six
+/// nearest: m = 48), one layout shared by the `b` images; the attention
+/// with 2 heads of 32 channels (the tiled kernel), the merge at 64 channels
+/// keeping every fourth token. The targets on the CPU are ≤ 2.5×
+/// (attention) and ≤ 3× (merge); `benches/backward.rs` measures those.
+struct BackwardProblem<T: Element> {
+    b: usize,
+    n: usize,
+    kept: usize,
+    nbhd: DeviceNeighbourhood,
+    inverse: DeviceInverse,
+    pos: Buffer<f32>,
+    q: Buffer<T>,
+    kv: Buffer<T>,
+    pos_weight: Buffer<f32>,
+    pos_bias: Buffer<f32>,
+    blank: Buffer<f32>,
+    attention_out: Buffer<T>,
+    attention_grad: Buffer<T>,
+    feat: Buffer<T>,
+    importance: Buffer<f32>,
+    centres: Buffer<i32>,
+    net: DeviceWeightNet,
+    merge_out: Buffer<T>,
+    merge_grad: Buffer<T>,
+}
+
+const HEADS: usize = 2;
+const HEAD_DIM: usize = 32;
+const MERGE_CHANNELS: usize = 64;
+
+impl<T: Element> BackwardProblem<T> {
+    fn new(device: &Device, grid: (usize, usize), b: usize) -> Self {
+        let offsets = OffsetTable::new(grid.0, grid.1, None);
+        let n = grid.0 * grid.1;
+        let layout = ClusterLayout::build(
+            &grid_positions(grid.0, grid.1),
+            1,
+            n,
+            8,
+            48,
+            &offsets,
+            grid,
+            KeyScope::Batch,
+        )
+        .unwrap();
+        let values = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| (((i * 7919 + seed) % 1000) as f32 / 500.0) - 1.0)
+                .collect()
+        };
+        let stored = |len: usize, seed: usize| -> Buffer<T> {
+            let v: Vec<T> = values(len, seed).into_iter().map(T::from_f32).collect();
+            device.upload(&v).unwrap()
+        };
+        let ch = HEADS * HEAD_DIM;
+        let kept = n / 4;
+        let centres: Vec<i32> = (0..b)
+            .flat_map(|_| (0..kept as i32).map(|i| i * 4))
+            .collect();
+        let norm = LayerNorm {
+            weight: F32Buffer::owned(vec![1.0; INNER_CHANNELS]),
+            bias: F32Buffer::owned(vec![0.0; INNER_CHANNELS]),
+        };
+        let net = Linear {
+            weight: F32Buffer::owned(values(INNER_CHANNELS * 5, 3)),
+            bias: Some(F32Buffer::owned(values(INNER_CHANNELS, 4))),
+            in_dim: 5,
+            out_dim: INNER_CHANNELS,
+        };
+        let importance: Vec<f32> = values(b * n, 5).iter().map(|v| v.abs()).collect();
+        let merged = b * kept * INNER_CHANNELS * MERGE_CHANNELS;
+        Self {
+            b,
+            n,
+            kept,
+            nbhd: DeviceNeighbourhood::upload_clustered(device, &layout.nbhd, 8).unwrap(),
+            inverse: DeviceInverse::upload(
+                device,
+                &InverseNeighbourhood::new(&layout.nbhd).unwrap(),
+            )
+            .unwrap(),
+            pos: device.upload(&layout.clustering.pos.repeat(b)).unwrap(),
+            q: stored(b * n * ch, 1),
+            kv: stored(b * n * 2 * ch, 2),
+            pos_weight: device.upload(&[0.01f32; HEADS * 5]).unwrap(),
+            pos_bias: device.upload(&[0.0f32; HEADS]).unwrap(),
+            blank: device.upload(&vec![0.1f32; ch]).unwrap(),
+            attention_out: device.zeros::<T>(b * n * ch).unwrap(),
+            attention_grad: stored(b * n * ch, 6),
+            feat: stored(b * n * MERGE_CHANNELS, 7),
+            importance: device.upload(&importance).unwrap(),
+            centres: device.upload(&centres).unwrap(),
+            net: DeviceWeightNet::upload(device, &net, &norm).unwrap(),
+            merge_out: device.zeros::<T>(merged).unwrap(),
+            merge_grad: stored(merged, 8),
+        }
+    }
+
+    fn attention_inputs(&self) -> DeviceAttentionInputs<'_, T> {
+        DeviceAttentionInputs {
+            q: &self.q,
+            q_scale: (HEAD_DIM as f32).powf(-0.5),
+            kv: &self.kv,
+            nbhd: &self.nbhd,
+            pos: &self.pos,
+            pos_weight: &self.pos_weight,
+            pos_bias: &self.pos_bias,
+            blank_k: &self.blank,
+            blank_v: &self.blank,
+            offset_clamp: None,
+            batch: self.b,
+            tokens: self.n,
+            heads: HEADS,
+            head_dim: HEAD_DIM,
+        }
+    }
+
+    fn merge_inputs(&self) -> DeviceMergeInputs<'_, T> {
+        DeviceMergeInputs {
+            feat: &self.feat,
+            importance: &self.importance,
+            nbhd: &self.nbhd,
+            centres: &self.centres,
+            pos: &self.pos,
+            weight_net: &self.net,
+            offset_clamp: None,
+            batch: self.b,
+            tokens: self.n,
+            kept: self.kept,
+            channels: MERGE_CHANNELS,
+        }
+    }
+
+    /// The attention's forward into its output (which the backward reads).
+    fn attention_forward(&mut self, device: &Device) {
+        let mut out = std::mem::replace(&mut self.attention_out, device.zeros(0).unwrap());
+        cluster_attention(device, &self.attention_inputs(), &mut out).unwrap();
+        self.attention_out = out;
+        device.synchronize().unwrap();
+    }
+
+    fn attention_backward(&self, device: &Device) -> DeviceAttentionGrads<T> {
+        let grads = cluster_attention_backward(
+            device,
+            &self.attention_inputs(),
+            &self.attention_out,
+            &self.attention_grad,
+            &self.inverse,
+        )
+        .unwrap();
+        device.synchronize().unwrap();
+        grads
+    }
+
+    fn merge_forward(&mut self, device: &Device) {
+        let mut out = std::mem::replace(&mut self.merge_out, device.zeros(0).unwrap());
+        pointconv_merge(device, &self.merge_inputs(), &mut out).unwrap();
+        self.merge_out = out;
+        device.synchronize().unwrap();
+    }
+
+    fn merge_backward(&self, device: &Device) -> DeviceMergeGrads<T> {
+        let grads = pointconv_merge_backward(
+            device,
+            &self.merge_inputs(),
+            &self.merge_grad,
+            &self.inverse,
+        )
+        .unwrap();
+        device.synchronize().unwrap();
+        grads
+    }
+}
+
+/// The backward kernels against their forward at aff_tiny's stage 0, batch
+/// 64 (a training batch), each group ending with the median ratio of
+/// alternating runs (`…/ratio`), which is what the targets are
+/// about.
+fn backward<T: Element>(c: &mut Criterion, device: &Device) {
+    let problem = std::cell::RefCell::new(BackwardProblem::<T>::new(device, (56, 56), 64));
+    problem.borrow_mut().attention_forward(device);
+    problem.borrow_mut().merge_forward(device);
+    for op in ["attention", "merge"] {
+        let name = format!("backward_{op}_aff_tiny_stage0_b64_{}", T::SUFFIX);
+        let forward = || match op {
+            "attention" => problem.borrow_mut().attention_forward(device),
+            _ => problem.borrow_mut().merge_forward(device),
+        };
+        let backward = || match op {
+            "attention" => drop(problem.borrow().attention_backward(device)),
+            _ => drop(problem.borrow().merge_backward(device)),
+        };
+        let mut group = c.benchmark_group(&name);
+        group.bench_function("forward", |bench| bench.iter(&forward));
+        group.bench_function("backward", |bench| bench.iter(&backward));
+        group.finish();
+        interleaved_ratio(&name, "backward/forward", forward, backward);
+    }
+}
+
+/// Without a GPU: the benchmark's problem through every op once on the
+/// emulator, at a grid small enough for it, so the GPU run finds its inputs
+/// consistent (shapes, layout, inverse lists).
+fn backward_once_on_the_emulator() {
+    let device = Device::emulator();
+    let mut problem = BackwardProblem::<f32>::new(&device, (11, 13), 2);
+    problem.attention_forward(&device);
+    problem.merge_forward(&device);
+    let attention = problem.attention_backward(&device);
+    let merge = problem.merge_backward(&device);
+    let finite = |v: Vec<f32>| v.iter().all(|x| x.is_finite());
+    assert!(finite(device.download(&attention.q).unwrap()));
+    assert!(finite(device.download(&attention.params).unwrap()));
+    assert!(finite(device.download(&merge.feat).unwrap()));
+    assert!(finite(device.download(&merge.weight_net).unwrap()));
+    eprintln!("backward benchmark: its problem ran once on the emulator at 11×13, batch 2");
+}
+
 fn kernels(c: &mut Criterion) {
     match Device::cuda(0) {
         Ok(device) => {
             eprintln!("benchmarking on {}", device.name());
             attention::<half::bf16>(c, &device);
             attention::<f32>(c, &device);
+            backward::<half::bf16>(c, &device);
             layout(c, &device);
             sort(c, &device, "gpu");
         }
@@ -182,6 +420,7 @@ fn kernels(c: &mut Criterion) {
         }
         Err(e) => {
             eprintln!("SKIPPED: kernel benchmarks need a GPU ({e}); the sort on the emulator only");
+            backward_once_on_the_emulator();
             sort(c, &Device::emulator(), "emulator");
         }
     }

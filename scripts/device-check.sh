@@ -14,8 +14,9 @@
 # `run` executes every kernel test and the golden end-to-end tests on GPU 0
 # (AUTOFOCUS_REQUIRE_GPU=1: no silent fallback to the emulator alone), the
 # headline benchmarks (aff_mini through `autofocus bench --device cuda`, the
-# attention and stage-0 layout kernels, the card's copy and matmul ceilings
-# through PyTorch), compute-sanitizer memcheck and racecheck over the kernel
+# attention and stage-0 layout kernels, the backward kernels against their
+# forward, the card's copy and matmul ceilings through PyTorch),
+# compute-sanitizer memcheck and racecheck over the kernel
 # tests, the candle backend's tests and one candle training step on the GPU,
 # the golden tests again on the SIMT GEMM and on kernels compiled by NVRTC
 # (AUTOFOCUS_KERNELS=nvrtc), graph-less and overlapped timings, a per-op
@@ -186,7 +187,8 @@ run() {
     step "bench-aff_mini-$dtype-cublaslt" 60 env AUTOFOCUS_GEMM=cublaslt "${mini[@]}" \
       --dtype "$dtype" --iters 5
   done
-  step attention-bench 150 device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
+  # (with the backward kernels against their forward, issue #10's ratios)
+  step attention-bench 180 device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
   # The card's two ceilings, measured (METHOD.md): a large device copy and a
   # large bf16 matrix product, through the PyTorch installed there.
   step ceilings 60 python3 -c '
@@ -256,8 +258,8 @@ t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLO
     echo
     echo "$passed passed, $failed failed, $skipped skipped, in $SECONDS s (budget $budget s)"
     echo
-    echo "## Attention (aff_tiny stage 0, b = 64) and stage-0 layout (b = 64, 224²)"
-    grep -hE "time:|thrpt:|cluster_attention|stage0_layout|stable_sort" "$out/attention-bench.log" 2>/dev/null || true
+    echo "## Attention (aff_tiny stage 0, b = 64), backward/forward ratios and stage-0 layout (b = 64, 224²)"
+    grep -hE "time:|thrpt:|cluster_attention|backward_|stage0_layout|stable_sort" "$out/attention-bench.log" 2>/dev/null || true
     echo
     echo "## candle: aff_tiny training step (224, batch 64, bf16)"
     grep -hE "time:|thrpt:" "$out/candle-train-step.log" 2>/dev/null || true
