@@ -270,7 +270,11 @@ fn attention_takes_half_precision_tensors() {
 fn half_precision_on(dev: &Device) {
     let case = Case::new(1, (8, 8), 2, 8, false);
     let (n, h, c) = (case.n, case.heads, case.heads * case.d);
-    for dtype in [DType::F16, DType::BF16] {
+    let both_kernels = [false, true];
+    for (dtype, tiled) in [DType::F16, DType::BF16]
+        .into_iter()
+        .flat_map(|dtype| both_kernels.map(|tiled| (dtype, tiled)))
+    {
         let tensor = |v: &[f32], shape: &[usize]| {
             Tensor::from_vec(v.to_vec(), shape, dev)
                 .unwrap()
@@ -285,7 +289,7 @@ fn half_precision_on(dev: &Device) {
         );
         let (bk, bv) = (tensor(&case.blank_k, &[c]), tensor(&case.blank_v, &[c]));
         let out = case
-            .attention(true)
+            .attention(tiled)
             .forward(&q, &kv, &w, &bias, &bk, &bv)
             .unwrap();
         assert_eq!(out.dtype(), dtype);
@@ -304,7 +308,7 @@ fn half_precision_on(dev: &Device) {
             .to_dtype(dtype)
             .unwrap();
         if dev.is_cpu() {
-            assert_eq!(flat(&out), flat(&want), "{dtype:?}");
+            assert_eq!(flat(&out), flat(&want), "{dtype:?} (tiled: {tiled})");
         } else {
             // The kernels' f32 differs in the last bits, which can move
             // the rounding by one unit of the half type.
@@ -314,7 +318,7 @@ fn half_precision_on(dev: &Device) {
                 2f32.powi(-10)
             };
             common::assert_within(
-                &format!("{dtype:?} on {dev:?}"),
+                &format!("{dtype:?} on {dev:?} (tiled: {tiled})"),
                 &flat(&out),
                 &flat(&want),
                 unit,

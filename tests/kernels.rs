@@ -1001,15 +1001,14 @@ fn gather_and_mean_match_plain_loops() {
 }
 
 /// The sums `column_sums` promises, bit for bit: passes adding chunks of
-/// `COLUMN_SUM_CHUNK` rows, each in row order, until one row is left.
+/// `COLUMN_SUM_CHUNK` rows, each in row order, until one row is left; and
+/// how many passes.
 fn chunked_column_sums(matrix: &[f32], rows: usize, cols: usize) -> (Vec<f32>, usize) {
     let chunk = autofocus::gpu::tensor_ops::COLUMN_SUM_CHUNK;
-    if rows == 0 {
-        return (vec![0.0; cols], 0);
-    }
     let (mut level, mut rows, mut passes) = (matrix.to_vec(), rows, 0);
     loop {
-        let chunks = rows.div_ceil(chunk);
+        // No rows: one pass, writing zeros.
+        let chunks = rows.div_ceil(chunk).max(1);
         level = (0..chunks * cols)
             .map(|e| {
                 let (first, k) = ((e / cols) * chunk, e % cols);

@@ -220,13 +220,12 @@ impl SlotLayout {
                 device.upload(&pos.repeat(batch))
             }
             .map_err(wrap_err)?;
-            let nbhd = match self.cluster_size {
-                Some(s) => DeviceNeighbourhood::upload_clustered(device, &self.nbhd, s),
-                None => DeviceNeighbourhood::upload(device, &self.nbhd),
-            }
-            .map_err(wrap_err)?;
             Ok(GpuSlots {
-                nbhd,
+                nbhd: DeviceNeighbourhood {
+                    // Checked against the lists by `with_cluster_size`.
+                    cluster_size: self.cluster_size,
+                    ..DeviceNeighbourhood::upload(device, &self.nbhd).map_err(wrap_err)?
+                },
                 pos,
                 inverse: OnceLock::new(),
             })

@@ -57,6 +57,9 @@ impl NeighbourSlots {
         }
         Ok(Self(Arc::new(SlotLayout {
             positions: Some(pos),
+            // What was uploaded holds the old positions.
+            #[cfg(feature = "candle-cuda")]
+            on_gpu: Default::default(),
             ..layout
         })))
     }
@@ -80,6 +83,9 @@ impl NeighbourSlots {
         let layout = Arc::unwrap_or_clone(self.0);
         Ok(Self(Arc::new(SlotLayout {
             cluster_size: Some(s),
+            // What was uploaded does not say the lists are clusters.
+            #[cfg(feature = "candle-cuda")]
+            on_gpu: Default::default(),
             ..layout
         })))
     }

@@ -91,7 +91,8 @@ pub const COLUMN_SUM_CHUNK: usize = 64;
 /// in row order into one row each, until one row is left (so 200 704 rows
 /// take three passes: 3136, 49, 1). A column is never summed by one thread
 /// over all rows, which at a training batch would leave the GPU idle behind
-/// a few hundred threads each reading 10⁵ rows. With no rows the sums are 0.
+/// a few hundred threads each reading 10⁵ rows. With no rows the one pass
+/// writes zeros.
 ///
 /// # Errors
 /// Shape errors naming the buffer; device errors.
@@ -104,15 +105,15 @@ pub fn column_sums(
     const OP: &str = "column_sums";
     device.check(OP, "input", input, &[rows, cols])?;
     device.check_mut(OP, "out", out, &[cols])?;
-    if rows == 0 || cols == 0 {
-        return device.fill_zeros(out);
+    if cols == 0 {
+        return Ok(());
     }
     // The pass's input: the caller's matrix, then the previous pass's sums
     // (freed in stream order once the next pass has read them).
     let mut level: Option<Buffer<f32>> = None;
     let mut rows = rows;
     loop {
-        let chunks = rows.div_ceil(COLUMN_SUM_CHUNK);
+        let chunks = rows.div_ceil(COLUMN_SUM_CHUNK).max(1);
         let mut next = if chunks == 1 {
             None
         } else {

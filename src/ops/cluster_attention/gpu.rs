@@ -193,8 +193,9 @@ pub const MAX_BACKWARD_HEAD_DIM: usize = 256;
 /// forward's inputs, its output `out` and the output gradient `grad_out`.
 /// The log-sum-exp is recomputed per row by the first kernel (the device
 /// forward does not keep it); dk and dv are gathered over `inverse`; the
-/// parameter gradients are each row's share summed in row order. No atomics:
-/// the same bits on every run.
+/// parameter gradients are each row's share, added by
+/// [`crate::gpu::tensor_ops::column_sums`] in a fixed order. No atomics: the
+/// same bits on every run.
 ///
 /// # Errors
 /// Shape errors naming the buffer; [`Error::Unsupported`] for head dims over

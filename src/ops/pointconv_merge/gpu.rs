@@ -169,8 +169,9 @@ pub struct DeviceMergeGrads<T: Element> {
 /// as [`super::backward::pointconv_merge_backward`] on the CPU: from the
 /// forward's inputs (distinct centres, as selections are) and the gradient
 /// of the merged features. Feature and importance gradients are gathered
-/// over `inverse`; the weight net's are each centre's share summed in
-/// order. No atomics: the same bits on every run.
+/// over `inverse`; the weight net's are each centre's share, added by
+/// [`crate::gpu::tensor_ops::column_sums`] in a fixed order. No atomics: the
+/// same bits on every run.
 ///
 /// # Errors
 /// Shape errors naming the buffer; [`Error::InvalidArgument`] for inverse
