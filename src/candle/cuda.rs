@@ -12,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::{CudaDType, DeviceId};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape, Storage, Tensor, bail};
-use cudarc::driver::DevicePtr;
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::layout::SlotLayout;
 use crate::gpu::{self, Buffer, Element};
@@ -52,10 +52,22 @@ pub(crate) fn address<T: CudaDType>(
     };
     let slice = storage.as_cuda_slice::<T>()?;
     let stream = storage.device().cuda_stream();
-    // The guard records the read on the stream when dropped; the kernels
-    // that use the address are launched later on the same stream.
+    // With cudarc's event tracking on, the stream first waits for the
+    // tensor's last write (from any stream). The read is recorded by
+    // `read_done`, once the kernels that read it are launched.
     let (base, _guard) = slice.device_ptr(&stream);
     Ok((base + (start * size_of::<T>()) as u64, end - start))
+}
+
+/// Records on candle's stream that the kernels launched so far read
+/// `storage`, as cudarc's own launches do: with event tracking on (a device
+/// from candle's `new_cuda_with_stream`), a write to the tensor from
+/// another stream then waits for them. Without tracking, nothing.
+pub(crate) fn read_done<T: CudaDType>(storage: &CudaStorage) -> Result<()> {
+    let slice = storage.as_cuda_slice::<T>()?;
+    let stream = storage.device().cuda_stream();
+    drop(slice.device_ptr(&stream));
+    Ok(())
 }
 
 /// `len` elements of `T` from element `offset` of what `address` gave, as a
@@ -76,12 +88,18 @@ pub(crate) unsafe fn view<T: Element>(
     unsafe { Buffer::borrowed_cuda(device, addr, len) }.map_err(wrap_err)
 }
 
-/// A result buffer of this crate's device as candle's storage on `dev`.
+/// A result buffer of this crate's device as candle's storage on `dev`,
+/// once the kernels that write it are launched.
 pub(crate) fn storage_of<T: Element + CudaDType>(
     buffer: Buffer<T>,
     dev: &CudaDevice,
 ) -> Result<CudaStorage> {
-    let slice = buffer.into_cuda_slice().map_err(wrap_err)?;
+    let mut slice = buffer.into_cuda_slice().map_err(wrap_err)?;
+    // The slice's events are new: its write is recorded now, after the
+    // kernels that wrote it, so that with event tracking on a read from
+    // another stream waits for them (without tracking, nothing).
+    let stream = Arc::clone(slice.stream());
+    drop(slice.device_ptr_mut(&stream));
     Ok(CudaStorage::wrap_cuda_slice(slice, dev.clone()))
 }
 

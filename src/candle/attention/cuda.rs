@@ -8,7 +8,7 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor, bail};
 
 use super::{AttentionOp, OP};
 use crate::candle::cuda::{
-    GpuSlots, address, as_cuda, cuda_storage, device_for, storage_of, tensor_of, view,
+    GpuSlots, address, as_cuda, cuda_storage, device_for, read_done, storage_of, tensor_of, view,
     with_element, wrap_err,
 };
 use crate::gpu::{self, Buffer, Element};
@@ -24,6 +24,14 @@ struct Views<T: Element> {
     pos_bias: Buffer<f32>,
     blank_k: Buffer<f32>,
     blank_v: Buffer<f32>,
+}
+
+/// [`read_done`] for the op's inputs: `q` and `kv` (of `T`) and the packed
+/// f32 parameters.
+fn reads_done<T: CudaDType>(inputs: [(&CudaStorage, &Layout); 3]) -> Result<()> {
+    read_done::<T>(inputs[0].0)?;
+    read_done::<T>(inputs[1].0)?;
+    read_done::<f32>(inputs[2].0)
 }
 
 impl AttentionOp {
@@ -100,11 +108,12 @@ impl AttentionOp {
         // SAFETY: candle keeps the inputs alive for this call, and frees
         // them in the order of its stream, after these launches.
         let views = unsafe { self.views::<T>(&device, inputs, dims) }?;
-        let inputs = self.device_inputs(&views, &slots, dims);
         let mut out = device
             .alloc::<T>(dims.0 * dims.1 * dims.2)
             .map_err(wrap_err)?;
-        cluster_attention(&device, &inputs, &mut out).map_err(wrap_err)?;
+        cluster_attention(&device, &self.device_inputs(&views, &slots, dims), &mut out)
+            .map_err(wrap_err)?;
+        reads_done::<T>(inputs)?;
         storage_of(out, dev)
     }
 
@@ -146,7 +155,7 @@ impl AttentionOp {
         let grad_at = address::<T>(OP, "grad_out", grad_out.0, grad_out.1)?;
         // SAFETY: the tensors are borrowed for this call, and candle frees
         // them in the order of its stream, after these launches.
-        let (views, out, grad_out) = unsafe {
+        let (views, out_view, grad_view) = unsafe {
             (
                 self.views::<T>(&device, inputs, (b, n, c))?,
                 view::<T>(&device, out_at, 0, len)?,
@@ -157,11 +166,14 @@ impl AttentionOp {
         let grads = cluster_attention_backward(
             &device,
             &self.device_inputs(&views, &slots, (b, n, c)),
-            &out,
-            &grad_out,
+            &out_view,
+            &grad_view,
             inverse,
         )
         .map_err(wrap_err)?;
+        reads_done::<T>(inputs)?;
+        read_done::<T>(out.0)?;
+        read_done::<T>(grad_out.0)?;
         Ok([
             tensor_of(grads.q, dev, (b, n, c))?,
             tensor_of(grads.kv, dev, (b, n, 2 * c))?,

@@ -8,7 +8,7 @@ use candle_core::{CudaDevice, CudaStorage, Layout, Result, Tensor, bail};
 
 use super::{MergeOp, NET_PARAMS, OP};
 use crate::candle::cuda::{
-    GpuSlots, address, as_cuda, cuda_storage, device_for, storage_of, tensor_of, view,
+    GpuSlots, address, as_cuda, cuda_storage, device_for, read_done, storage_of, tensor_of, view,
     with_element, wrap_err,
 };
 use crate::gpu::{self, Buffer, Element};
@@ -26,6 +26,14 @@ struct Views<T: Element> {
 
 /// (batch, tokens, channels, kept centres per image).
 type Dims = (usize, usize, usize, usize);
+
+/// [`read_done`] for the op's inputs: the features (of `T`), the f32
+/// importance and the packed f32 weight net.
+fn reads_done<T: CudaDType>(inputs: [(&CudaStorage, &Layout); 3]) -> Result<()> {
+    read_done::<T>(inputs[0].0)?;
+    read_done::<f32>(inputs[1].0)?;
+    read_done::<f32>(inputs[2].0)
+}
 
 impl MergeOp {
     /// Views the features, the f32 importance and the packed f32 weight net
@@ -116,11 +124,12 @@ impl MergeOp {
         // SAFETY: candle keeps the inputs alive for this call, and frees
         // them in the order of its stream, after these launches.
         let views = unsafe { Self::views::<T>(&device, inputs, dims) }?;
-        let inputs = self.device_inputs(&views, &slots, &centres, dims);
         let mut out = device
             .alloc::<T>(b * kept * INNER_CHANNELS * c)
             .map_err(wrap_err)?;
-        pointconv_merge(&device, &inputs, &mut out).map_err(wrap_err)?;
+        let merge_inputs = self.device_inputs(&views, &slots, &centres, dims);
+        pointconv_merge(&device, &merge_inputs, &mut out).map_err(wrap_err)?;
+        reads_done::<T>(inputs)?;
         storage_of(out, dev)
     }
 
@@ -159,7 +168,7 @@ impl MergeOp {
         let grad_at = address::<T>(OP, "grad_out", grad_out.0, grad_out.1)?;
         // SAFETY: the tensors are borrowed for this call, and candle frees
         // them in the order of its stream, after these launches.
-        let (views, grad_out) = unsafe {
+        let (views, grad_view) = unsafe {
             (
                 Self::views::<T>(&device, inputs, dims)?,
                 view::<T>(&device, grad_at, 0, b * kept * INNER_CHANNELS * c)?,
@@ -169,10 +178,12 @@ impl MergeOp {
         let grads = pointconv_merge_backward(
             &device,
             &self.device_inputs(&views, &slots, &centres, dims),
-            &grad_out,
+            &grad_view,
             inverse,
         )
         .map_err(wrap_err)?;
+        reads_done::<T>(inputs)?;
+        read_done::<T>(grad_out.0)?;
         Ok([
             tensor_of(grads.feat, dev, (b, n, c))?,
             tensor_of(grads.importance, dev, (b, n))?,
