@@ -369,24 +369,30 @@ impl<T: Element> BackwardProblem<T> {
 /// about.
 fn backward<T: Element>(c: &mut Criterion, device: &Device) {
     let problem = BackwardProblem::<T>::new(device, (56, 56), 64);
-    problem.attention_forward(device);
-    problem.merge_forward(device);
-    for op in ["attention", "merge"] {
-        let name = format!("backward_{op}_aff_tiny_stage0_b64_{}", T::SUFFIX);
-        let forward = || match op {
-            "attention" => problem.attention_forward(device),
-            _ => problem.merge_forward(device),
-        };
-        let backward = || match op {
-            "attention" => drop(problem.attention_backward(device)),
-            _ => drop(problem.merge_backward(device)),
-        };
-        let mut group = c.benchmark_group(&name);
-        group.bench_function("forward", |bench| bench.iter(&forward));
-        group.bench_function("backward", |bench| bench.iter(&backward));
-        group.finish();
-        interleaved_ratio(&name, "backward/forward", forward, backward);
-    }
+    let name = |op: &str| format!("backward_{op}_aff_tiny_stage0_b64_{}", T::SUFFIX);
+    forward_and_backward(
+        c,
+        &name("attention"),
+        || problem.attention_forward(device),
+        || drop(problem.attention_backward(device)),
+    );
+    forward_and_backward(
+        c,
+        &name("merge"),
+        || problem.merge_forward(device),
+        || drop(problem.merge_backward(device)),
+    );
+}
+
+/// Group `name`: `forward` and `backward` timed, then their ratio. The
+/// forward runs first, so the backward reads its output.
+fn forward_and_backward(c: &mut Criterion, name: &str, forward: impl Fn(), backward: impl Fn()) {
+    forward();
+    let mut group = c.benchmark_group(name);
+    group.bench_function("forward", |bench| bench.iter(&forward));
+    group.bench_function("backward", |bench| bench.iter(&backward));
+    group.finish();
+    interleaved_ratio(name, "backward/forward", forward, backward);
 }
 
 /// Without a GPU: the benchmark's problem through every op once on the

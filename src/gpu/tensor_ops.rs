@@ -104,7 +104,7 @@ pub fn column_sums(
 ) -> Result<()> {
     const OP: &str = "column_sums";
     device.check(OP, "input", input, &[rows, cols])?;
-    device.check_mut(OP, "out", out, &[cols])?;
+    let out = device.check_mut(OP, "out", out, &[cols])?;
     if cols == 0 {
         return Ok(());
     }
@@ -122,7 +122,7 @@ pub fn column_sums(
         let source = level.as_ref().unwrap_or(input);
         let sums = match next.as_mut() {
             Some(next) => device.check_mut(OP, "partial sums", next, &[chunks, cols])?,
-            None => device.check_mut(OP, "out", out, &[cols])?,
+            None => out,
         };
         let params = ColumnSumsParams {
             input: device.check(OP, "input", source, &[rows, cols])?,
