@@ -46,8 +46,7 @@ impl NeighbourSlots {
     /// # Errors
     /// When `pos` is not images×n×2.
     pub fn with_positions(self, pos: Vec<f32>) -> Result<Self> {
-        let layout = Arc::unwrap_or_clone(self.0);
-        let expected = [layout.nbhd.images, layout.nbhd.tokens, 2];
+        let expected = [self.0.nbhd.images, self.0.nbhd.tokens, 2];
         if pos.len() != expected.iter().product::<usize>() {
             bail!(
                 "autofocus neighbour slots: `pos` must have shape {expected:?} (images × tokens × \
@@ -55,13 +54,7 @@ impl NeighbourSlots {
                 pos.len()
             );
         }
-        Ok(Self(Arc::new(SlotLayout {
-            positions: Some(pos),
-            // What was uploaded holds the old positions.
-            #[cfg(feature = "candle-cuda")]
-            on_gpu: Default::default(),
-            ..layout
-        })))
+        Ok(self.changed(|layout| layout.positions = Some(pos)))
     }
 
     /// The same slots, declared to be whole clusters of `s` consecutive
@@ -80,14 +73,20 @@ impl NeighbourSlots {
                  consecutive tokens"
             );
         }
-        let layout = Arc::unwrap_or_clone(self.0);
-        Ok(Self(Arc::new(SlotLayout {
-            cluster_size: Some(s),
-            // What was uploaded does not say the lists are clusters.
-            #[cfg(feature = "candle-cuda")]
-            on_gpu: Default::default(),
-            ..layout
-        })))
+        Ok(self.changed(|layout| layout.cluster_size = Some(s)))
+    }
+
+    /// The layout with `change` made, and an empty GPU cache: what was
+    /// uploaded before no longer matches. (`Arc::unwrap_or_clone` does not
+    /// clone a layout held once, so the cache would otherwise carry over.)
+    fn changed(self, change: impl FnOnce(&mut SlotLayout)) -> Self {
+        let mut layout = Arc::unwrap_or_clone(self.0);
+        change(&mut layout);
+        #[cfg(feature = "candle-cuda")]
+        {
+            layout.on_gpu = Default::default();
+        }
+        Self(Arc::new(layout))
     }
 
     /// The neighbourhood.
