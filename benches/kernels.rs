@@ -3,7 +3,9 @@
 //!
 //! The stage-0 layout (clustering, nearest clusters, selection) per image,
 //! the fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
-//! 2 heads of 32, m = 48) in bf16 and f32, and the backward kernels of the
+//! 2 heads of 32, m = 48) in bf16 and f32 and at aff_base_22kto1k_384's
+//! (b = 16, n = 9216, 4 heads of 32, clusters of 24, m = 144) in bf16, each
+//! tiled and generic, and the backward kernels of the
 //! attention and the merge against their forward there (bf16). Criterion's throughput is the HBM floor's
 //! bytes — every input read once, the output written once — so the GB/s it
 //! prints divided by the card's bandwidth is the fraction of the floor.
@@ -35,8 +37,48 @@ use autofocus::ops::{LayerNorm, Linear};
 mod common;
 use common::interleaved_ratio;
 
-fn attention<T: Element>(c: &mut Criterion, device: &Device) {
-    let (b, side, heads, d, s, nnc) = (64usize, 56usize, 2usize, 32usize, 8usize, 6usize);
+/// A stage-0 attention shape: `side`² tokens in clusters of `s`.
+struct AttentionShape {
+    name: &'static str,
+    b: usize,
+    side: usize,
+    heads: usize,
+    d: usize,
+    s: usize,
+    nnc: usize,
+}
+
+const AFF_TINY_STAGE0: AttentionShape = AttentionShape {
+    name: "aff_tiny_stage0_b64",
+    b: 64,
+    side: 56,
+    heads: 2,
+    d: 32,
+    s: 8,
+    nnc: 6,
+};
+
+/// Where the tiled kernel recomputes the features per head to fit its tile.
+const AFF_BASE_384_STAGE0: AttentionShape = AttentionShape {
+    name: "aff_base_384_stage0_b16",
+    b: 16,
+    side: 96,
+    heads: 4,
+    d: 32,
+    s: 24,
+    nnc: 6,
+};
+
+fn attention<T: Element>(c: &mut Criterion, device: &Device, shape: &AttentionShape) {
+    let AttentionShape {
+        name,
+        b,
+        side,
+        heads,
+        d,
+        s,
+        nnc,
+    } = *shape;
     let n = side * side;
     let ch = heads * d;
     let m = nnc * s;
@@ -49,12 +91,12 @@ fn attention<T: Element>(c: &mut Criterion, device: &Device) {
     let pos: Vec<f32> = (0..b)
         .flat_map(|_| (0..n).flat_map(|t| [(t % side) as f32, (t / side) as f32]))
         .collect();
-    // Cluster means: runs of 8 tokens along rows (the layout's cost is not timed here).
+    // Cluster means: runs of s tokens along rows (the layout's cost is not timed here).
     let means: Vec<f32> = (0..b)
         .flat_map(|_| {
             (0..k).flat_map(|c| {
                 let t = c * s;
-                [(t % side) as f32 + 3.5, (t / side) as f32]
+                [(t % side) as f32 + (s - 1) as f32 / 2.0, (t / side) as f32]
             })
         })
         .collect();
@@ -92,15 +134,12 @@ fn attention<T: Element>(c: &mut Criterion, device: &Device) {
             heads,
             head_dim: d,
         };
-        group.bench_function(
-            format!("aff_tiny_stage0_b64_{}_{variant}", T::SUFFIX),
-            |bench| {
-                bench.iter(|| {
-                    cluster_attention(device, &inputs, &mut out).unwrap();
-                    device.synchronize().unwrap();
-                })
-            },
-        );
+        group.bench_function(format!("{name}_{}_{variant}", T::SUFFIX), |bench| {
+            bench.iter(|| {
+                cluster_attention(device, &inputs, &mut out).unwrap();
+                device.synchronize().unwrap();
+            })
+        });
     }
     group.finish();
 }
@@ -417,8 +456,9 @@ fn kernels(c: &mut Criterion) {
     match Device::cuda(0) {
         Ok(device) => {
             eprintln!("benchmarking on {}", device.name());
-            attention::<half::bf16>(c, &device);
-            attention::<f32>(c, &device);
+            attention::<half::bf16>(c, &device, &AFF_TINY_STAGE0);
+            attention::<f32>(c, &device, &AFF_TINY_STAGE0);
+            attention::<half::bf16>(c, &device, &AFF_BASE_384_STAGE0);
             layout(c, &device);
             sort(c, &device, "gpu");
             backward::<half::bf16>(c, &device);

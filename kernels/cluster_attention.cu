@@ -12,16 +12,12 @@
 
 constexpr float kMaskedLogit = -100.0f;  // added, not −∞, as published
 
-// One warp stages query i's scaled query (c) and the relative-position
-// features of its m neighbours (5 × m) in its shared scratch. A null `nbrs`
-// means global attention: neighbour s is token s.
-template <class T>
-__device__ __forceinline__ void load_query_and_features(const AttentionParams& p, const T* q,
-                                                        const float* pos, int i,
-                                                        const int32_t* nbrs, float* query,
-                                                        float* features) {
+// One warp stages the relative-position features of query i's m neighbours
+// (5 × m) in its shared scratch. A null `nbrs` means global attention:
+// neighbour s is token s.
+__device__ __forceinline__ void load_features(const AttentionParams& p, const float* pos, int i,
+                                              const int32_t* nbrs, float* features) {
   const int lane = threadIdx.x % 32, m = p.m;
-  for (int e = lane; e < p.heads * p.head_dim; e += 32) query[e] = to_f32(q[e]) * p.q_scale;
   for (int s = lane; s < m; s += 32) {
     float f[5];
     neighbour_features(pos, i, nbrs ? clamp_index(nbrs[s], p.tokens) : s, p.offset_clamp, f);
@@ -33,14 +29,31 @@ __device__ __forceinline__ void load_query_and_features(const AttentionParams& p
   __syncwarp();
 }
 
-// What neighbour slot `s` adds to its logit besides q·k: the position bias
-// P_t(f) of head t from the slot's features (5 × m), and −100 when masked.
+// One warp stages `count` channels of a query row from channel `first`,
+// scaled, in its shared scratch (lane e % 32 writes channel e; the caller
+// orders the reads).
+template <class T>
+__device__ __forceinline__ void load_query(const AttentionParams& p, const T* q, int first,
+                                           int count, float* query) {
+  for (int e = threadIdx.x % 32; e < count; e += 32) query[e] = to_f32(q[first + e]) * p.q_scale;
+}
+
+// What a neighbour slot adds to its logit besides q·k: the position bias
+// P_t(f) of head t from the slot's features f, and −100 when masked.
+__device__ __forceinline__ float position_bias(const AttentionParams& p, int t, const float f[5],
+                                               bool masked) {
+  float bias = p.pos_bias[t];
+  for (int k = 0; k < 5; ++k) bias += p.pos_weight[5 * t + k] * f[k];
+  return masked ? bias + kMaskedLogit : bias;
+}
+
+// position_bias of slot `s` from the features staged by load_features.
 __device__ __forceinline__ float bias_and_mask(const AttentionParams& p, int t,
                                                const float* features, int m, int s,
                                                const uint8_t* mask) {
-  float bias = p.pos_bias[t];
-  for (int k = 0; k < 5; ++k) bias += p.pos_weight[5 * t + k] * features[k * m + s];
-  return mask && !mask[s] ? bias + kMaskedLogit : bias;
+  float f[5];
+  for (int k = 0; k < 5; ++k) f[k] = features[k * m + s];
+  return position_bias(p, t, f, mask && !mask[s]);
 }
 
 // The softmax over one query's m neighbour logits and the blank token
@@ -86,7 +99,8 @@ __device__ void cluster_attention_impl(const AttentionParams p) {
   const T* q = static_cast<const T*>(p.q) + row * c;
   T* out = static_cast<T*>(p.out) + row * c;
 
-  load_query_and_features(p, q, pos, i, nbrs, query, features);
+  load_query(p, q, 0, c, query);
+  load_features(p, pos, i, nbrs, features);
 
   for (int t = 0; t < p.heads; ++t) {
     const float* qt = query + t * d;
@@ -136,34 +150,36 @@ AF_KERNEL_ALL_TYPES(cluster_attention, AttentionParams, cluster_attention_impl)
 // the parameters (any other size). Inner loops run over (cluster, member)
 // pairs, so they divide by nothing.
 //
-// Shared memory: five int arrays of S·nnc (the union bookkeeping), the
-// generic kernel's per-warp scratch for S warps, then the tile: the keys of
-// tile_clusters·S rows, then their values, each row head_dim + 1 floats
-// (an odd stride: lanes reading consecutive rows hit different banks).
+// Shared memory: two int arrays of S·nnc (the union bookkeeping), each
+// warp's scratch (this head's scaled query, d; logits, m + 1; and, when
+// features_stored, the neighbours' features, 5·m), then the tile: the keys
+// of tile_clusters·S rows, then their values, in the storage type T (the
+// conversion to f32 is exact either way, and 2-byte types fit twice the
+// rows), each row tile_row_stride elements (an odd number of 4-byte words:
+// lanes reading consecutive rows hit different banks). Recomputing the
+// features per head costs a square root and two divisions per slot, and
+// frees 5·m floats per warp: the wrapper chooses (see `attention_plan`).
 template <class T, int S>
 __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   AF_DYNAMIC_SHARED(float, shared);
   const int s = S > 0 ? S : p.cluster_size, d = p.head_dim, c = p.heads * d, m = p.m;
-  const int nnc = m / s, entries = m, row_stride = d + 1;
+  const int nnc = m / s, entries = m, row_stride = p.tile_row_stride;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int clusters = (p.tokens + s - 1) / s;
   const int img = blockIdx.x / clusters, query_cluster = blockIdx.x - img * clusters;
   const int i = query_cluster * s + warp;  // this warp's query token
   const bool has_query = i < p.tokens;
 
-  int* ids = reinterpret_cast<int*>(shared);  // entries: neighbour cluster of (query, r)
-  int* first = ids + entries;                 // entries: first entry with the same cluster
-  int* rank = first + entries;                // entries: union index of a first entry
-  int* slot_base = rank + entries;            // entries: union index of (query, r)
-  int* union_ids = slot_base + entries;       // entries: the distinct clusters
-  const int ints = ((5 * entries + 1 + 3) / 4) * 4;
-  int* union_count = union_ids + entries;     // 1
-  float* scratch = shared + ints + warp * (c + 6 * m + 1);
-  float* query = scratch;                     // c
-  float* features = query + c;                // 5 × m
-  float* logits = features + 5 * m;           // m + 1
-  float* key_tile = shared + ints + s * (c + 6 * m + 1);  // tile_clusters·S × row_stride
-  float* value_tile = key_tile + p.tile_clusters * s * row_stride;
+  int* slot_base = reinterpret_cast<int*>(shared);  // entries: union index of (query, r)
+  int* union_ids = slot_base + entries;             // entries: the distinct clusters
+  int* union_count = union_ids + entries;           // 1
+  const int ints = ((2 * entries + 1 + 3) / 4) * 4;
+  const int per_warp = d + m + 1 + (p.features_stored ? 5 * m : 0);
+  float* query = shared + ints + warp * per_warp;  // d: this head's
+  float* logits = query + d;                       // m + 1
+  float* features = logits + m + 1;                // 5 × m, when stored
+  T* key_tile = reinterpret_cast<T*>(shared + ints + s * per_warp);  // tile_clusters·S × row_stride
+  T* value_tile = key_tile + p.tile_clusters * s * row_stride;
 
   const size_t nbhd_image = size_t(p.nbhd_images == 1 ? 0 : img) * p.tokens;
   const int32_t* nbrs = p.nbhd + (nbhd_image + (has_query ? i : 0)) * m;
@@ -171,42 +187,39 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   const float* pos = p.pos + size_t(img) * p.tokens * 2;
   const T* kv = static_cast<const T*>(p.kv) + size_t(img) * p.tokens * 2 * c;
 
-  // The union of the block's neighbour clusters (warp 0; entries ≤ 1024).
+  // The union of the block's neighbour clusters in order of first
+  // appearance (warp 0; entries ≤ 1024), 32 entries (query, r) at a time:
+  // each looks its cluster up among those found so far (a union is ~1.5
+  // nnc clusters on the model's layouts), and a chunk's new clusters are
+  // numbered by the lowest lane holding each, through warp votes.
   if (warp == 0) {
-    for (int e = lane; e < entries; e += 32) {
-      const int member = e / nnc, r = e - member * nnc;  // once per entry
-      const int q = query_cluster * s + member;
-      const int32_t* list = p.nbhd + (nbhd_image + q) * m;
-      ids[e] = q < p.tokens ? clamp_index(list[r * s], p.tokens) / s : -1;
+    int count = 0;
+    for (int e0 = 0; e0 < entries; e0 += 32) {
+      const int e = e0 + lane;
+      int id = -1;  // none: past the entries, or a padding query's
+      if (e < entries) {
+        const int member = e / nnc, r = e - member * nnc;  // once per entry
+        const int q = query_cluster * s + member;
+        if (q < p.tokens) id = clamp_index(p.nbhd[(nbhd_image + q) * m + r * s], p.tokens) / s;
+      }
+      int base = -1;
+      for (int u = 0; u < count && base < 0; ++u)
+        if (union_ids[u] == id) base = u;
+      const bool fresh = id >= 0 && base < 0;
+      const unsigned holders = __match_any_sync(0xffffffffu, fresh ? id : -1);
+      const int leader = __ffs(int(holders)) - 1;
+      const unsigned leaders = __ballot_sync(0xffffffffu, fresh && leader == lane);
+      if (fresh) base = count + __popc(leaders & ((1u << leader) - 1u));
+      if (fresh && leader == lane) union_ids[base] = id;
+      if (e < entries) slot_base[e] = base;
+      count += __popc(leaders);
+      __syncwarp();  // the next chunk looks up this one's clusters
     }
-    __syncwarp();
-    for (int e = lane; e < entries; e += 32) {
-      int f = e;
-      for (int o = 0; o < e; ++o)
-        if (ids[o] == ids[e]) { f = o; break; }
-      first[e] = f;
-    }
-    __syncwarp();
-    for (int e = lane; e < entries; e += 32) {
-      int r = 0;
-      for (int o = 0; o < e; ++o) r += first[o] == o && ids[o] >= 0;
-      rank[e] = r;
-      if (first[e] == e && ids[e] >= 0) union_ids[r] = ids[e];
-    }
-    __syncwarp();
-    for (int e = lane; e < entries; e += 32) slot_base[e] = rank[first[e]];
-    if (lane == 0) {
-      int count = 0;
-      for (int e = 0; e < entries; ++e) count += first[e] == e && ids[e] >= 0;
-      *union_count = count;
-    }
+    if (lane == 0) *union_count = count;
   }
 
-  // Each query's features, as the generic kernel.
-  if (has_query) {
-    const T* q = static_cast<const T*>(p.q) + (size_t(img) * p.tokens + i) * c;
-    load_query_and_features(p, q, pos, i, nbrs, query, features);
-  }
+  // Each query's features, as the generic kernel, when kept for all heads.
+  if (has_query && p.features_stored) load_features(p, pos, i, nbrs, features);
   __syncthreads();
   const int staged = *union_count < p.tile_clusters ? *union_count : p.tile_clusters;
   const int* my_bases = slot_base + warp * nnc;  // union index of each of my clusters
@@ -220,26 +233,34 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
       const int token = member < p.tokens ? member : 0;  // padding reads token 0, as its slot does
       const T* at = kv + size_t(token) * 2 * c + t * 2 * d;
       for (int ch = lane; ch < d; ch += 32) {
-        key_tile[row * row_stride + ch] = to_f32(at[ch]);
-        value_tile[row * row_stride + ch] = to_f32(at[d + ch]);
+        key_tile[row * row_stride + ch] = at[ch];
+        value_tile[row * row_stride + ch] = at[d + ch];
       }
     }
     __syncthreads();
     if (has_query) {
-      const float* qt = query + t * d;
+      const float* qt = query;
+      load_query(p, static_cast<const T*>(p.q) + (size_t(img) * p.tokens + i) * c, t * d, d, query);
+      __syncwarp();  // each lane scores its slots with all d channels
       float local_max = negative_infinity();
       for (int sl = lane; sl < m; sl += 32) {
         const int r = sl / s;
         const int base = my_bases[r];
         float logit = 0.0f;
         if (base < staged) {
-          const float* key = key_tile + (base * s + (sl - r * s)) * row_stride;
-          for (int e = 0; e < d; ++e) logit += qt[e] * key[e];
+          const T* key = key_tile + (base * s + (sl - r * s)) * row_stride;
+          for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
         } else {
           const T* key = kv + size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d;
           for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
         }
-        logit += bias_and_mask(p, t, features, m, sl, mask);
+        float f[5];
+        if (p.features_stored) {
+          for (int k = 0; k < 5; ++k) f[k] = features[k * m + sl];
+        } else {
+          neighbour_features(pos, i, clamp_index(nbrs[sl], p.tokens), p.offset_clamp, f);
+        }
+        logit += position_bias(p, t, f, mask && !mask[sl]);
         logits[sl] = logit;
         local_max = fmaxf(local_max, logit);
       }
@@ -251,8 +272,8 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
         for (int r = 0, sl = 0; r < nnc; ++r) {
           const int base = my_bases[r];
           if (base < staged) {
-            const float* values = value_tile + base * s * row_stride + e;
-            for (int k = 0; k < s; ++k, ++sl) acc += logits[sl] * values[k * row_stride];
+            const T* values = value_tile + base * s * row_stride + e;
+            for (int k = 0; k < s; ++k, ++sl) acc += logits[sl] * to_f32(values[k * row_stride]);
           } else {
             for (int k = 0; k < s; ++k, ++sl)
               acc += logits[sl] * to_f32(kv[size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d + d + e]);

@@ -111,8 +111,12 @@ struct AttentionParams {
   float offset_clamp;        ///< offsets are clamped to ±this (segmentation: 511)
   /// Tiled kernel only: neighbour lists are whole clusters of cluster_size
   /// consecutive tokens (tokens in clustered order); up to tile_clusters
-  /// distinct neighbour clusters per block are staged in shared memory.
-  int32_t cluster_size, tile_clusters;
+  /// distinct neighbour clusters per block are staged in shared memory, in
+  /// rows of tile_row_stride elements of T.
+  int32_t cluster_size, tile_clusters, tile_row_stride;
+  /// Tiled kernel only: 1 keeps each query's neighbour features in shared
+  /// memory for all heads; 0 recomputes them per head (room for the tile).
+  int32_t features_stored;
 };
 
 /// Backward of the cluster attention (kernels/cluster_attention_backward.cu).

@@ -8,7 +8,9 @@ mod common;
 use autofocus::gpu::{Device, Element, Gemm};
 use autofocus::io::F32Buffer;
 use autofocus::ops::LayerNorm;
-use autofocus::ops::cluster_attention::gpu::{DeviceAttentionInputs, cluster_attention};
+use autofocus::ops::cluster_attention::gpu::{
+    AttentionPlan, DeviceAttentionInputs, attention_plan, cluster_attention,
+};
 use autofocus::ops::cluster_attention::{AttentionInputs, cluster_attention as cpu_attention};
 use autofocus::ops::clustering::{KeyScope, space_filling_cluster};
 use autofocus::ops::dense::{DenseOptions, to_dense};
@@ -1137,38 +1139,145 @@ fn patch_embed_matches_the_cpu_on_odd_sizes() {
     }
 }
 
-/// The tiled kernel (neighbourhoods of whole clusters): random nearest
-/// clusters, a padded last cluster, batch > 1, shared and per-image lists,
-/// and a tile too small for the union (the rest read from global memory).
-/// Every instance runs: cluster sizes 6, 8 and 24 (compiled for) and 3, 4
-/// and 5 (the run-time one).
+/// The tiled kernel (neighbourhoods of whole clusters) in every storage
+/// type: random nearest clusters, a padded last cluster, batch > 1, shared
+/// and per-image lists; features kept for all heads and recomputed per
+/// head, each with tiles that hold a block's whole union and tiles too
+/// small for it (the rest read from global memory). Every instance runs:
+/// cluster sizes 6, 8 and 24 (compiled for) and 3, 4 and 5 (the run-time one).
+fn check_tiled_attention<T: Element>(device: &Device, rng: &mut Rng) {
+    // (features stored, union larger than the tile) seen.
+    let mut covered = std::collections::BTreeSet::new();
+    for (batch, h, w, n, heads, d, s, nnc, shared) in [
+        (2, 9, 7, 61usize, 2, 32, 8usize, 6, false),
+        (1, 8, 8, 64, 1, 16, 4, 5, true),
+        (2, 10, 10, 99, 2, 64, 8, 12, false),
+        (1, 5, 5, 23, 3, 7, 3, 2, false),
+        (2, 9, 8, 70, 2, 33, 6, 4, false),
+        (1, 11, 9, 97, 2, 8, 24, 2, true),
+        (2, 7, 7, 47, 1, 5, 5, 3, false),
+        (1, 17, 17, 288, 2, 32, 24, 6, false),
+        (1, 13, 12, 150, 1, 8, 24, 6, true),
+        (1, 30, 30, 800, 2, 32, 8, 6, false),
+    ] {
+        let mut case = AttentionCase::random(rng, (batch, h, w, n), heads, d, None);
+        // Inputs the storage type holds exactly: only the output is rounded.
+        for v in case.q.iter_mut().chain(case.kv.iter_mut()) {
+            *v = T::from_f32(*v).to_f32();
+        }
+        let images = if shared { 1 } else { batch };
+        let k = n.div_ceil(s);
+        let nearest: Vec<u32> = (0..images * n * nnc).map(|_| rng.below(k) as u32).collect();
+        let nbhd = Neighbourhood::from_clusters(&nearest, images, n, nnc, s);
+        let dnbhd = DeviceNeighbourhood::upload_clustered(device, &nbhd, s).unwrap();
+        let what = format!(
+            "tiled attention n {n} s {s} nnc {nnc} d {d} on {device:?} {}",
+            T::SUFFIX
+        );
+        let AttentionPlan::Tiled(plan) = attention_plan::<T>(nnc * s, Some(s), d) else {
+            panic!("{what}: planned for the generic kernel");
+        };
+        let largest_union = nearest
+            .chunks(n * nnc)
+            .flat_map(|list| list.chunks(s * nnc))
+            .map(|block| {
+                block
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            })
+            .max()
+            .unwrap();
+        covered.insert((plan.features_stored, largest_union > plan.tile_clusters));
+        assert_slices_close(
+            &what,
+            &case.on_device::<T>(device, &dnbhd),
+            &case.expected(&nbhd),
+            tolerance::<T>(),
+        );
+    }
+    assert_eq!(covered.len(), 4, "{}: plans covered {covered:?}", T::SUFFIX);
+}
+
+/// Every preset's stages, clustered (all four are at segmentation sizes),
+/// run the tiled kernel in every storage type, within the shared memory a
+/// launch may use on every GPU. The tile holds at least one query's own
+/// neighbourhood (the least a block's union can be), except f32's at
+/// cluster size 24 (m = 144): 4 clusters of 6.
+#[test]
+fn every_preset_plans_the_tiled_attention() {
+    fn check<T: Element>(name: &str, stage: usize, m: usize, s: usize, d: usize) {
+        let what = format!("{name} stage {stage} (m {m}, s {s}, d {d}) {}", T::SUFFIX);
+        let AttentionPlan::Tiled(plan) = attention_plan::<T>(m, Some(s), d) else {
+            panic!("{what}: planned for the generic kernel");
+        };
+        let least = if T::SUFFIX == "f32" && s == 24 {
+            4
+        } else {
+            m / s
+        };
+        assert!(plan.tile_clusters >= least, "{what}: {plan:?}");
+        assert!(
+            plan.shared_bytes <= autofocus::gpu::MAX_SHARED_BYTES,
+            "{what}"
+        );
+        // Features are recomputed only where keeping them leaves no room.
+        assert_eq!(plan.features_stored, s != 24, "{what}: {plan:?}");
+    }
+    for name in autofocus::config::PRESET_NAMES {
+        let config = autofocus::config::AffConfig::preset(name).unwrap();
+        let s = config.cluster_size;
+        for stage in 0..4 {
+            let nnc = (config.nbhd_size[stage] as f64 / s as f64).round_ties_even() as usize;
+            let d = config.embed_dim[stage] / config.num_heads[stage];
+            check::<f32>(name, stage, nnc * s, s, d);
+            check::<half::f16>(name, stage, nnc * s, s, d);
+            check::<half::bf16>(name, stage, nnc * s, s, d);
+        }
+    }
+}
+
+/// The tiled plan's cap of 2·nnc clusters holds a block's whole union on
+/// the layouts the model makes (stage 0 of aff_tiny at 224² and of
+/// aff_base_22kto1k_384 at 384²): a curve-made cluster's queries share most
+/// of their nearest clusters. Random lists (the test above) go beyond it.
+#[test]
+fn model_layouts_unions_fit_the_tile_cap() {
+    for (h, w, s, nnc) in [(56, 56, 8, 6), (96, 96, 24, 6)] {
+        let n = h * w;
+        let pos = autofocus::ops::clustering::grid_positions(h, w);
+        let clusters = space_filling_cluster(&pos, 1, n, s, (h, w), KeyScope::Batch).unwrap();
+        let nearest =
+            nearest_clusters(&clusters.pos, &clusters.means, 1, n, clusters.clusters, nnc).unwrap();
+        let unions: Vec<usize> = nearest
+            .chunks(s * nnc)
+            .map(|block| {
+                block
+                    .iter()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            })
+            .collect();
+        let largest = *unions.iter().max().unwrap();
+        assert!(
+            largest <= 2 * nnc,
+            "{h}x{w} s {s}: a union of {largest} clusters"
+        );
+        // Not a bound that holds by construction: unions span nnc..2·nnc.
+        assert!(
+            unions.iter().any(|&u| u > nnc + 2),
+            "{h}x{w} s {s}: {unions:?}"
+        );
+    }
+}
+
 #[test]
 fn tiled_cluster_attention_matches_the_cpu() {
     let mut rng = Rng::new(12);
     for device in common::devices() {
-        for (batch, h, w, n, heads, d, s, nnc, shared) in [
-            (2, 9, 7, 61usize, 2, 32, 8usize, 6, false),
-            (1, 8, 8, 64, 1, 16, 4, 5, true),
-            (2, 10, 10, 99, 2, 64, 8, 12, false),
-            (1, 5, 5, 23, 3, 7, 3, 2, false),
-            (2, 9, 8, 70, 2, 33, 6, 4, false),
-            (1, 11, 9, 97, 2, 8, 24, 2, true),
-            (2, 7, 7, 47, 1, 5, 5, 3, false),
-        ] {
-            let case = AttentionCase::random(&mut rng, (batch, h, w, n), heads, d, None);
-            let images = if shared { 1 } else { batch };
-            let k = n.div_ceil(s);
-            let nearest: Vec<u32> = (0..images * n * nnc).map(|_| rng.below(k) as u32).collect();
-            let nbhd = Neighbourhood::from_clusters(&nearest, images, n, nnc, s);
-            let dnbhd = DeviceNeighbourhood::upload_clustered(&device, &nbhd, s).unwrap();
-            let what = format!("tiled attention n {n} s {s} nnc {nnc} d {d} on {device:?}");
-            assert_slices_close(
-                &what,
-                &case.on_device::<f32>(&device, &dnbhd),
-                &case.expected(&nbhd),
-                1e-4,
-            );
-        }
+        check_tiled_attention::<f32>(&device, &mut rng);
+        check_tiled_attention::<half::f16>(&device, &mut rng);
+        check_tiled_attention::<half::bf16>(&device, &mut rng);
         // Lists that are not whole clusters are refused for the tiled path.
         let loose = Neighbourhood {
             images: 1,

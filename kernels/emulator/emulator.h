@@ -96,6 +96,21 @@ T __shfl_down_sync(unsigned, T v, unsigned delta, int = 32) {
   return af_emu::exchange(v, src < 32 ? src : af_emu::lane());
 }
 
+// Warp votes, from the same exchange as the shuffles (one per lane offered).
+inline unsigned __ballot_sync(unsigned, int predicate) {
+  unsigned bits = 0;
+  for (unsigned src = 0; src < 32; ++src) bits |= unsigned(af_emu::exchange(predicate != 0, src)) << src;
+  return bits;
+}
+template <class T>
+unsigned __match_any_sync(unsigned, T value) {
+  unsigned bits = 0;
+  for (unsigned src = 0; src < 32; ++src) bits |= unsigned(af_emu::exchange(value, src) == value) << src;
+  return bits;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+
 // Fibers never interleave inside these, so plain read-modify-writes would
 // do; they are relaxed atomics so that the race check counts them as what
 // they are on the GPU (atomic, ordering nothing else). Integers only: no

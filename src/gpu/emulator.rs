@@ -106,6 +106,7 @@ mod tests {
         af_emu_emu_selftest_warp_sum,
         af_emu_emu_selftest_static_shared,
         af_emu_emu_selftest_shuffle_then_read,
+        af_emu_emu_selftest_votes,
     );
 
     /// `blocks` blocks of `threads`, one float of output per thread (NaN
@@ -137,6 +138,18 @@ mod tests {
         // kernels' only write, and lives past the call.
         unsafe { launch("selftest", kernel, config, &params) }?;
         Ok(out)
+    }
+
+    #[test]
+    fn warp_votes_give_the_lanes_bits() {
+        let out = run(af_emu_emu_selftest_votes, 2, 64, true).unwrap();
+        for (thread, &got) in out.iter().enumerate() {
+            let lane = thread % 32;
+            // 11 lanes of 32 are multiples of 3; lanes 4g..4g+3 share t / 4,
+            // the lowest of them (1-based) is 4g + 1.
+            let want = 11.0e6 + 15.0 * 100.0 + (lane / 4 * 4 + 1) as f32;
+            assert_eq!(got, want, "thread {thread}");
+        }
     }
 
     #[test]

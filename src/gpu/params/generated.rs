@@ -165,12 +165,22 @@ pub struct AttentionParams {
     pub offset_clamp: f32,
     /** Tiled kernel only: neighbour lists are whole clusters of cluster_size
  consecutive tokens (tokens in clustered order); up to tile_clusters
- distinct neighbour clusters per block are staged in shared memory.*/
+ distinct neighbour clusters per block are staged in shared memory, in
+ rows of tile_row_stride elements of T.*/
     pub cluster_size: i32,
     /** Tiled kernel only: neighbour lists are whole clusters of cluster_size
  consecutive tokens (tokens in clustered order); up to tile_clusters
- distinct neighbour clusters per block are staged in shared memory.*/
+ distinct neighbour clusters per block are staged in shared memory, in
+ rows of tile_row_stride elements of T.*/
     pub tile_clusters: i32,
+    /** Tiled kernel only: neighbour lists are whole clusters of cluster_size
+ consecutive tokens (tokens in clustered order); up to tile_clusters
+ distinct neighbour clusters per block are staged in shared memory, in
+ rows of tile_row_stride elements of T.*/
+    pub tile_row_stride: i32,
+    /** Tiled kernel only: 1 keeps each query's neighbour features in shared
+ memory for all heads; 0 recomputes them per head (room for the tile).*/
+    pub features_stored: i32,
 }
 
 /** Backward of the cluster attention (kernels/cluster_attention_backward.cu).

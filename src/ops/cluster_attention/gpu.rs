@@ -34,7 +34,8 @@ pub struct DeviceAttentionInputs<'a, T: Element> {
     pub head_dim: usize,
 }
 
-/// Shared-memory floats one warp needs: query (c), features (5m), logits (m + 1).
+/// Shared-memory floats one warp of the generic kernel needs: query (c),
+/// features (5m), logits (m + 1).
 fn shared_floats_per_warp(c: usize, m: usize) -> usize {
     c + 6 * m + 1
 }
@@ -70,6 +71,8 @@ fn forward_params<T: Element>(
         offset_clamp: inp.offset_clamp.unwrap_or(f32::INFINITY),
         cluster_size: 0,
         tile_clusters: 0,
+        tile_row_stride: 0,
+        features_stored: 0,
     })
 }
 
@@ -99,17 +102,21 @@ pub fn cluster_attention<T: Element>(
             "{OP}: empty neighbourhoods"
         )));
     }
-    if let Some(config) = tiled_launch(inp.nbhd, (b, n, c, d))? {
+    let clusters = inp.nbhd.idx.as_ref().and(inp.nbhd.cluster_size);
+    if let AttentionPlan::Tiled(tile) = attention_plan::<T>(m, clusters, d) {
+        let s = tile.cluster_size;
+        let config =
+            LaunchConfig::blocks(OP, b * n.div_ceil(s), 1, 32 * s as u32, tile.shared_bytes)?;
         let params = AttentionParams {
-            cluster_size: config.0 as i32,
-            tile_clusters: config.1 as i32,
+            cluster_size: dim(OP, "cluster_size", s)?,
+            tile_clusters: dim(OP, "tile_clusters", tile.tile_clusters)?,
+            tile_row_stride: dim(OP, "tile_row_stride", tile.row_stride)?,
+            features_stored: i32::from(tile.features_stored),
             ..params
         };
-        // SAFETY: as below; the tile bookkeeping is sized from the same
-        // cluster size and neighbourhood the kernel reads.
-        return unsafe {
-            device.launch(&kernel_name::<T>(tiled_kernel(config.0)), config.2, &params)
-        };
+        // SAFETY: as below; the tile bookkeeping and scratch are sized from
+        // the same cluster size, neighbourhood and plan the kernel reads.
+        return unsafe { device.launch(&kernel_name::<T>(tiled_kernel(s)), config, &params) };
     }
     let per_warp = shared_floats_per_warp(c, m) * size_of::<f32>();
     let what = format!("a neighbourhood of {m} tokens with {c} channels");
@@ -130,37 +137,83 @@ fn tiled_kernel(s: usize) -> &'static str {
     }
 }
 
-/// The tiled kernel's launch when the neighbourhoods are whole clusters and
-/// its shared memory fits: (cluster size, clusters the tile holds, config).
-fn tiled_launch(
-    nbhd: &DeviceNeighbourhood,
-    (b, n, c, d): (usize, usize, usize, usize),
-) -> Result<Option<(usize, usize, LaunchConfig)>> {
-    let m = nbhd.size;
-    let Some(s) = nbhd
-        .cluster_size
-        .filter(|&s| s > 0 && s <= 32 && m.is_multiple_of(s))
-    else {
-        return Ok(None);
+/// How [`cluster_attention`] runs a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPlan {
+    /// A warp per query gathers its neighbours' keys and values (global
+    /// stages, lists that are not whole clusters, or no room for a tile).
+    Generic,
+    /// A block per query cluster stages the union of its neighbour clusters.
+    Tiled(TilePlan),
+}
+
+/// The tiled kernel's shared-memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TilePlan {
+    pub cluster_size: usize,
+    /// Distinct neighbour clusters the tile holds; a block's others are read
+    /// from global memory.
+    pub tile_clusters: usize,
+    /// Elements of the storage type per tile row: an odd number of 4-byte
+    /// words, at least a head's channels.
+    pub row_stride: usize,
+    /// Whether each warp keeps its query's neighbour features (5·m floats)
+    /// for all heads, or recomputes them per head to leave room for the tile.
+    pub features_stored: bool,
+    /// Dynamic shared memory per block.
+    pub shared_bytes: usize,
+}
+
+/// The plan of [`cluster_attention`] for neighbourhoods of `m` slots made of
+/// whole clusters of `cluster_size` tokens (`None`: global attention or any
+/// lists), heads of `head_dim` channels stored as `T`.
+///
+/// The tiled kernel runs when its tile holds at least one cluster within
+/// [`MAX_SHARED_BYTES`]. It keeps the features unless that leaves the tile
+/// fewer clusters than one query's own neighbourhood (`nnc = m /
+/// cluster_size`, the least any block's union can be) where recomputing
+/// would stage more. The tile holds at most `2·nnc` clusters: the largest
+/// union the space-filling-curve layouts make (measured at aff_tiny 224²
+/// and aff_base 384², docs/gpu.md); more room would only lower how many
+/// blocks share a multiprocessor.
+pub fn attention_plan<T: Element>(
+    m: usize,
+    cluster_size: Option<usize>,
+    head_dim: usize,
+) -> AttentionPlan {
+    let Some(s) = cluster_size.filter(|&s| s > 0 && s <= 32 && m.is_multiple_of(s)) else {
+        return AttentionPlan::Generic;
     };
-    if nbhd.idx.is_none() {
-        return Ok(None);
+    let (entries, nnc) = (m, m / s); // s queries × nnc clusters
+    if entries > 1024 {
+        return AttentionPlan::Generic;
     }
-    let entries = m; // s queries × nnc clusters
-    let ints = (5 * entries + 1).div_ceil(4) * 4;
-    let fixed = (ints + s * shared_floats_per_warp(c, m)) * size_of::<f32>();
-    let per_cluster = s * 2 * (d + 1) * size_of::<f32>();
-    if fixed >= MAX_SHARED_BYTES || entries > 1024 {
-        return Ok(None);
-    }
-    let tile_clusters = ((MAX_SHARED_BYTES - fixed) / per_cluster).min(entries);
+    let element = size_of::<T>();
+    let words = (head_dim * element).div_ceil(4) | 1;
+    let row_stride = words * 4 / element;
+    let per_cluster = s * 2 * row_stride * element;
+    let ints = (2 * entries + 1).div_ceil(4) * 4;
+    // (fixed bytes, clusters the tile then holds) for a warp's scratch.
+    let fit = |per_warp: usize| {
+        let fixed = (ints + s * per_warp) * size_of::<f32>();
+        let clusters = MAX_SHARED_BYTES.saturating_sub(fixed) / per_cluster;
+        (fixed, clusters.min(entries).min(2 * nnc))
+    };
+    let without_features = head_dim + m + 1;
+    let stored = fit(without_features + 5 * m);
+    let recomputed = fit(without_features);
+    let features_stored = stored.1 > 0 && stored.1 >= nnc.min(recomputed.1);
+    let (fixed, tile_clusters) = if features_stored { stored } else { recomputed };
     if tile_clusters == 0 {
-        return Ok(None);
+        return AttentionPlan::Generic;
     }
-    let blocks = b * n.div_ceil(s);
-    let shared = fixed + tile_clusters * per_cluster;
-    let config = LaunchConfig::blocks("cluster_attention", blocks, 1, 32 * s as u32, shared)?;
-    Ok(Some((s, tile_clusters, config)))
+    AttentionPlan::Tiled(TilePlan {
+        cluster_size: s,
+        tile_clusters,
+        row_stride,
+        features_stored,
+        shared_bytes: fixed + tile_clusters * per_cluster,
+    })
 }
 
 /// Gradients of the attention on a device.
