@@ -1,5 +1,6 @@
 //! Kernel benchmarks on GPU 0; without one, only the layout's stable sort,
-//! on the emulator (and the backward benchmark's problem run once there).
+//! on the emulator (and the attention and backward benchmarks' problems run
+//! once there).
 //!
 //! The stage-0 layout (clustering, nearest clusters, selection) per image,
 //! the fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
@@ -69,7 +70,9 @@ const AFF_BASE_384_STAGE0: AttentionShape = AttentionShape {
     nnc: 6,
 };
 
-fn attention<T: Element>(c: &mut Criterion, device: &Device, shape: &AttentionShape) {
+/// Benchmarks `shape` tiled and generic; without `c`, runs each once and
+/// checks the output is finite.
+fn attention<T: Element>(c: Option<&mut Criterion>, device: &Device, shape: &AttentionShape) {
     let AttentionShape {
         name,
         b,
@@ -112,8 +115,11 @@ fn attention<T: Element>(c: &mut Criterion, device: &Device, shape: &AttentionSh
     // Floor: q, kv, out once each; neighbour indices (i32) and positions once.
     let elem = size_of::<T>();
     let floor_bytes = b * n * (ch * elem + 2 * ch * elem + ch * elem + m * 4 + 2 * 4);
-    let mut group = c.benchmark_group("cluster_attention");
-    group.throughput(Throughput::Bytes(floor_bytes as u64));
+    let mut group = c.map(|c| {
+        let mut group = c.benchmark_group("cluster_attention");
+        group.throughput(Throughput::Bytes(floor_bytes as u64));
+        group
+    });
     // The same lists with their cluster structure (the tiled kernel), then
     // without it (the generic kernel).
     for (variant, cluster_size) in [("tiled", Some(s)), ("generic", None)] {
@@ -134,14 +140,39 @@ fn attention<T: Element>(c: &mut Criterion, device: &Device, shape: &AttentionSh
             heads,
             head_dim: d,
         };
-        group.bench_function(format!("{name}_{}_{variant}", T::SUFFIX), |bench| {
-            bench.iter(|| {
-                cluster_attention(device, &inputs, &mut out).unwrap();
-                device.synchronize().unwrap();
-            })
-        });
+        let id = format!("{name}_{}_{variant}", T::SUFFIX);
+        if let Some(group) = group.as_mut() {
+            group.bench_function(id, |bench| {
+                bench.iter(|| {
+                    cluster_attention(device, &inputs, &mut out).unwrap();
+                    device.synchronize().unwrap();
+                })
+            });
+        } else {
+            cluster_attention(device, &inputs, &mut out).unwrap();
+            let got = device.download(&out).unwrap();
+            assert!(got.iter().all(|v| v.to_f32().is_finite()), "{id}");
+        }
     }
-    group.finish();
+    if let Some(group) = group {
+        group.finish();
+    }
+}
+
+/// Without a GPU: each attention benchmark's problem, shrunk to one image
+/// of 24×24 tokens, once through both kernels on the emulator, so the GPU
+/// run finds its inputs consistent.
+fn attention_once_on_the_emulator() {
+    let device = Device::emulator();
+    for shape in [AFF_TINY_STAGE0, AFF_BASE_384_STAGE0] {
+        let small = AttentionShape {
+            b: 1,
+            side: 24,
+            ..shape
+        };
+        attention::<half::bf16>(None, &device, &small);
+    }
+    eprintln!("attention benchmark: its problems ran once on the emulator at 24×24, batch 1");
 }
 
 /// Stage-0 layout and selection per image: clustering + nearest clusters +
@@ -456,9 +487,9 @@ fn kernels(c: &mut Criterion) {
     match Device::cuda(0) {
         Ok(device) => {
             eprintln!("benchmarking on {}", device.name());
-            attention::<half::bf16>(c, &device, &AFF_TINY_STAGE0);
-            attention::<f32>(c, &device, &AFF_TINY_STAGE0);
-            attention::<half::bf16>(c, &device, &AFF_BASE_384_STAGE0);
+            attention::<half::bf16>(Some(c), &device, &AFF_TINY_STAGE0);
+            attention::<f32>(Some(c), &device, &AFF_TINY_STAGE0);
+            attention::<half::bf16>(Some(c), &device, &AFF_BASE_384_STAGE0);
             layout(c, &device);
             sort(c, &device, "gpu");
             backward::<half::bf16>(c, &device);
@@ -468,6 +499,7 @@ fn kernels(c: &mut Criterion) {
         }
         Err(e) => {
             eprintln!("SKIPPED: kernel benchmarks need a GPU ({e}); the sort on the emulator only");
+            attention_once_on_the_emulator();
             backward_once_on_the_emulator();
             sort(c, &Device::emulator(), "emulator");
         }
