@@ -1,12 +1,13 @@
 //! Kernel benchmarks on GPU 0; without one, only the layout's stable sort,
-//! on the emulator (and the attention and backward benchmarks' problems run
-//! once there).
+//! on the emulator (and the attention, dense-map and backward benchmarks'
+//! problems run once there).
 //!
 //! The stage-0 layout (clustering, nearest clusters, selection) per image,
 //! the fused attention at aff_tiny's stage-0 shape (b = 64, n = 3136,
 //! 2 heads of 32, m = 48) in bf16 and f32 and at aff_base_22kto1k_384's
 //! (b = 16, n = 9216, 4 heads of 32, clusters of 24, m = 144) in bf16, each
-//! tiled and generic, and the backward kernels of the
+//! tiled and generic, dense maps at Cityscapes' grid (both searches), and
+//! the backward kernels of the
 //! attention and the merge against their forward there (bf16). Criterion's throughput is the HBM floor's
 //! bytes — every input read once, the output written once — so the GB/s it
 //! prints divided by the card's bandwidth is the fraction of the floor.
@@ -23,6 +24,8 @@ use autofocus::ops::cluster_attention::gpu::{
 };
 use autofocus::ops::clustering::gpu::space_filling_cluster;
 use autofocus::ops::clustering::{KeyScope, grid_positions};
+use autofocus::ops::dense::DenseOptions;
+use autofocus::ops::dense::gpu::{DenseSearch, to_dense_searching};
 use autofocus::ops::neighbourhood::InverseNeighbourhood;
 use autofocus::ops::neighbourhood::gpu::{
     DeviceInverse, DeviceNeighbourhood, nearest_neighbourhoods,
@@ -173,6 +176,46 @@ fn attention_once_on_the_emulator() {
         attention::<half::bf16>(None, &device, &small);
     }
     eprintln!("attention benchmark: its problems ran once on the emulator at 24×24, batch 1");
+}
+
+/// Dense maps on Cityscapes' stage-0 grid (`(h, w)` = 256×512 cells) at
+/// stage 2's density (a token on every 4th cell of every 4th row: 8192, many
+/// equal distances), 256 channels, f32, one image: every token searched
+/// against the rings. Without `c`, runs each once and checks the two agree.
+fn dense(c: Option<&mut Criterion>, device: &Device, (h, w): (usize, usize)) {
+    let (across, channels) = (w / 4, 256);
+    let n = across * (h / 4);
+    let pos: Vec<f32> = (0..n)
+        .flat_map(|t| [(t % across * 4) as f32, (t / across * 4) as f32])
+        .collect();
+    let feat: Vec<f32> = (0..n * channels)
+        .map(|i| (i % 1000) as f32 / 1000.0)
+        .collect();
+    let (pos, feat) = (device.upload(&pos).unwrap(), device.upload(&feat).unwrap());
+    let mut out = device.zeros::<f32>(channels * h * w).unwrap();
+    let run = |search, out: &mut Buffer<f32>| {
+        let sizes = (1, n, channels);
+        let options = DenseOptions::default();
+        to_dense_searching(device, &pos, &feat, out, sizes, (h, w), options, search).unwrap();
+        device.synchronize().unwrap();
+    };
+    let Some(c) = c else {
+        let mut maps = Vec::new();
+        for search in [DenseSearch::AllTokens, DenseSearch::Rings] {
+            run(search, &mut out);
+            maps.push(device.download(&out).unwrap());
+        }
+        assert_eq!(maps[0], maps[1], "the two searches disagree");
+        eprintln!("dense benchmark: its problem ran once on the emulator at {h}×{w}");
+        return;
+    };
+    let mut group = c.benchmark_group("to_dense");
+    group.sample_size(10);
+    for search in [DenseSearch::AllTokens, DenseSearch::Rings] {
+        let id = format!("{h}x{w}_n{n}_c{channels}_f32_{search:?}");
+        group.bench_function(id, |bench| bench.iter(|| run(search, &mut out)));
+    }
+    group.finish();
 }
 
 /// Stage-0 layout and selection per image: clustering + nearest clusters +
@@ -490,6 +533,7 @@ fn kernels(c: &mut Criterion) {
             attention::<half::bf16>(Some(c), &device, &AFF_TINY_STAGE0);
             attention::<f32>(Some(c), &device, &AFF_TINY_STAGE0);
             attention::<half::bf16>(Some(c), &device, &AFF_BASE_384_STAGE0);
+            dense(Some(c), &device, (256, 512));
             layout(c, &device);
             sort(c, &device, "gpu");
             backward::<half::bf16>(c, &device);
@@ -500,6 +544,7 @@ fn kernels(c: &mut Criterion) {
         Err(e) => {
             eprintln!("SKIPPED: kernel benchmarks need a GPU ({e}); the sort on the emulator only");
             attention_once_on_the_emulator();
+            dense(None, &Device::emulator(), (32, 64));
             backward_once_on_the_emulator();
             sort(c, &Device::emulator(), "emulator");
         }

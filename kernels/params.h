@@ -275,6 +275,9 @@ struct DenseParams {
   const float* pos;          ///< batch × n × 2
   const void* feat;          ///< T, batch × n × channels
   void* out;                 ///< T, batch × channels × h × w
+  /// batch × h × w: n − (the lowest token on the cell), 0 when empty
+  /// (written by dense_occupancy); null: to_dense scans every token
+  int32_t* occupancy;
   int32_t batch, n, channels, h, w, k;
   float power;
 };

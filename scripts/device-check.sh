@@ -188,7 +188,7 @@ run() {
       --dtype "$dtype" --iters 5
   done
   # (with the backward kernels against their forward, issue #10's ratios)
-  step attention-bench 180 device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
+  step attention-bench 190 device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
   # The card's two ceilings, measured (METHOD.md): a large device copy and a
   # large bf16 matrix product, through the PyTorch installed there.
   step ceilings 60 python3 -c '
@@ -258,8 +258,8 @@ t = ms(lambda: m @ m, 10); print(f"bf16 matmul: {2 * 8192**3 / t / 1e9:.0f} TFLO
     echo
     echo "$passed passed, $failed failed, $skipped skipped, in $SECONDS s (budget $budget s)"
     echo
-    echo "## Attention (aff_tiny stage 0, b = 64), backward/forward ratios and stage-0 layout (b = 64, 224²)"
-    grep -hE "time:|thrpt:|cluster_attention|backward_|stage0_layout|stable_sort" "$out/attention-bench.log" 2>/dev/null || true
+    echo "## Attention (aff_tiny stage 0, b = 64; aff_base_384 stage 0, b = 16), dense maps, backward/forward ratios and stage-0 layout"
+    grep -hE "time:|thrpt:|cluster_attention|to_dense|backward_|stage0_layout|stable_sort" "$out/attention-bench.log" 2>/dev/null || true
     echo
     echo "## candle: aff_tiny training step (224, batch 64, bf16)"
     grep -hE "time:|thrpt:" "$out/candle-train-step.log" 2>/dev/null || true

@@ -876,33 +876,102 @@ fn pointconv_merge_matches_the_cpu() {
     }
 }
 
+/// Both searches against the CPU: grids sparse and full, fewer tokens than
+/// k, ties (a regular lattice of tokens), batch > 1; and the search the
+/// wrapper picks on its own.
 #[test]
 fn to_dense_matches_the_cpu() {
+    use autofocus::ops::dense::gpu::{DenseSearch, to_dense_searching};
     let mut rng = Rng::new(8);
     for device in common::devices() {
-        for (batch, h, w, n, c, k) in [
-            (2, 9, 11, 30, 5, 4),
-            (1, 6, 4, 1, 3, 4),
-            (1, 5, 7, 35, 2, 3),
+        for (batch, h, w, n, c, k, lattice) in [
+            (2, 9, 11, 30, 5, 4, false),
+            (1, 6, 4, 1, 3, 4, false),
+            (1, 5, 7, 35, 2, 3, false),
+            (2, 31, 37, 900, 3, 4, false),
+            (1, 40, 50, 60, 2, 16, false),
+            (1, 20, 24, 30, 2, 4, true),
         ] {
-            let pos: Vec<f32> = (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect();
+            let pos: Vec<f32> = if lattice {
+                // Every 4th cell of every 4th row: many equal distances.
+                (0..batch)
+                    .flat_map(|_| {
+                        (0..n).flat_map(|t| [(t % (w / 4) * 4) as f32, (t / (w / 4) * 4) as f32])
+                    })
+                    .collect()
+            } else {
+                (0..batch).flat_map(|_| rng.grid_subset(h, w, n)).collect()
+            };
             let feat = rng.floats(batch * n * c);
             let options = DenseOptions { k, power: 6.0 };
             let want = to_dense(&pos, &feat, (batch, n, c), (h, w), options).unwrap();
             let (dpos, dfeat) = (device.upload(&pos).unwrap(), device.upload(&feat).unwrap());
+            for search in [DenseSearch::AllTokens, DenseSearch::Rings] {
+                let mut out = device.alloc::<f32>(batch * c * h * w).unwrap();
+                to_dense_searching(
+                    &device,
+                    &dpos,
+                    &dfeat,
+                    &mut out,
+                    (batch, n, c),
+                    (h, w),
+                    options,
+                    search,
+                )
+                .unwrap();
+                let what = format!("to_dense {h}x{w} n {n} k {k} {search:?} on {device:?}");
+                assert_slices_close(&what, &device.download(&out).unwrap(), &want, 1e-5);
+            }
             let mut out = device.alloc::<f32>(batch * c * h * w).unwrap();
+            let sizes = (batch, n, c);
             autofocus::ops::dense::gpu::to_dense(
                 &device,
                 &dpos,
                 &dfeat,
                 &mut out,
-                (batch, n, c),
+                sizes,
                 (h, w),
                 options,
             )
             .unwrap();
             assert_slices_close("to_dense", &device.download(&out).unwrap(), &want, 1e-5);
         }
+        // Two tokens on one cell: the rings, as the CPU, keep the lower one
+        // (searching all tokens would weigh both).
+        let (n, c) = (40, 2);
+        let mut pos = rng.grid_subset(9, 11, n);
+        for t in [5, 17, 39] {
+            pos.copy_within(2 * (t - 3)..2 * (t - 2), 2 * t);
+        }
+        let feat = rng.floats(n * c);
+        let options = DenseOptions::default();
+        let want = to_dense(&pos, &feat, (1, n, c), (9, 11), options).unwrap();
+        let (dpos, dfeat) = (device.upload(&pos).unwrap(), device.upload(&feat).unwrap());
+        let mut out = device.alloc::<f32>(c * 9 * 11).unwrap();
+        let sizes = (1, n, c);
+        to_dense_searching(
+            &device,
+            &dpos,
+            &dfeat,
+            &mut out,
+            sizes,
+            (9, 11),
+            options,
+            DenseSearch::Rings,
+        )
+        .unwrap();
+        assert_slices_close(
+            "to_dense, shared cells",
+            &device.download(&out).unwrap(),
+            &want,
+            1e-5,
+        );
+        // Rings where tokens are many for the grid, every token otherwise.
+        assert_eq!(DenseSearch::for_sizes(900, 31 * 37, 4), DenseSearch::Rings);
+        assert_eq!(
+            DenseSearch::for_sizes(60, 40 * 50, 16),
+            DenseSearch::AllTokens
+        );
     }
 }
 

@@ -461,6 +461,9 @@ pub struct DenseParams {
     pub feat: Ptr,
     /// T, batch × channels × h × w
     pub out: Ptr,
+    /** batch × h × w: n − (the lowest token on the cell), 0 when empty
+ (written by dense_occupancy); null: to_dense scans every token*/
+    pub occupancy: Ptr,
     pub batch: i32,
     pub n: i32,
     pub channels: i32,
