@@ -85,13 +85,14 @@ AF_KERNEL(emu_selftest_shuffle_then_read, EmuSelfTestParams, {
 })
 
 // The warp votes the tiled attention numbers its union with: lane t writes
-// its ballot of (t % 3 == 0), then the lanes holding its value t / 4, then
-// the lowest of those (1-based), each packed into one float.
+// the bits set in the ballot of (t % 3 == 0) and its own bit there, then
+// the lanes holding its value t / 4, then the lowest of those (1-based),
+// all packed into one float.
 AF_KERNEL(emu_selftest_votes, EmuSelfTestParams, {
   const int t = threadIdx.x % 32;
   const unsigned ballot = __ballot_sync(0xffffffffu, t % 3 == 0);
   const unsigned same = __match_any_sync(0xffffffffu, t / 4);
-  const float packed = float(__popc(ballot)) * 1e6f + float(same >> (t / 4 * 4)) * 100.0f +
-                       float(__ffs(int(same)));
+  const float packed = float(__popc(ballot)) * 1e6f + float((ballot >> t) & 1u) * 1e5f +
+                       float(same >> (t / 4 * 4)) * 100.0f + float(__ffs(int(same)));
   p.out[blockIdx.x * blockDim.x + threadIdx.x] = packed;
 })

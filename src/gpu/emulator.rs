@@ -145,9 +145,10 @@ mod tests {
         let out = run(af_emu_emu_selftest_votes, 2, 64, true).unwrap();
         for (thread, &got) in out.iter().enumerate() {
             let lane = thread % 32;
-            // 11 lanes of 32 are multiples of 3; lanes 4g..4g+3 share t / 4,
-            // the lowest of them (1-based) is 4g + 1.
-            let want = 11.0e6 + 15.0 * 100.0 + (lane / 4 * 4 + 1) as f32;
+            // 11 lanes of 32 are multiples of 3, each with its bit; lanes
+            // 4g..4g+3 share t / 4, the lowest of them (1-based) is 4g + 1.
+            let own_bit = if lane % 3 == 0 { 1.0e5 } else { 0.0 };
+            let want = 11.0e6 + own_bit + 15.0 * 100.0 + (lane / 4 * 4 + 1) as f32;
             assert_eq!(got, want, "thread {thread}");
         }
     }
