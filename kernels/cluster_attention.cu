@@ -239,7 +239,6 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
     }
     __syncthreads();
     if (has_query) {
-      const float* qt = query;
       load_query(p, static_cast<const T*>(p.q) + (size_t(img) * p.tokens + i) * c, t * d, d, query);
       __syncwarp();  // each lane scores its slots with all d channels
       float local_max = negative_infinity();
@@ -249,10 +248,10 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
         float logit = 0.0f;
         if (base < staged) {
           const T* key = key_tile + (base * s + (sl - r * s)) * row_stride;
-          for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
+          for (int e = 0; e < d; ++e) logit += query[e] * to_f32(key[e]);
         } else {
           const T* key = kv + size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d;
-          for (int e = 0; e < d; ++e) logit += qt[e] * to_f32(key[e]);
+          for (int e = 0; e < d; ++e) logit += query[e] * to_f32(key[e]);
         }
         float f[5];
         if (p.features_stored) {
@@ -265,7 +264,7 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
         local_max = fmaxf(local_max, logit);
       }
       float blank_weight;
-      const float inv_sum = softmax_with_blank(logits, m, local_max, qt, p.blank_k + t * d, d, &blank_weight);
+      const float inv_sum = softmax_with_blank(logits, m, local_max, query, p.blank_k + t * d, d, &blank_weight);
       T* out = static_cast<T*>(p.out) + (size_t(img) * p.tokens + i) * c;
       for (int e = lane; e < d; e += 32) {
         float acc = blank_weight * p.blank_v[t * d + e];

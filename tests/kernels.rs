@@ -1208,6 +1208,17 @@ fn patch_embed_matches_the_cpu_on_odd_sizes() {
     }
 }
 
+/// Distinct neighbour clusters of each block of `s` queries (what the tiled
+/// kernel stages), from one image's `n × nnc` nearest clusters.
+fn union_sizes(nearest: &[u32], s: usize, nnc: usize) -> impl Iterator<Item = usize> + '_ {
+    nearest.chunks(s * nnc).map(|block| {
+        block
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    })
+}
+
 /// The tiled kernel (neighbourhoods of whole clusters) in every storage
 /// type: random nearest clusters, a padded last cluster, batch > 1, shared
 /// and per-image lists; features kept for all heads and recomputed per
@@ -1248,13 +1259,7 @@ fn check_tiled_attention<T: Element>(device: &Device, rng: &mut Rng) {
         };
         let largest_union = nearest
             .chunks(n * nnc)
-            .flat_map(|list| list.chunks(s * nnc))
-            .map(|block| {
-                block
-                    .iter()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len()
-            })
+            .flat_map(|list| union_sizes(list, s, nnc))
             .max()
             .unwrap();
         covered.insert((plan.features_stored, largest_union > plan.tile_clusters));
@@ -1318,15 +1323,7 @@ fn model_layouts_unions_fit_the_tile_cap() {
         let clusters = space_filling_cluster(&pos, 1, n, s, (h, w), KeyScope::Batch).unwrap();
         let nearest =
             nearest_clusters(&clusters.pos, &clusters.means, 1, n, clusters.clusters, nnc).unwrap();
-        let unions: Vec<usize> = nearest
-            .chunks(s * nnc)
-            .map(|block| {
-                block
-                    .iter()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len()
-            })
-            .collect();
+        let unions: Vec<usize> = union_sizes(&nearest, s, nnc).collect();
         let largest = *unions.iter().max().unwrap();
         assert!(
             largest <= 2 * nnc,

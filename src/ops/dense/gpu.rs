@@ -114,7 +114,7 @@ pub fn to_dense_searching<T: Element>(
             "{OP}: no tokens to spread over the grid"
         )));
     }
-    // Kept alive until the search below has read it.
+    // Kept alive past the search's launch below (freed in stream order).
     let mut occupancy = None;
     if search == DenseSearch::Rings {
         let map = occupancy.insert(device.zeros::<i32>(batch * h * w)?);
@@ -126,7 +126,5 @@ pub fn to_dense_searching<T: Element>(
     let config = LaunchConfig::per_item(OP, batch * h * w, THREADS)?;
     // SAFETY: every buffer was checked against the shapes the kernels index;
     // the occupancy map's marks are token indices in 0..n by construction.
-    let result = unsafe { device.launch(&kernel_name::<T>(OP), config, &params) };
-    drop(occupancy);
-    result
+    unsafe { device.launch(&kernel_name::<T>(OP), config, &params) }
 }
