@@ -311,6 +311,8 @@ struct BackwardProblem<T: Element> {
     n: usize,
     kept: usize,
     nbhd: DeviceNeighbourhood,
+    /// The same lists without their cluster size: the generic kernels.
+    nbhd_lists: DeviceNeighbourhood,
     inverse: DeviceInverse,
     pos: Buffer<f32>,
     q: Buffer<T>,
@@ -380,6 +382,7 @@ impl<T: Element> BackwardProblem<T> {
             n,
             kept,
             nbhd: DeviceNeighbourhood::upload_clustered(device, &layout.nbhd, 8).unwrap(),
+            nbhd_lists: DeviceNeighbourhood::upload(device, &layout.nbhd).unwrap(),
             inverse: DeviceInverse::upload(
                 device,
                 &InverseNeighbourhood::new(&layout.nbhd).unwrap(),
@@ -445,9 +448,25 @@ impl<T: Element> BackwardProblem<T> {
     }
 
     fn attention_backward(&self, device: &Device) -> DeviceAttentionGrads<T> {
+        self.attention_backward_over(device, &self.nbhd)
+    }
+
+    /// As `attention_backward`, the key gradients by the generic kernel.
+    fn attention_backward_generic(&self, device: &Device) -> DeviceAttentionGrads<T> {
+        self.attention_backward_over(device, &self.nbhd_lists)
+    }
+
+    fn attention_backward_over(
+        &self,
+        device: &Device,
+        nbhd: &DeviceNeighbourhood,
+    ) -> DeviceAttentionGrads<T> {
         let grads = cluster_attention_backward(
             device,
-            &self.attention_inputs(),
+            &DeviceAttentionInputs {
+                nbhd,
+                ..self.attention_inputs()
+            },
             &self.attention_out.borrow(),
             &self.attention_grad,
             &self.inverse,
@@ -489,6 +508,17 @@ fn backward<T: Element>(c: &mut Criterion, device: &Device) {
         || problem.attention_forward(device),
         || drop(problem.attention_backward(device)),
     );
+    // The whole attention backward with the key gradients by the tiled
+    // kernel (a block per key cluster staging its members' holders) and by
+    // the generic one: the rest is the same work.
+    let mut group = c.benchmark_group(name("attention_keys"));
+    group.bench_function("tiled", |bench| {
+        bench.iter(|| drop(problem.attention_backward(device)))
+    });
+    group.bench_function("generic", |bench| {
+        bench.iter(|| drop(problem.attention_backward_generic(device)))
+    });
+    group.finish();
     forward_and_backward(
         c,
         &name("merge"),
@@ -518,6 +548,12 @@ fn backward_once_on_the_emulator() {
     problem.merge_forward(&device);
     let attention = problem.attention_backward(&device);
     let merge = problem.merge_backward(&device);
+    let generic = problem.attention_backward_generic(&device);
+    assert_eq!(
+        device.download(&generic.kv).unwrap(),
+        device.download(&attention.kv).unwrap(),
+        "the tiled and generic key kernels"
+    );
     let finite = |v: Vec<f32>| v.iter().all(|x| x.is_finite());
     assert!(finite(device.download(&attention.q).unwrap()));
     assert!(finite(device.download(&attention.params).unwrap()));

@@ -10,6 +10,9 @@
 //    dv gathered over the (query, slot) pairs that hold the key (the
 //    inverse lists; every query, slot = key, for a global stage), in list
 //    order.
+//    Or, for neighbourhoods of whole clusters, its tiled variant
+//    (cluster_attention_backward_key_tiled): the same gather with the
+//    query rows a key cluster's members share staged once per block.
 // 3. column_sums (kernels/tensor_ops.cu) adds the rows' shares of the
 //    parameter gradients, in a fixed order.
 #include "common.cuh"
@@ -19,14 +22,16 @@ constexpr float kMaskedLogitBackward = -100.0f;  // as the forward
 constexpr int kMaxPerLane = 8;
 
 // The logit of neighbour j of query i (head t), by one thread: the scaled
-// query and the key over all d channels, the position bias and the mask.
-template <class T>
-__device__ __forceinline__ float slot_logit(const AttentionParams& p, const T* q_row, const T* key,
+// query (head t's channels, `q_head`) and the key over all d channels, the
+// position bias and the mask. Where the rows are read from (global or
+// shared memory, stored or as f32) changes no bit.
+template <class Q, class K>
+__device__ __forceinline__ float slot_logit(const AttentionParams& p, const Q* q_head, const K* key,
                                             const float* pos, int i, int j, int t, bool masked,
                                             float f[5]) {
   const int d = p.head_dim;
   float acc = 0.0f;
-  for (int e = 0; e < d; ++e) acc += to_f32(q_row[t * d + e]) * p.q_scale * to_f32(key[e]);
+  for (int e = 0; e < d; ++e) acc += to_f32(q_head[e]) * p.q_scale * to_f32(key[e]);
   neighbour_features(pos, i, j, p.offset_clamp, f);
   float bias = p.pos_bias[t];
   for (int k = 0; k < 5; ++k) bias += p.pos_weight[5 * t + k] * f[k];
@@ -80,7 +85,7 @@ __device__ void cluster_attention_backward_query_impl(const AttentionBackwardPar
   for (int s = lane; s < m; s += 32) {
     const int j = nbrs ? clamp_index(nbrs[s], p.tokens) : s;
     float f[5];
-    da[s] = slot_logit(p, q_row, kv + size_t(j) * 2 * c + t * 2 * d, pos, i, j, t,
+    da[s] = slot_logit(p, q_row + t * d, kv + size_t(j) * 2 * c + t * 2 * d, pos, i, j, t,
                        mask && !mask[s], f);
     local_max = fmaxf(local_max, da[s]);
   }
@@ -162,7 +167,7 @@ __device__ void cluster_attention_backward_key_impl(const AttentionBackwardParam
       const size_t qrow = size_t(img) * p.tokens + i;
       const bool masked = p.mask && !p.mask[(size_t(list) * p.tokens + i) * m + slot];
       float f[5];
-      const float a = slot_logit(p, q_img + size_t(i) * c, key, pos, i, j, t, masked, f);
+      const float a = slot_logit(p, q_img + size_t(i) * c + t * d, key, pos, i, j, t, masked, f);
       const float prob = expf(a - bp.lse[qrow * p.heads + t]);
       const float dp = row_dot(go_img + size_t(i) * c + t * d, key + d, d);
       staged_da[lane] = prob * (dp - bp.delta[qrow * p.heads + t]);
@@ -187,7 +192,155 @@ __device__ void cluster_attention_backward_key_impl(const AttentionBackwardParam
   }
 }
 
+// Where `query` sits among the `staged` sorted query ids, or −1: `guess`
+// first (a cluster's members have the same holders, so a member's e-th pair
+// is mostly the e-th staged row), then a binary search.
+__device__ __forceinline__ int find_staged(const int* ids, int staged, int query, int guess) {
+  if (guess >= 0 && guess < staged && ids[guess] == query) return guess;
+  int lo = 0, hi = staged;  // the first id ≥ query
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (ids[mid] < query) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < staged && ids[lo] == query ? lo : -1;
+}
+
+// The tiled key kernel, for neighbourhoods of whole clusters (spec §4): one
+// block per key cluster (S members, a warp each) over all heads. A query
+// whose neighbourhood holds one member of a cluster holds every member (in
+// slots r·S + member), so the members' inverse lists name the same ~m
+// queries. Per head, the block stages the q and dO rows, lse and D of the
+// first member's holders (at most staged_queries: the rest are read from
+// global memory, as is any query a member's list holds beyond them); each
+// warp then gathers its key's pairs as the kernel above does, the same
+// pairs in the same order with the same arithmetic, so the same bits, but
+// reading the rows from shared memory: the query rows cross L2 once per
+// cluster instead of once per member.
+//
+// Shared memory: staged query ids, lse and D (staged_queries each); per
+// warp, this head's key and value (2·d floats) and 32 staged pairs (da, p,
+// query, staged row); then the q rows and the dO rows, staged_queries each,
+// staged_row_stride elements of T (an odd number of 4-byte words: lanes
+// scoring different pairs read different banks).
+template <class T>
+__device__ void cluster_attention_backward_key_tiled_impl(const AttentionBackwardParams bp) {
+  AF_DYNAMIC_SHARED(float, shared);
+  const AttentionParams& p = bp.forward;
+  const int s = p.cluster_size, d = p.head_dim, c = p.heads * d, m = p.m;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int capacity = bp.staged_queries, row_stride = bp.staged_row_stride;
+  const int clusters = (p.tokens + s - 1) / s;
+  const int img = blockIdx.x / clusters, key_cluster = blockIdx.x - img * clusters;
+  const int j = key_cluster * s + warp;  // this warp's key token
+  const bool has_key = j < p.tokens;
+  const int list = p.nbhd_images == 1 ? 0 : img;
+
+  int* staged_ids = reinterpret_cast<int*>(shared);
+  float* staged_lse = shared + capacity;
+  float* staged_delta = staged_lse + capacity;
+  float* key_row = staged_delta + capacity + warp * (2 * d + 4 * 32);  // d
+  float* value_row = key_row + d;                                      // d
+  float* pair_da = value_row + d;                                      // 32
+  float* pair_p = pair_da + 32;                                        // 32
+  int* pair_query = reinterpret_cast<int*>(pair_p + 32);               // 32
+  int* pair_row = pair_query + 32;                                     // 32: staged row, or −1
+  T* q_rows = reinterpret_cast<T*>(staged_delta + capacity + warps * (2 * d + 4 * 32));
+  T* go_rows = q_rows + size_t(capacity) * row_stride;
+
+  const float* pos = p.pos + size_t(img) * p.tokens * 2;
+  const T* q_img = static_cast<const T*>(p.q) + size_t(img) * p.tokens * c;
+  const T* go_img = static_cast<const T*>(bp.grad_out) + size_t(img) * p.tokens * c;
+  const T* key = static_cast<const T*>(p.kv) + (size_t(img) * p.tokens + (has_key ? j : 0)) * 2 * c;
+  const InversePairs lead =
+      inverse_pairs(bp.inv_start, bp.inv_pairs, list, p.tokens, m, key_cluster * s);
+  const int staged = lead.last - lead.first < capacity ? lead.last - lead.first : capacity;
+  for (int u = threadIdx.x; u < staged; u += blockDim.x) staged_ids[u] = lead.query(lead.first + u);
+  const InversePairs holders = inverse_pairs(bp.inv_start, bp.inv_pairs, list, p.tokens, m, has_key ? j : 0);
+  __syncthreads();
+
+  for (int t = 0; t < p.heads; ++t) {
+    // Stage this head's rows of the holders: a warp per row, lanes over
+    // channels (coalesced); and each warp's key and value.
+    for (int u = warp; u < staged; u += warps) {
+      const size_t qrow = size_t(staged_ids[u]);
+      for (int ch = lane; ch < d; ch += 32) {
+        q_rows[u * row_stride + ch] = q_img[qrow * c + t * d + ch];
+        go_rows[u * row_stride + ch] = go_img[qrow * c + t * d + ch];
+      }
+      if (lane == 0) {
+        const size_t at = (size_t(img) * p.tokens + qrow) * p.heads + t;
+        staged_lse[u] = bp.lse[at];
+        staged_delta[u] = bp.delta[at];
+      }
+    }
+    for (int ch = lane; ch < d; ch += 32) {
+      key_row[ch] = to_f32(key[t * 2 * d + ch]);
+      value_row[ch] = to_f32(key[t * 2 * d + d + ch]);
+    }
+    __syncthreads();
+
+    if (has_key) {
+      float dk[kMaxPerLane] = {}, dv[kMaxPerLane] = {};
+      for (int base = holders.first; base < holders.last; base += 32) {
+        const int e = base + lane;
+        if (e < holders.last) {
+          const int i = holders.query(e), slot = holders.slot(e);
+          const int u = find_staged(staged_ids, staged, i, e - holders.first);
+          const size_t qrow = size_t(img) * p.tokens + i;
+          const bool masked = p.mask && !p.mask[(size_t(list) * p.tokens + i) * m + slot];
+          float f[5];
+          float a, lse, delta, dp;
+          if (u >= 0) {
+            a = slot_logit(p, q_rows + u * row_stride, key_row, pos, i, j, t, masked, f);
+            lse = staged_lse[u];
+            delta = staged_delta[u];
+            dp = row_dot(go_rows + u * row_stride, value_row, d);
+          } else {
+            a = slot_logit(p, q_img + size_t(i) * c + t * d, key_row, pos, i, j, t, masked, f);
+            lse = bp.lse[qrow * p.heads + t];
+            delta = bp.delta[qrow * p.heads + t];
+            dp = row_dot(go_img + size_t(i) * c + t * d, value_row, d);
+          }
+          const float prob = expf(a - lse);
+          pair_da[lane] = prob * (dp - delta);
+          pair_p[lane] = prob;
+          pair_query[lane] = i;
+          pair_row[lane] = u;
+        }
+        __syncwarp();
+        const int count = holders.last - base < 32 ? holders.last - base : 32;
+        for (int r = 0, ch = lane; ch < d; ++r, ch += 32) {
+          for (int v = 0; v < count; ++v) {
+            const int u = pair_row[v];
+            float qv, gv;
+            if (u >= 0) {
+              qv = to_f32(q_rows[u * row_stride + ch]);
+              gv = to_f32(go_rows[u * row_stride + ch]);
+            } else {
+              const size_t qi = size_t(pair_query[v]) * c + t * d + ch;
+              qv = to_f32(q_img[qi]);
+              gv = to_f32(go_img[qi]);
+            }
+            dk[r] += pair_da[v] * qv * p.q_scale;
+            dv[r] += pair_p[v] * gv;
+          }
+        }
+        __syncwarp();
+      }
+      T* grad = static_cast<T*>(bp.grad_kv) + (size_t(img) * p.tokens + j) * 2 * c + t * 2 * d;
+      for (int r = 0, ch = lane; ch < d; ++r, ch += 32) {
+        grad[ch] = from_f32<T>(dk[r]);
+        grad[d + ch] = from_f32<T>(dv[r]);
+      }
+    }
+    __syncthreads();  // the staged rows are rewritten for the next head
+  }
+}
+
 AF_KERNEL_ALL_TYPES(cluster_attention_backward_query, AttentionBackwardParams,
                     cluster_attention_backward_query_impl)
 AF_KERNEL_ALL_TYPES(cluster_attention_backward_key, AttentionBackwardParams,
                     cluster_attention_backward_key_impl)
+AF_KERNEL_ALL_TYPES_BOUNDED(cluster_attention_backward_key_tiled, AttentionBackwardParams,
+                            cluster_attention_backward_key_tiled_impl, 32 * 32)

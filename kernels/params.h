@@ -122,8 +122,9 @@ struct AttentionParams {
 /// Backward of the cluster attention (kernels/cluster_attention_backward.cu).
 /// The query kernel recomputes each row's log-sum-exp and D = dO·O and
 /// writes dq and the row's share of the parameter gradients; the key kernel
-/// gathers dk, dv over the inverse lists; column_sums then adds the rows'
-/// shares (ColumnSumsParams).
+/// gathers dk, dv over the inverse lists (the tiled one, for lists of whole
+/// clusters of forward.cluster_size, with its cluster's holders staged);
+/// column_sums then adds the rows' shares (ColumnSumsParams).
 struct AttentionBackwardParams {
   AttentionParams forward;   ///< the forward's inputs (forward.out unused)
   const void* out;           ///< T, batch × tokens × c: the forward's output
@@ -137,6 +138,11 @@ struct AttentionBackwardParams {
   /// batch·tokens × (6·heads + 2·c): each row's share of the gradients of
   /// pos_weight, pos_bias, blank_k and blank_v
   float* row_partials;
+  /// Tiled key kernel: the most holder queries a block stages
+  int32_t staged_queries;
+  /// Tiled key kernel: elements of T per staged row (an odd number of
+  /// 4-byte words)
+  int32_t staged_row_stride;
 };
 
 /// Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,

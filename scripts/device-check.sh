@@ -188,7 +188,7 @@ run() {
       --dtype "$dtype" --iters 5
   done
   # (with the backward kernels against their forward, issue #10's ratios)
-  step attention-bench 190 device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
+  step attention-bench 200 device-bin/bench-kernels --bench --warm-up-time 1 --measurement-time 3
   # The card's two ceilings, measured (METHOD.md): a large device copy and a
   # large bf16 matrix product, through the PyTorch installed there.
   step ceilings 60 python3 -c '

@@ -186,8 +186,9 @@ pub struct AttentionParams {
 /** Backward of the cluster attention (kernels/cluster_attention_backward.cu).
  The query kernel recomputes each row's log-sum-exp and D = dO·O and
  writes dq and the row's share of the parameter gradients; the key kernel
- gathers dk, dv over the inverse lists; column_sums then adds the rows'
- shares (ColumnSumsParams).*/
+ gathers dk, dv over the inverse lists (the tiled one, for lists of whole
+ clusters of forward.cluster_size, with its cluster's holders staged);
+ column_sums then adds the rows' shares (ColumnSumsParams).*/
 #[repr(C)]
 #[derive(Debug, Copy, Clone, Default)]
 pub struct AttentionBackwardParams {
@@ -212,6 +213,11 @@ pub struct AttentionBackwardParams {
     /** batch·tokens × (6·heads + 2·c): each row's share of the gradients of
  pos_weight, pos_bias, blank_k and blank_v*/
     pub row_partials: Ptr,
+    /// Tiled key kernel: the most holder queries a block stages
+    pub staged_queries: i32,
+    /** Tiled key kernel: elements of T per staged row (an odd number of
+ 4-byte words)*/
+    pub staged_row_stride: i32,
 }
 
 /** Clustering step 1 (spec §3.4): anchor rank and progress ratio per token,

@@ -189,8 +189,7 @@ pub fn attention_plan<T: Element>(
         return AttentionPlan::Generic;
     }
     let element = size_of::<T>();
-    let words = (head_dim * element).div_ceil(4) | 1;
-    let row_stride = words * 4 / element;
+    let row_stride = odd_word_row_stride::<T>(head_dim);
     let per_cluster = s * 2 * row_stride * element;
     let ints = (2 * entries + 1).div_ceil(4) * 4;
     // (fixed bytes, clusters the tile then holds) for a warp's scratch.
@@ -213,6 +212,79 @@ pub fn attention_plan<T: Element>(
         row_stride,
         features_stored,
         shared_bytes: fixed + tile_clusters * per_cluster,
+    })
+}
+
+/// Elements of `T` per shared-memory row of `channels`: an odd number of
+/// 4-byte words, so lanes reading the same element of consecutive rows hit
+/// different banks.
+fn odd_word_row_stride<T: Element>(channels: usize) -> usize {
+    let element = size_of::<T>();
+    let words = (channels * element).div_ceil(4) | 1;
+    words * 4 / element
+}
+
+/// How [`cluster_attention_backward`] gathers the key and value gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyGradientPlan {
+    /// A warp per (key, head) reads each holding query's rows from global
+    /// memory (global stages, lists that are not whole clusters).
+    Generic,
+    /// A block per key cluster stages the rows of the queries its members share.
+    Tiled(HolderTilePlan),
+}
+
+/// The tiled key kernel's shared-memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HolderTilePlan {
+    pub cluster_size: usize,
+    /// Holder queries a block stages; a cluster's others are read from
+    /// global memory.
+    pub staged_queries: usize,
+    /// Elements of the storage type per staged row: an odd number of 4-byte
+    /// words, at least a head's channels.
+    pub row_stride: usize,
+    /// Dynamic shared memory per block.
+    pub shared_bytes: usize,
+}
+
+/// The plan of the key gradients in [`cluster_attention_backward`] for
+/// neighbourhoods of `m` slots made of whole clusters of `cluster_size`
+/// tokens (`None`: global attention or any lists), heads of `head_dim`
+/// channels stored as `T`.
+///
+/// Each query whose neighbourhood holds a cluster holds all its members, so
+/// a cluster's members share their holders: `m` queries on average (every
+/// query holds `m / cluster_size` clusters), and at most 1.3·m on the
+/// model's layouts (aff_tiny's stage 0 at 224², aff_base_384's at 384²;
+/// measured with the crate's layout ops). The block stages up to 1.5·m of
+/// them, fewer where [`MAX_SHARED_BYTES`] allows less.
+pub fn key_gradient_plan<T: Element>(
+    m: usize,
+    cluster_size: Option<usize>,
+    head_dim: usize,
+) -> KeyGradientPlan {
+    let Some(s) = cluster_size.filter(|&s| s > 0 && s <= 32 && m.is_multiple_of(s)) else {
+        return KeyGradientPlan::Generic;
+    };
+    if head_dim > MAX_BACKWARD_HEAD_DIM {
+        return KeyGradientPlan::Generic;
+    }
+    let row_stride = odd_word_row_stride::<T>(head_dim);
+    // Per warp: key and value (2·d floats), 32 staged pairs (4 words each).
+    let fixed = s * (2 * head_dim + 4 * 32) * size_of::<f32>();
+    // Per staged query: its id, lse and D, its q and dO rows.
+    let per_query = 3 * size_of::<f32>() + 2 * row_stride * size_of::<T>();
+    let fits = MAX_SHARED_BYTES.saturating_sub(fixed) / per_query;
+    let staged_queries = (3 * m).div_ceil(2).min(fits);
+    if staged_queries == 0 {
+        return KeyGradientPlan::Generic;
+    }
+    KeyGradientPlan::Tiled(HolderTilePlan {
+        cluster_size: s,
+        staged_queries,
+        row_stride,
+        shared_bytes: fixed + staged_queries * per_query,
     })
 }
 
@@ -245,8 +317,8 @@ pub const MAX_BACKWARD_HEAD_DIM: usize = 256;
 /// as [`super::backward::cluster_attention_backward`] on the CPU: from the
 /// forward's inputs, its output `out` and the output gradient `grad_out`.
 /// The log-sum-exp is recomputed per row by the first kernel (the device
-/// forward does not keep it); dk and dv are gathered over `inverse`; the
-/// parameter gradients are each row's share, added by
+/// forward does not keep it); dk and dv are gathered over `inverse` (by
+/// the plan of [`key_gradient_plan`]); the parameter gradients are each row's share, added by
 /// [`crate::gpu::tensor_ops::column_sums`] in a fixed order. No atomics: the
 /// same bits on every run.
 ///
@@ -292,6 +364,8 @@ pub fn cluster_attention_backward<T: Element>(
         grad_q: device.check_mut(OP, "grad_q", &mut grads.q, &[b, n, c])?,
         grad_kv: device.check_mut(OP, "grad_kv", &mut grads.kv, &[b, n, 2 * c])?,
         row_partials: device.check_mut(OP, "row_partials", &mut partials, &[rows, params_len])?,
+        staged_queries: 0,
+        staged_row_stride: 0,
     };
     if rows * c == 0 {
         grads.params = device.zeros(params_len)?;
@@ -301,22 +375,41 @@ pub fn cluster_attention_backward<T: Element>(
     // (da, p, query) triples (key kernel).
     let what = format!("a neighbourhood of {m} tokens");
     let per_query = LaunchConfig::warp_per_row(OP, rows * h, m * size_of::<f32>(), what)?;
-    let per_key = LaunchConfig::warp_per_row(OP, rows * h, 3 * 32 * size_of::<f32>(), "")?;
+    let clusters = inp.nbhd.idx.as_ref().and(inp.nbhd.cluster_size);
+    let lists = inverse.start.is_some();
+    let (key_kernel, per_key, key_params) = match key_gradient_plan::<T>(m, clusters, d) {
+        KeyGradientPlan::Tiled(plan) if lists => {
+            let s = plan.cluster_size;
+            let config =
+                LaunchConfig::blocks(OP, b * n.div_ceil(s), 1, 32 * s as u32, plan.shared_bytes)?;
+            let tiled = AttentionBackwardParams {
+                forward: AttentionParams {
+                    cluster_size: dim(OP, "cluster_size", s)?,
+                    ..params.forward
+                },
+                staged_queries: dim(OP, "staged_queries", plan.staged_queries)?,
+                staged_row_stride: dim(OP, "staged_row_stride", plan.row_stride)?,
+                ..params
+            };
+            ("cluster_attention_backward_key_tiled", config, tiled)
+        }
+        _ => {
+            let config = LaunchConfig::warp_per_row(OP, rows * h, 3 * 32 * size_of::<f32>(), "")?;
+            ("cluster_attention_backward_key", config, params)
+        }
+    };
     // SAFETY: every buffer was checked against the shapes the kernels index;
     // neighbour and inverse indices are clamped into range by the kernels;
     // the query kernel writes lse and delta before the key kernel reads them
-    // (same stream), and every row of the partials before column_sums.
+    // (same stream), and every row of the partials before column_sums; the
+    // tiled key kernel's staging is sized from the plan it reads.
     unsafe {
         device.launch(
             &kernel_name::<T>("cluster_attention_backward_query"),
             per_query,
             &params,
         )?;
-        device.launch(
-            &kernel_name::<T>("cluster_attention_backward_key"),
-            per_key,
-            &params,
-        )?;
+        device.launch(&kernel_name::<T>(key_kernel), per_key, &key_params)?;
     }
     column_sums(device, &partials, &mut grads.params, (rows, params_len))?;
     Ok(grads)
