@@ -138,6 +138,40 @@ __device__ void cluster_attention_impl(const AttentionParams p) {
 
 AF_KERNEL_ALL_TYPES(cluster_attention, AttentionParams, cluster_attention_impl)
 
+// Channels e and e + 1 of a shared-memory tile row (e even, the row 4-byte
+// aligned): one 32-bit load for the 2-byte types, two loads for f32 (whose
+// rows, an odd number of words long, are not 8-byte aligned). Without
+// `has_hi` (e + 1 is past an odd head's channels) `hi` is the 2-byte row's
+// padding, unused, and f32 reads nothing there: its rows have none.
+template <class T>
+__device__ __forceinline__ void row_pair(const T* row, int e, bool has_hi, float& lo, float& hi) {
+  if constexpr (sizeof(T) == 2) {
+    word_to_f32<T>(load_word(row + e), lo, hi);
+  } else {
+    lo = to_f32(row[e]);
+    hi = has_hi ? to_f32(row[e + 1]) : 0.0f;
+  }
+}
+
+// query · row over d channels, in channel order (the bits of a loop over
+// single channels), two channels per step: the staged query (f32, 8-byte
+// aligned) in one 64-bit load, the row's pair as row_pair reads it.
+template <class T>
+__device__ __forceinline__ float tile_dot(const float* query, const T* row, int d) {
+  float acc = 0.0f;
+  const int pairs = d / 2;
+#pragma unroll 8
+  for (int k = 0; k < pairs; ++k) {
+    const float2 q = load_float2(query + 2 * k);
+    float k0, k1;
+    row_pair(row, 2 * k, true, k0, k1);
+    acc += q.x * k0;
+    acc += q.y * k1;
+  }
+  if (d % 2 != 0) acc += query[d - 1] * to_f32(row[d - 1]);
+  return acc;
+}
+
 // The tiled variant, for neighbour lists made of whole clusters (spec §4):
 // one block per query cluster (S queries, one warp each). The S queries
 // mostly share their nearest clusters, so the block stages, per head, the
@@ -152,7 +186,8 @@ AF_KERNEL_ALL_TYPES(cluster_attention, AttentionParams, cluster_attention_impl)
 //
 // Shared memory: two int arrays of S·nnc (the union bookkeeping), each
 // warp's scratch (this head's scaled query, d; logits, m + 1; and, when
-// features_stored, the neighbours' features, 5·m), then the tile: the keys
+// features_stored, the neighbours' features, 5·m; rounded up to an even
+// number of floats, so each query is 8-byte aligned), then the tile: the keys
 // of tile_clusters·S rows, then their values, in the storage type T (the
 // conversion to f32 is exact either way, and 2-byte types fit twice the
 // rows), each row tile_row_stride elements (an odd number of 4-byte words:
@@ -174,7 +209,7 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
   int* union_ids = slot_base + entries;             // entries: the distinct clusters
   int* union_count = union_ids + entries;           // 1
   const int ints = ((2 * entries + 1 + 3) / 4) * 4;
-  const int per_warp = d + m + 1 + (p.features_stored ? 5 * m : 0);
+  const int per_warp = (d + m + 1 + (p.features_stored ? 5 * m : 0) + 1) & ~1;
   float* query = shared + ints + warp * per_warp;  // d: this head's
   float* logits = query + d;                       // m + 1
   float* features = logits + m + 1;                // 5 × m, when stored
@@ -247,8 +282,7 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
         const int base = my_bases[r];
         float logit = 0.0f;
         if (base < staged) {
-          const T* key = key_tile + (base * s + (sl - r * s)) * row_stride;
-          for (int e = 0; e < d; ++e) logit += query[e] * to_f32(key[e]);
+          logit = tile_dot(query, key_tile + (base * s + (sl - r * s)) * row_stride, d);
         } else {
           const T* key = kv + size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d;
           for (int e = 0; e < d; ++e) logit += query[e] * to_f32(key[e]);
@@ -265,20 +299,46 @@ __device__ void cluster_attention_tiled_impl(const AttentionParams p) {
       }
       float blank_weight;
       const float inv_sum = softmax_with_blank(logits, m, local_max, query, p.blank_k + t * d, d, &blank_weight);
-      T* out = static_cast<T*>(p.out) + (size_t(img) * p.tokens + i) * c;
-      for (int e = lane; e < d; e += 32) {
-        float acc = blank_weight * p.blank_v[t * d + e];
-        for (int r = 0, sl = 0; r < nnc; ++r) {
+      T* out = static_cast<T*>(p.out) + (size_t(img) * p.tokens + i) * c + t * d;
+      // Lanes over channel pairs (row_pair's), so a head of up to 32
+      // channels needs 16 lanes: the warp's halves then take alternate
+      // clusters and add their sums in one shuffle. Pairs past d (an odd
+      // head's last) are summed from the row's padding and never written.
+      const int row_lanes = (d + 1) / 2;
+      const int halves = row_lanes <= 16 ? 2 : 1;
+      const int half = halves == 2 ? lane / 16 : 0;
+      const int step = 32 / halves;
+      for (int first = 0; first < row_lanes; first += step) {  // the same trips for all lanes
+        const int e = 2 * (first + lane % step);
+        const bool active = e < d;
+        float acc0 = 0.0f, acc1 = 0.0f;
+        for (int r = half; active && r < nnc; r += halves) {
           const int base = my_bases[r];
+          const float* weights = logits + r * s;
           if (base < staged) {
             const T* values = value_tile + base * s * row_stride + e;
-            for (int k = 0; k < s; ++k, ++sl) acc += logits[sl] * to_f32(values[k * row_stride]);
+            for (int k = 0; k < s; ++k) {
+              float v0, v1;
+              row_pair(values + k * row_stride, 0, e + 1 < d, v0, v1);
+              acc0 += weights[k] * v0;
+              acc1 += weights[k] * v1;
+            }
           } else {
-            for (int k = 0; k < s; ++k, ++sl)
-              acc += logits[sl] * to_f32(kv[size_t(clamp_index(nbrs[sl], p.tokens)) * 2 * c + t * 2 * d + d + e]);
+            for (int k = 0; k < s; ++k) {
+              const T* v = kv + size_t(clamp_index(nbrs[r * s + k], p.tokens)) * 2 * c + t * 2 * d + d + e;
+              acc0 += weights[k] * to_f32(v[0]);
+              if (e + 1 < d) acc1 += weights[k] * to_f32(v[1]);
+            }
           }
         }
-        out[t * d + e] = from_f32<T>(acc * inv_sum);
+        if (halves == 2) {
+          acc0 += __shfl_xor_sync(0xffffffffu, acc0, 16);
+          acc1 += __shfl_xor_sync(0xffffffffu, acc1, 16);
+        }
+        if (active && half == 0) {
+          out[e] = from_f32<T>((acc0 + blank_weight * p.blank_v[t * d + e]) * inv_sum);
+          if (e + 1 < d) out[e + 1] = from_f32<T>((acc1 + blank_weight * p.blank_v[t * d + e + 1]) * inv_sum);
+        }
       }
     }
     __syncthreads();  // the tile is rewritten for the next head

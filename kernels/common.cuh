@@ -102,6 +102,41 @@ __device__ __forceinline__ float to_f32(float v) { return v; }
 template <>
 __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 
+// --------------------------------------------------------- vector loads ----
+// Two adjacent elements of a 2-byte storage type in one 32-bit load, two
+// floats in one 64-bit load: half the load instructions of element loads
+// (inner loops over shared-memory rows are bound by instruction issue, not
+// bytes). The address must be a multiple of the load's width: a
+// misaligned-address fault on the GPU, an error of the launch in the
+// emulator.
+#ifdef __CUDACC__
+__device__ __forceinline__ uint32_t load_word(const void* at) {
+  return *static_cast<const uint32_t*>(at);
+}
+__device__ __forceinline__ float2 load_float2(const float* at) {
+  return *reinterpret_cast<const float2*>(at);
+}
+#else
+template <class V>
+inline V load_vector(const void* at) {
+  if (reinterpret_cast<uintptr_t>(at) % sizeof(V) != 0) af_emu::misaligned(at, sizeof(V));
+  V v;
+  std::memcpy(&v, at, sizeof(V));
+  return v;
+}
+inline uint32_t load_word(const void* at) { return load_vector<uint32_t>(at); }
+inline float2 load_float2(const float* at) { return load_vector<float2>(at); }
+#endif
+
+// The two elements of a 32-bit word of 2-byte storage type T (element 2k,
+// at the lower address, in the low half), as f32.
+template <class T>
+__device__ __forceinline__ void word_to_f32(uint32_t word, float& lo, float& hi) {
+  static_assert(sizeof(T) == 2, "a word holds two elements of a 2-byte type");
+  lo = to_f32(T{uint16_t(word)});
+  hi = to_f32(T{uint16_t(word >> 16)});
+}
+
 // ------------------------------------------------------------- kernels ----
 // AF_KERNEL(name, Params, body) defines `extern "C" __global__ void name(const
 // Params p)` and, in the emulator build, `af_emu_<name>` that runs it on the

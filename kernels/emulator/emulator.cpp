@@ -100,6 +100,10 @@ struct Launch {
   // Set when a warp of fewer than 32 threads calls a full-mask warp
   // intrinsic (every kernel's mask is 0xffffffff): undefined on the GPU.
   bool partial_warp_sync = false;
+  // The first misaligned vector access (kernels' load_word/load_float2),
+  // and its width; null when none.
+  const void* misaligned_at = nullptr;
+  unsigned misaligned_bytes = 0;
 };
 
 thread_local Launch* active = nullptr;
@@ -317,6 +321,13 @@ uint64_t exchange_bits(uint64_t bits, unsigned src_lane) {
 }
 void* dynamic_shared() { return active->shared.data(); }
 
+void misaligned(const void* at, unsigned bytes) {
+  if (!active->misaligned_at) {
+    active->misaligned_at = at;
+    active->misaligned_bytes = bytes;
+  }
+}
+
 }  // namespace af_emu
 
 // The launch geometry, mirrored by `EmulatedLaunch` in src/gpu/emulator.rs.
@@ -404,6 +415,13 @@ extern "C" int af_emu_run(const af_emu_launch* cfg, unsigned max_threads,
       std::snprintf(error, error_len,
                     "block (%u, %u, %u) wrote past its %u bytes of dynamic shared memory", x, y,
                     z, cfg->shared_bytes);
+      status = 1;
+    } else if (launch.misaligned_at) {
+      std::snprintf(error, error_len,
+                    "block (%u, %u, %u): a %u-byte vector access at %p, not a multiple of %u "
+                    "(a misaligned address on the GPU)",
+                    x, y, z, launch.misaligned_bytes, launch.misaligned_at,
+                    launch.misaligned_bytes);
       status = 1;
     } else if (launch.partial_warp_sync) {
       std::snprintf(error, error_len,

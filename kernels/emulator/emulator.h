@@ -37,6 +37,10 @@
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
+// CUDA's vector type, with its alignment (a 64-bit load).
+struct alignas(8) float2 {
+  float x, y;
+};
 
 extern thread_local dim3 threadIdx;
 extern thread_local dim3 blockIdx;
@@ -66,6 +70,10 @@ void* dynamic_shared();
 // so that the race check (emulator.cpp) sees no memory access in it: a
 // shuffle passes registers, it orders no memory on the GPU.
 uint64_t exchange_bits(uint64_t bits, unsigned src_lane);
+// Records a vector access (`bytes` wide) at an address that is not a
+// multiple of its width: a misaligned-address fault on the GPU, here an
+// error of the launch.
+void misaligned(const void* at, unsigned bytes);
 
 template <class T>
 T exchange(T v, unsigned src_lane) {

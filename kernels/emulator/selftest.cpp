@@ -96,3 +96,16 @@ AF_KERNEL(emu_selftest_votes, EmuSelfTestParams, {
                        float(same >> (t / 4 * 4)) * 100.0f + float(__ffs(int(same)));
   p.out[blockIdx.x * blockDim.x + threadIdx.x] = packed;
 })
+
+// Thread t reads the 32-bit word of dynamic shared memory at byte 4·(t / 2),
+// or, without `sync`, two bytes past it: a misaligned address on the GPU.
+AF_KERNEL(emu_selftest_misaligned, EmuSelfTestParams, {
+  AF_DYNAMIC_SHARED(float, shared);
+  shared[threadIdx.x] = float(threadIdx.x);
+  __syncthreads();
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(shared);
+  const uint32_t word = load_word(bytes + 4 * (threadIdx.x / 2) + (p.sync ? 0 : 2));
+  float value;
+  std::memcpy(&value, &word, 4);
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = value;
+})

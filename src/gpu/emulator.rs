@@ -107,6 +107,7 @@ mod tests {
         af_emu_emu_selftest_static_shared,
         af_emu_emu_selftest_shuffle_then_read,
         af_emu_emu_selftest_votes,
+        af_emu_emu_selftest_misaligned,
     );
 
     /// `blocks` blocks of `threads`, one float of output per thread (NaN
@@ -233,6 +234,19 @@ mod tests {
         assert!(
             firsts.iter().any(|&v| v >= 1.0),
             "no stale block: {firsts:?}"
+        );
+    }
+
+    #[test]
+    fn a_misaligned_vector_load_is_reported() {
+        let out = run(af_emu_emu_selftest_misaligned, 2, 64, true).unwrap();
+        let want: Vec<f32> = (0..2 * 64).map(|t| ((t % 64) / 2) as f32).collect();
+        assert_eq!(out, want);
+        let error = run(af_emu_emu_selftest_misaligned, 2, 64, false).unwrap_err();
+        assert!(
+            error.to_string().contains("4-byte vector access")
+                && error.to_string().contains("misaligned"),
+            "{error}"
         );
     }
 

@@ -198,9 +198,11 @@ pub fn attention_plan<T: Element>(
         let clusters = MAX_SHARED_BYTES.saturating_sub(fixed) / per_cluster;
         (fixed, clusters.min(entries).min(2 * nnc))
     };
+    // Each warp's scratch is an even number of floats: its query is read
+    // two channels per 64-bit load.
     let without_features = head_dim + m + 1;
-    let stored = fit(without_features + 5 * m);
-    let recomputed = fit(without_features);
+    let stored = fit((without_features + 5 * m).next_multiple_of(2));
+    let recomputed = fit(without_features.next_multiple_of(2));
     let features_stored = stored.1 > 0 && stored.1 >= nnc.min(recomputed.1);
     let (fixed, tile_clusters) = if features_stored { stored } else { recomputed };
     if tile_clusters == 0 {
