@@ -160,7 +160,9 @@ template <class T>
 __device__ __forceinline__ float tile_dot(const float* query, const T* row, int d) {
   float acc = 0.0f;
   const int pairs = d / 2;
+#ifdef __CUDACC__  // (the emulator's compiler does not know the pragma)
 #pragma unroll 8
+#endif
   for (int k = 0; k < pairs; ++k) {
     const float2 q = load_float2(query + 2 * k);
     float k0, k1;

@@ -244,7 +244,7 @@ __device__ void cluster_attention_backward_key_tiled_impl(const AttentionBackwar
   float* pair_da = value_row + d;                                      // 32
   float* pair_p = pair_da + 32;                                        // 32
   int* pair_query = reinterpret_cast<int*>(pair_p + 32);               // 32
-  int* pair_row = pair_query + 32;                                     // 32: staged row, or −1
+  int* pair_row = pair_query + 32;  // 32: the staged row's first element, or −1
   T* q_rows = reinterpret_cast<T*>(staged_delta + capacity + warps * (2 * d + 4 * 32));
   T* go_rows = q_rows + size_t(capacity) * row_stride;
 
@@ -284,9 +284,10 @@ __device__ void cluster_attention_backward_key_tiled_impl(const AttentionBackwar
       float dk[kMaxPerLane] = {}, dv[kMaxPerLane] = {};
       for (int base = holders.first; base < holders.last; base += 32) {
         const int e = base + lane;
+        int u = 0;  // past the list: counts as staged
         if (e < holders.last) {
           const int i = holders.query(e), slot = holders.slot(e);
-          const int u = find_staged(staged_ids, staged, i, e - holders.first);
+          u = find_staged(staged_ids, staged, i, e - holders.first);
           const size_t qrow = size_t(img) * p.tokens + i;
           const bool masked = p.mask && !p.mask[(size_t(list) * p.tokens + i) * m + slot];
           float f[5];
@@ -306,25 +307,39 @@ __device__ void cluster_attention_backward_key_tiled_impl(const AttentionBackwar
           pair_da[lane] = prob * (dp - delta);
           pair_p[lane] = prob;
           pair_query[lane] = i;
-          pair_row[lane] = u;
+          pair_row[lane] = u >= 0 ? u * row_stride : -1;
         }
+        // Mostly every pair of the batch is staged: then the sums below
+        // take no branch per pair (the same arithmetic either way).
+        const bool all_staged = __ballot_sync(0xffffffffu, u >= 0) == 0xffffffffu;
         __syncwarp();
         const int count = holders.last - base < 32 ? holders.last - base : 32;
         for (int r = 0, ch = lane; ch < d; ++r, ch += 32) {
-          for (int v = 0; v < count; ++v) {
-            const int u = pair_row[v];
-            float qv, gv;
-            if (u >= 0) {
-              qv = to_f32(q_rows[u * row_stride + ch]);
-              gv = to_f32(go_rows[u * row_stride + ch]);
-            } else {
-              const size_t qi = size_t(pair_query[v]) * c + t * d + ch;
-              qv = to_f32(q_img[qi]);
-              gv = to_f32(go_img[qi]);
+          float k_acc = dk[r], v_acc = dv[r];
+          if (all_staged) {
+            for (int v = 0; v < count; ++v) {
+              const int at = pair_row[v] + ch;
+              k_acc += pair_da[v] * to_f32(q_rows[at]) * p.q_scale;
+              v_acc += pair_p[v] * to_f32(go_rows[at]);
             }
-            dk[r] += pair_da[v] * qv * p.q_scale;
-            dv[r] += pair_p[v] * gv;
+          } else {
+            for (int v = 0; v < count; ++v) {
+              const int at = pair_row[v];
+              float qv, gv;
+              if (at >= 0) {
+                qv = to_f32(q_rows[at + ch]);
+                gv = to_f32(go_rows[at + ch]);
+              } else {
+                const size_t qi = size_t(pair_query[v]) * c + t * d + ch;
+                qv = to_f32(q_img[qi]);
+                gv = to_f32(go_img[qi]);
+              }
+              k_acc += pair_da[v] * qv * p.q_scale;
+              v_acc += pair_p[v] * gv;
+            }
           }
+          dk[r] = k_acc;
+          dv[r] = v_acc;
         }
         __syncwarp();
       }

@@ -104,7 +104,7 @@ __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 
 // --------------------------------------------------------- vector loads ----
 // Two adjacent elements of a 2-byte storage type in one 32-bit load, two
-// floats in one 64-bit load: half the load instructions of element loads
+// (four) floats in one 64-bit (128-bit) load: fewer load instructions than element loads
 // (inner loops over shared-memory rows are bound by instruction issue, not
 // bytes). The address must be a multiple of the load's width: a
 // misaligned-address fault on the GPU, an error of the launch in the
@@ -116,6 +116,9 @@ __device__ __forceinline__ uint32_t load_word(const void* at) {
 __device__ __forceinline__ float2 load_float2(const float* at) {
   return *reinterpret_cast<const float2*>(at);
 }
+__device__ __forceinline__ float4 load_float4(const float* at) {
+  return *reinterpret_cast<const float4*>(at);
+}
 #else
 template <class V>
 inline V load_vector(const void* at) {
@@ -126,6 +129,7 @@ inline V load_vector(const void* at) {
 }
 inline uint32_t load_word(const void* at) { return load_vector<uint32_t>(at); }
 inline float2 load_float2(const float* at) { return load_vector<float2>(at); }
+inline float4 load_float4(const float* at) { return load_vector<float4>(at); }
 #endif
 
 // The two elements of a 32-bit word of 2-byte storage type T (element 2k,

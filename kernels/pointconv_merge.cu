@@ -1,7 +1,10 @@
 // PointConv merge (spec §7). One warp per centre: the lanes evaluate the
 // weight net GELU(LN(Linear(5 → 4)(f))) for its neighbours from the
-// positions, scaled by importance and mask, into shared memory (4 × m per
-// warp); then each lane sums its channels over the neighbourhood.
+// positions, scaled by importance and mask, into shared memory (per warp:
+// m slots of the 4 weights, one 16-byte load each, then each neighbour's
+// row offset, 64-bit, so that the sums do no index arithmetic; 6·m floats,
+// rounded up to 16 bytes); then each lane sums its channels over the
+// neighbourhood.
 #include "common.cuh"
 
 constexpr int kInner = 4;
@@ -13,7 +16,8 @@ __device__ void pointconv_merge_impl(const MergeParams p) {
   const int m = p.m, C = p.channels;
   const size_t row = size_t(blockIdx.x) * warps + threadIdx.x / 32;  // img·kept + r
   if (row >= size_t(p.batch) * p.kept) return;
-  float* weights = shared + (threadIdx.x / 32) * kInner * m;  // 4 × m
+  float* weights = shared + (threadIdx.x / 32) * ((6 * m + 3) & ~3);  // m × 4
+  int64_t* rows = reinterpret_cast<int64_t*>(weights + kInner * m);    // m
   const int img = int(row / p.kept);
   const int i = clamp_index(p.centres[row], p.n);
   const size_t nbhd_row = (size_t(p.nbhd_images == 1 ? 0 : img) * p.n + i) * m;
@@ -38,16 +42,21 @@ __device__ void pointconv_merge_impl(const MergeParams p) {
     // As published: the mask multiplies the importance, which scales the weights.
     const float scale = importance[j] * (mask && !mask[s] ? 0.0f : 1.0f);
     for (int o = 0; o < kInner; ++o)
-      weights[o * m + s] = gelu((h[o] - mean) * inv * p.norm_weight[o] + p.norm_bias[o]) * scale;
+      weights[s * kInner + o] = gelu((h[o] - mean) * inv * p.norm_weight[o] + p.norm_bias[o]) * scale;
+    rows[s] = int64_t(j) * C;
   }
   __syncwarp();
   T* out = static_cast<T*>(p.out) + row * kInner * C;
   for (int c = lane; c < C; c += 32) {
     float acc[kInner] = {};
+    const T* column = feat + c;
     for (int s = 0; s < m; ++s) {
-      const int j = nbrs ? clamp_index(nbrs[s], p.n) : s;
-      const float x = to_f32(feat[size_t(j) * C + c]);
-      for (int o = 0; o < kInner; ++o) acc[o] += weights[o * m + s] * x;
+      const float x = to_f32(column[rows[s]]);
+      const float4 w = load_float4(weights + s * kInner);
+      acc[0] += w.x * x;
+      acc[1] += w.y * x;
+      acc[2] += w.z * x;
+      acc[3] += w.w * x;
     }
     for (int o = 0; o < kInner; ++o) out[o * C + c] = from_f32<T>(acc[o]);
   }

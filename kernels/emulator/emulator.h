@@ -37,9 +37,12 @@
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
-// CUDA's vector type, with its alignment (a 64-bit load).
+// CUDA's vector types, with their alignment (a 64- and a 128-bit load).
 struct alignas(8) float2 {
   float x, y;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
 };
 
 extern thread_local dim3 threadIdx;

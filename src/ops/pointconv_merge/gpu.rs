@@ -145,7 +145,9 @@ pub fn pointconv_merge<T: Element>(
             "{OP}: centres but no tokens to merge"
         )));
     }
-    let per_warp = INNER_CHANNELS * m * size_of::<f32>();
+    // Per slot: the four weights (a 16-byte load) and the neighbour's row
+    // offset (8 bytes): 6·m floats, in whole 16 bytes.
+    let per_warp = (6 * m).next_multiple_of(4) * size_of::<f32>();
     let what = format!("a neighbourhood of {m} tokens");
     let config = LaunchConfig::warp_per_row(OP, b * kept, per_warp, what)?;
     // SAFETY: every buffer was checked against the shapes the kernel indexes;
