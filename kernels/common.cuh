@@ -104,9 +104,10 @@ __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 
 // --------------------------------------------------------- vector loads ----
 // Two adjacent elements of a 2-byte storage type in one 32-bit load, two
-// (four) floats in one 64-bit (128-bit) load: fewer load instructions than element loads
-// (inner loops over shared-memory rows are bound by instruction issue, not
-// bytes). The address must be a multiple of the load's width: a
+// (four) floats in one 64-bit (128-bit) load: fewer load instructions than
+// element loads (inner loops over shared-memory rows are bound by
+// instruction issue, not bytes). The address must be a multiple of the
+// load's width: a
 // misaligned-address fault on the GPU, an error of the launch in the
 // emulator.
 #ifdef __CUDACC__

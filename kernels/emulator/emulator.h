@@ -15,7 +15,8 @@
 // the previous block left it, or as all-ones bytes (NaN floats), or zeros,
 // by block, and a write past its end is reported; a block larger than the
 // kernel's `__launch_bounds__` is refused, and so is a full-mask warp
-// intrinsic in a warp of fewer than 32 threads.
+// intrinsic in a warp of fewer than 32 threads; a vector load at an address
+// that is not a multiple of its width is reported (a fault on the GPU).
 //
 // Built with AUTOFOCUS_EMU_RACECHECK=1 (build.rs), the kernels' code is
 // instrumented by ThreadSanitizer, each emulated thread is one of its

@@ -320,8 +320,9 @@ pub const MAX_BACKWARD_HEAD_DIM: usize = 256;
 /// forward's inputs, its output `out` and the output gradient `grad_out`.
 /// The log-sum-exp is recomputed per row by the first kernel (the device
 /// forward does not keep it); dk and dv are gathered over `inverse` (by
-/// the plan of [`key_gradient_plan`]); the parameter gradients are each row's share, added by
-/// [`crate::gpu::tensor_ops::column_sums`] in a fixed order. No atomics: the
+/// the plan of [`key_gradient_plan`]); the parameter gradients are each
+/// row's share, added by [`crate::gpu::tensor_ops::column_sums`] in a fixed
+/// order. No atomics: the
 /// same bits on every run.
 ///
 /// # Errors
