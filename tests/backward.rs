@@ -1129,16 +1129,10 @@ fn every_preset_plans_the_tiled_key_gradients() {
             assert!(plan.staged_queries >= m, "{what}: {plan:?}");
         }
     }
-    for name in autofocus::config::PRESET_NAMES {
-        let config = autofocus::config::AffConfig::preset(name).unwrap();
-        let s = config.cluster_size;
-        for stage in 0..4 {
-            let nnc = (config.nbhd_size[stage] as f64 / s as f64).round_ties_even() as usize;
-            let d = config.embed_dim[stage] / config.num_heads[stage];
-            check::<f32>(name, stage, nnc * s, s, d);
-            check::<half::f16>(name, stage, nnc * s, s, d);
-            check::<half::bf16>(name, stage, nnc * s, s, d);
-        }
+    for (name, stage, m, s, d) in common::preset_stage_shapes() {
+        check::<f32>(name, stage, m, s, d);
+        check::<half::f16>(name, stage, m, s, d);
+        check::<half::bf16>(name, stage, m, s, d);
     }
 }
 
@@ -1147,15 +1141,8 @@ fn every_preset_plans_the_tiled_key_gradients() {
 /// plan's staging: they spread around m (the average), up to ~1.3·m.
 #[test]
 fn model_layouts_holders_fit_the_key_staging() {
-    use autofocus::ops::clustering::{KeyScope, grid_positions, space_filling_cluster};
-    use autofocus::ops::neighbourhood::nearest_clusters;
-    for (h, w, s, nnc) in [(56, 56, 8, 6), (96, 96, 24, 6)] {
-        let n = h * w;
-        let clusters =
-            space_filling_cluster(&grid_positions(h, w), 1, n, s, (h, w), KeyScope::Batch).unwrap();
-        let nearest =
-            nearest_clusters(&clusters.pos, &clusters.means, 1, n, clusters.clusters, nnc).unwrap();
-        let mut holders = vec![0usize; clusters.clusters];
+    for (h, w, s, nnc, clusters, nearest) in common::model_stage0_layouts() {
+        let mut holders = vec![0usize; clusters];
         for &k in &nearest {
             holders[k as usize] += 1;
         }

@@ -1298,16 +1298,10 @@ fn every_preset_plans_the_tiled_attention() {
         // Features are recomputed only where keeping them leaves no room.
         assert_eq!(plan.features_stored, s != 24, "{what}: {plan:?}");
     }
-    for name in autofocus::config::PRESET_NAMES {
-        let config = autofocus::config::AffConfig::preset(name).unwrap();
-        let s = config.cluster_size;
-        for stage in 0..4 {
-            let nnc = (config.nbhd_size[stage] as f64 / s as f64).round_ties_even() as usize;
-            let d = config.embed_dim[stage] / config.num_heads[stage];
-            check::<f32>(name, stage, nnc * s, s, d);
-            check::<half::f16>(name, stage, nnc * s, s, d);
-            check::<half::bf16>(name, stage, nnc * s, s, d);
-        }
+    for (name, stage, m, s, d) in common::preset_stage_shapes() {
+        check::<f32>(name, stage, m, s, d);
+        check::<half::f16>(name, stage, m, s, d);
+        check::<half::bf16>(name, stage, m, s, d);
     }
 }
 
@@ -1317,12 +1311,7 @@ fn every_preset_plans_the_tiled_attention() {
 /// of their nearest clusters. Random lists (the test above) go beyond it.
 #[test]
 fn model_layouts_unions_fit_the_tile_cap() {
-    for (h, w, s, nnc) in [(56, 56, 8, 6), (96, 96, 24, 6)] {
-        let n = h * w;
-        let pos = autofocus::ops::clustering::grid_positions(h, w);
-        let clusters = space_filling_cluster(&pos, 1, n, s, (h, w), KeyScope::Batch).unwrap();
-        let nearest =
-            nearest_clusters(&clusters.pos, &clusters.means, 1, n, clusters.clusters, nnc).unwrap();
+    for (h, w, s, nnc, _, nearest) in common::model_stage0_layouts() {
         let unions: Vec<usize> = union_sizes(&nearest, s, nnc).collect();
         let largest = *unions.iter().max().unwrap();
         assert!(

@@ -292,3 +292,42 @@ pub fn download_f32<T: Element>(device: &Device, b: &Buffer<T>) -> Vec<f32> {
         .map(T::to_f32)
         .collect()
 }
+
+/// Every preset's stages as `(preset, stage, m, cluster size, head dim)`:
+/// the neighbourhood of `nbhd_size / cluster_size` clusters (rounded half to
+/// even, as the model rounds it) and the stage's channels per head.
+pub fn preset_stage_shapes() -> Vec<(&'static str, usize, usize, usize, usize)> {
+    let mut shapes = Vec::new();
+    for name in autofocus::config::PRESET_NAMES {
+        let config = autofocus::config::AffConfig::preset(name).unwrap();
+        let s = config.cluster_size;
+        for stage in 0..4 {
+            let nnc = (config.nbhd_size[stage] as f64 / s as f64).round_ties_even() as usize;
+            let d = config.embed_dim[stage] / config.num_heads[stage];
+            shapes.push((name, stage, nnc * s, s, d));
+        }
+    }
+    shapes
+}
+
+/// The stage-0 layouts the model makes on a full grid, as
+/// `(h, w, cluster size, nnc, clusters, nearest)`: aff_tiny at 224² (56×56,
+/// clusters of 8) and aff_base_22kto1k_384 at 384² (96×96, clusters of 24),
+/// each token's `nnc` = 6 nearest clusters by the crate's layout ops.
+pub fn model_stage0_layouts() -> Vec<(usize, usize, usize, usize, usize, Vec<u32>)> {
+    use autofocus::ops::clustering::{KeyScope, grid_positions, space_filling_cluster};
+    use autofocus::ops::neighbourhood::nearest_clusters;
+    [(56, 56, 8, 6), (96, 96, 24, 6)]
+        .into_iter()
+        .map(|(h, w, s, nnc)| {
+            let n = h * w;
+            let clusters =
+                space_filling_cluster(&grid_positions(h, w), 1, n, s, (h, w), KeyScope::Batch)
+                    .unwrap();
+            let nearest =
+                nearest_clusters(&clusters.pos, &clusters.means, 1, n, clusters.clusters, nnc)
+                    .unwrap();
+            (h, w, s, nnc, clusters.clusters, nearest)
+        })
+        .collect()
+}
